@@ -1,0 +1,1 @@
+"""One module per analysis, each with one public verb taking ``(net, input, ...)``."""

@@ -1,0 +1,1 @@
+"""Bound propagators over the engine's network representation."""

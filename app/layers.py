@@ -1,0 +1,347 @@
+"""The layer kinds of the engine's one network representation.
+
+Every layer is a small ``nn.Module``. Analyses never branch on concrete classes for the math:
+they ask a layer for what they need through the methods below.
+
+* :class:`AffineLayer` (``Linear``, ``Conv2d``, ``ElementwiseAffine``, ``AvgPool2d``,
+  ``Flatten``, ``Reshape``): ``y = A x + b``. ``linear`` applies ``A``, ``transpose`` applies
+  ``A^T`` (for backward bound propagation), ``abs_linear`` applies ``|A|`` (interval radius),
+  ``bias_map`` is ``b`` shaped like one output, ``matrix`` is the dense ``(A, b)``.
+* :class:`ReLU` and :class:`MaxPool2d`: the piecewise-linear layers.
+* :class:`Add`: residual sum of two earlier nodes.
+
+All layers are batched: the first dimension of every tensor is the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Layer(nn.Module):
+    """Base class: a named kind, a forward pass and sound interval propagation."""
+
+    kind: ClassVar[str] = "layer"
+    arity: ClassVar[int] = 1
+
+    def interval(self, *bounds: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """Elementwise lower/upper bounds of the output given bounds of each input."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.kind
+
+
+class AffineLayer(Layer):
+    """``y = A x + b`` with a fixed linear map ``A``; subclasses give ``linear`` and ``bias_map``."""
+
+    kind = "affine"
+
+    def linear(self, x: Tensor) -> Tensor:
+        """``A x`` (no bias), batched."""
+        raise NotImplementedError
+
+    def abs_linear(self, x: Tensor) -> Tensor:
+        """``|A| x``, batched; used for interval radii."""
+        raise NotImplementedError
+
+    def bias_map(self, out_shape: tuple[int, ...]) -> Tensor:
+        """``b`` broadcast to one output of shape ``out_shape`` (no batch dimension)."""
+        raise NotImplementedError
+
+    def transpose(self, y: Tensor, in_shape: tuple[int, ...]) -> Tensor:
+        """``A^T y`` for a batch ``y`` of output-shaped tensors; returns input-shaped tensors."""
+        x0 = torch.zeros((1, *in_shape), dtype=y.dtype, device=y.device)
+        flat = y.reshape(y.shape[0], -1)
+        _, vjp = torch.func.vjp(self.linear, x0)
+
+        def one(row: Tensor) -> Tensor:
+            return vjp(row.reshape(1, *y.shape[1:]))[0][0]
+
+        return torch.vmap(one)(flat)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.linear(x)
+        return out + self.bias_map(tuple(out.shape[1:])).to(out.dtype)
+
+    def interval(self, *bounds: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        lo, hi = bounds[0]
+        mid = self.forward((lo + hi) / 2)
+        rad = self.abs_linear((hi - lo) / 2)
+        return mid - rad, mid + rad
+
+    def matrix(self, in_shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        """Dense ``(A, b)`` acting on flattened inputs: ``A`` is ``[out_numel, in_numel]``."""
+        n = math.prod(in_shape)
+        dtype = self._dtype()
+        eye = torch.eye(n, dtype=dtype).reshape(n, *in_shape)
+        cols = self.linear(eye).reshape(n, -1)
+        out_shape = tuple(self.linear(eye[:1]).shape[1:])
+        return cols.T.contiguous(), self.bias_map(out_shape).reshape(-1).to(dtype)
+
+    def _dtype(self) -> torch.dtype:
+        for t in list(self.parameters()) + list(self.buffers()):
+            return t.dtype
+        return torch.get_default_dtype()
+
+
+class Linear(AffineLayer):
+    """Fully connected map on flat inputs: ``y = W x + b`` with ``W`` of shape ``[out, in]``."""
+
+    kind = "linear"
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
+        super().__init__()
+        self.weight = _param(weight)
+        self.bias = _param(bias if bias is not None else torch.zeros(weight.shape[0]))
+
+    def linear(self, x: Tensor) -> Tensor:
+        return x @ self.weight.T
+
+    def abs_linear(self, x: Tensor) -> Tensor:
+        return x @ self.weight.abs().T
+
+    def transpose(self, y: Tensor, in_shape: tuple[int, ...]) -> Tensor:
+        return y @ self.weight
+
+    def bias_map(self, out_shape: tuple[int, ...]) -> Tensor:
+        return self.bias
+
+    def matrix(self, in_shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        return self.weight, self.bias
+
+    def describe(self) -> str:
+        return f"linear {self.weight.shape[1]}->{self.weight.shape[0]}"
+
+
+class Conv2d(AffineLayer):
+    """2-D convolution with the usual stride/padding/dilation/groups (zero padding)."""
+
+    kind = "conv2d"
+
+    def __init__(
+        self,
+        weight: Tensor,
+        bias: Tensor | None = None,
+        stride: tuple[int, int] = (1, 1),
+        padding: tuple[int, int] = (0, 0),
+        dilation: tuple[int, int] = (1, 1),
+        groups: int = 1,
+    ) -> None:
+        super().__init__()
+        self.weight = _param(weight)
+        self.bias = _param(bias if bias is not None else torch.zeros(weight.shape[0]))
+        self.stride, self.padding = tuple(stride), tuple(padding)
+        self.dilation, self.groups = tuple(dilation), groups
+
+    def _conv(self, x: Tensor, w: Tensor) -> Tensor:
+        return F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
+
+    def linear(self, x: Tensor) -> Tensor:
+        return self._conv(x, self.weight)
+
+    def abs_linear(self, x: Tensor) -> Tensor:
+        return self._conv(x, self.weight.abs())
+
+    def bias_map(self, out_shape: tuple[int, ...]) -> Tensor:
+        return self.bias.reshape(-1, 1, 1).expand(out_shape)
+
+    def transpose(self, y: Tensor, in_shape: tuple[int, ...]) -> Tensor:
+        lead = y.shape[:-3]
+        y4 = y.reshape(-1, *y.shape[-3:])
+        h, w = in_shape[-2:]
+        out_pad = []
+        for i, size in enumerate((h, w)):
+            k = self.dilation[i] * (self.weight.shape[2 + i] - 1) + 1
+            full = (y4.shape[2 + i] - 1) * self.stride[i] - 2 * self.padding[i] + k
+            out_pad.append(size - full)
+        x = F.conv_transpose2d(
+            y4, self.weight, None, self.stride, self.padding, tuple(out_pad), self.groups,
+            self.dilation,
+        )
+        return x.reshape(*lead, *in_shape)
+
+    def describe(self) -> str:
+        o, i, kh, kw = self.weight.shape
+        return f"conv {i}->{o} k{kh}x{kw} s{self.stride[0]} p{self.padding[0]}"
+
+
+class ElementwiseAffine(AffineLayer):
+    """``y = x * scale + shift`` with broadcasting: input normalisation or a lone BatchNorm."""
+
+    kind = "elementwise_affine"
+
+    def __init__(self, scale: Tensor, shift: Tensor) -> None:
+        super().__init__()
+        self.scale = _param(scale)
+        self.shift = _param(shift)
+
+    def linear(self, x: Tensor) -> Tensor:
+        return x * self.scale
+
+    def abs_linear(self, x: Tensor) -> Tensor:
+        return x * self.scale.abs()
+
+    def transpose(self, y: Tensor, in_shape: tuple[int, ...]) -> Tensor:
+        return y * self.scale
+
+    def bias_map(self, out_shape: tuple[int, ...]) -> Tensor:
+        return self.shift.expand(out_shape)
+
+    def describe(self) -> str:
+        return "normalize"
+
+
+class AvgPool2d(AffineLayer):
+    """Average pooling (zero padding counted, as ONNX ``count_include_pad=1``)."""
+
+    kind = "avgpool2d"
+
+    def __init__(
+        self,
+        kernel_size: tuple[int, int],
+        stride: tuple[int, int],
+        padding: tuple[int, int] = (0, 0),
+        count_include_pad: bool = True,
+    ) -> None:
+        super().__init__()
+        self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
+        self.padding, self.count_include_pad = tuple(padding), count_include_pad
+
+    def linear(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-3]
+        y = F.avg_pool2d(
+            x.reshape(-1, *x.shape[-3:]), self.kernel_size, self.stride, self.padding,
+            count_include_pad=self.count_include_pad,
+        )
+        return y.reshape(*lead, *y.shape[-3:])
+
+    abs_linear = linear
+
+    def bias_map(self, out_shape: tuple[int, ...]) -> Tensor:
+        return torch.zeros(out_shape)
+
+    def describe(self) -> str:
+        return f"avgpool k{self.kernel_size[0]} s{self.stride[0]}"
+
+
+class Flatten(AffineLayer):
+    """Flatten everything but the batch dimension (a permutation-free linear map)."""
+
+    kind = "flatten"
+
+    def linear(self, x: Tensor) -> Tensor:
+        return x.reshape(x.shape[0], -1)
+
+    abs_linear = linear
+
+    def transpose(self, y: Tensor, in_shape: tuple[int, ...]) -> Tensor:
+        return y.reshape(*y.shape[:-1], *in_shape)
+
+    def bias_map(self, out_shape: tuple[int, ...]) -> Tensor:
+        return torch.zeros(out_shape)
+
+
+class Reshape(AffineLayer):
+    """Reshape each sample to a fixed ``shape`` (no batch dimension)."""
+
+    kind = "reshape"
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.shape = tuple(int(s) for s in shape)
+
+    def linear(self, x: Tensor) -> Tensor:
+        return x.reshape(x.shape[0], *self.shape)
+
+    abs_linear = linear
+
+    def transpose(self, y: Tensor, in_shape: tuple[int, ...]) -> Tensor:
+        return y.reshape(*y.shape[: y.dim() - len(self.shape)], *in_shape)
+
+    def bias_map(self, out_shape: tuple[int, ...]) -> Tensor:
+        return torch.zeros(out_shape)
+
+    def describe(self) -> str:
+        return f"reshape {self.shape}"
+
+
+class ReLU(Layer):
+    """``max(x, 0)`` elementwise."""
+
+    kind = "relu"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(x)
+
+    def interval(self, *bounds: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        lo, hi = bounds[0]
+        return lo.clamp(min=0), hi.clamp(min=0)
+
+
+class MaxPool2d(Layer):
+    """Max pooling; ``windows`` exposes each output's candidate inputs for exact analyses."""
+
+    kind = "maxpool2d"
+
+    def __init__(
+        self,
+        kernel_size: tuple[int, int],
+        stride: tuple[int, int],
+        padding: tuple[int, int] = (0, 0),
+    ) -> None:
+        super().__init__()
+        self.kernel_size, self.stride, self.padding = (
+            tuple(kernel_size), tuple(stride), tuple(padding),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
+
+    def windows(self, x: Tensor) -> Tensor:
+        """``[B, C, out_h, out_w, k]``: the ``k`` inputs each output takes the max over.
+
+        Padding positions hold ``-inf`` so they never win.
+        """
+        b, c, h, w = x.shape
+        ph, pw = self.padding
+        xp = F.pad(x, (pw, pw, ph, ph), value=-math.inf) if ph or pw else x
+        kh, kw = self.kernel_size
+        sh, sw = self.stride
+        win = xp.unfold(2, kh, sh).unfold(3, kw, sw)
+        return win.reshape(*win.shape[:4], kh * kw)
+
+    def interval(self, *bounds: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        lo, hi = bounds[0]
+        return self.forward(lo), self.forward(hi)
+
+    def describe(self) -> str:
+        return f"maxpool k{self.kernel_size[0]} s{self.stride[0]}"
+
+
+class Add(Layer):
+    """Residual sum of two earlier nodes' outputs (same shape)."""
+
+    kind = "add"
+    arity = 2
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:  # type: ignore[override]
+        return a + b
+
+    def interval(self, *bounds: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        (la, ha), (lb, hb) = bounds
+        return la + lb, ha + hb
+
+
+def _param(t: Tensor | None) -> nn.Parameter | None:
+    """Keep tensors as parameters so ``Network.to`` moves them; gradients stay off by default."""
+    if t is None:
+        return None
+    if isinstance(t, nn.Parameter):
+        return t
+    return nn.Parameter(torch.as_tensor(t).detach().clone(), requires_grad=False)

@@ -1,0 +1,147 @@
+"""torch -> :class:`app.network.Network`.
+
+* An ``nn.Sequential`` of standard layers maps layer by layer and *shares* its parameters, so
+  losses computed through the engine (e.g. interval bounds in certified training) are
+  differentiable with respect to the module's weights.
+* Any other module, a ``torch.export`` archive (``.pt2``) or a TorchScript archive goes
+  through torch's ONNX exporter and the ONNX loader: one conversion path for everything else.
+
+Nothing here unpickles arbitrary objects: archives are opened by ``torch.export.load`` /
+``torch.jit.load``, after a zip-bomb check.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from app.errors import UnsupportedModelError
+from app.layers import (
+    AvgPool2d,
+    Conv2d,
+    ElementwiseAffine,
+    Flatten,
+    Layer,
+    Linear,
+    MaxPool2d,
+    ReLU,
+)
+from app.loaders.onnx_loader import fold_affine, load_onnx
+from app.network import Network
+
+MAX_UNCOMPRESSED_BYTES = 1 << 30
+
+
+def from_module(module: nn.Module, input_shape: tuple[int, ...], name: str = "torch model") -> Network:
+    """Convert a module; ``input_shape`` excludes the batch dimension."""
+    module = module.eval()
+    if isinstance(module, nn.Sequential):
+        try:
+            return _from_sequential(module, input_shape, name)
+        except _NotPlain:
+            pass
+    return _via_onnx(module, input_shape, name)
+
+
+def load_archive(path: str | Path, input_shape: tuple[int, ...] | None = None) -> Network:
+    """Load a ``torch.export`` (``.pt2``) or TorchScript archive file."""
+    path = Path(path)
+    check_zip(path)
+    name = path.stem
+    try:
+        exported = torch.export.load(str(path))
+        module = exported.module()
+        example = exported.example_inputs[0] if exported.example_inputs else None
+        shape = tuple(example[0].shape[1:]) if example else input_shape
+    except Exception:  # noqa: BLE001 - not an export archive: try TorchScript
+        try:
+            module = torch.jit.load(str(path), map_location="cpu")
+        except Exception as exc:  # noqa: BLE001
+            raise UnsupportedModelError(
+                f"'{path.name}' is neither a torch.export (.pt2) nor a TorchScript archive"
+            ) from exc
+        shape = input_shape
+    if shape is None:
+        raise UnsupportedModelError("a TorchScript model needs its input shape")
+    return _via_onnx(module, tuple(shape), name)
+
+
+def check_zip(path: Path, limit: int = MAX_UNCOMPRESSED_BYTES) -> None:
+    """Reject non-zip files and archives that would unpack to more than ``limit`` bytes."""
+    if not zipfile.is_zipfile(path):
+        raise UnsupportedModelError(f"'{path.name}' is not a torch archive (not a zip file)")
+    with zipfile.ZipFile(path) as zf:
+        total = sum(i.file_size for i in zf.infolist())
+        names = [i.filename for i in zf.infolist()]
+    if total > limit:
+        raise UnsupportedModelError(f"'{path.name}' unpacks to {total} bytes (limit {limit})")
+    if any(n.endswith("data.pkl") for n in names) and not any(
+        "/code/" in n or n.endswith(".json") or "serialized_exported_program" in n for n in names
+    ):
+        raise UnsupportedModelError(
+            f"'{path.name}' is a pickled torch checkpoint; upload ONNX, .pt2 or TorchScript"
+        )
+
+
+class _NotPlain(Exception):
+    """The sequential module holds a layer without a direct mapping."""
+
+
+def _from_sequential(module: nn.Sequential, input_shape: tuple[int, ...], name: str) -> Network:
+    layers: list[Layer] = []
+    for sub in module:
+        layer = _map_layer(sub)
+        if layer is not None:
+            layers.append(layer)
+    inputs = [(i - 1,) for i in range(len(layers))]
+    if any(isinstance(ly, ElementwiseAffine) for ly in layers):
+        layers, inputs = fold_affine(layers, inputs)
+    return Network(layers, input_shape, inputs, name=name)
+
+
+def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _map_layer(m: nn.Module) -> Layer | None:
+    if isinstance(m, nn.Identity | nn.Dropout):
+        return None
+    if isinstance(m, nn.Linear):
+        return Linear(m.weight, m.bias)
+    if isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str):
+        return Conv2d(m.weight, m.bias, _pair(m.stride), _pair(m.padding), _pair(m.dilation),
+                      m.groups)
+    if isinstance(m, nn.ReLU):
+        return ReLU()
+    if isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1:
+        return Flatten()
+    if isinstance(m, nn.MaxPool2d) and not m.ceil_mode and m.dilation in (1, (1, 1)):
+        return MaxPool2d(_pair(m.kernel_size), _pair(m.stride or m.kernel_size), _pair(m.padding))
+    if isinstance(m, nn.AvgPool2d) and not m.ceil_mode:
+        return AvgPool2d(_pair(m.kernel_size), _pair(m.stride or m.kernel_size),
+                         _pair(m.padding), m.count_include_pad)
+    if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d) and m.running_mean is not None:
+        scale = (m.weight if m.affine else 1.0) / torch.sqrt(m.running_var + m.eps)
+        shift = (m.bias if m.affine else 0.0) - m.running_mean * scale
+        extra = (1, 1) if isinstance(m, nn.BatchNorm2d) else ()
+        return ElementwiseAffine(scale.detach().reshape(-1, *extra),
+                                 shift.detach().reshape(-1, *extra))
+    raise _NotPlain(type(m).__name__)
+
+
+def _via_onnx(module: nn.Module, input_shape: tuple[int, ...], name: str) -> Network:
+    buf = io.BytesIO()
+    example = torch.zeros((1, *input_shape))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (example,), buf, dynamo=False, opset_version=13,
+                              input_names=["input"], output_names=["logits"])
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds
+        raise UnsupportedModelError(f"torch model could not be converted: {exc}") from exc
+    return load_onnx(buf.getvalue(), name=name)
