@@ -1,0 +1,28 @@
+"""ReLU Atlas frontend entry point: ``streamlit run frontend/app.py``.
+
+Builds the page menu from :mod:`frontend.catalog` and renders the shared sidebar before the
+chosen page runs.
+"""
+
+import sys
+from pathlib import Path
+
+# `streamlit run` puts only this folder on sys.path; the pages import `frontend.*`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import streamlit as st  # noqa: E402
+
+from frontend import components  # noqa: E402
+from frontend.catalog import PAGES  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+st.set_page_config(page_title="ReLU Atlas", page_icon=":material/hub:", layout="wide")
+page = st.navigation([
+    st.Page(HERE / p.file, title=p.title, icon=p.icon, url_path=p.url_path,
+            default=p is PAGES[0])
+    for p in PAGES
+])
+components.begin_run()
+components.sidebar()
+page.run()

@@ -1,0 +1,455 @@
+"""Widgets every page shares: the model/input sidebar, running a job, heatmaps, downloads.
+
+Pages call :func:`sidebar` for the current :class:`Selection` and :func:`run_job` to run an
+analysis on it. The model, input and job live in the URL's query parameters, so a copied link
+reopens the same result.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+import streamlit as st
+from PIL import Image
+
+from frontend.client import ACTIVE, ApiClient, ApiError
+
+_SELECTION = "_atlas_selection"
+_PENDING_INPUT = "_atlas_pending_input"
+_SIDEBAR_ERROR = "_atlas_sidebar_error"
+GALLERY_THUMBNAILS = 12
+POLL_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The model (its ``ModelInfo`` dict) and input id the user is looking at."""
+
+    model: dict | None
+    input_id: str | None
+
+    @property
+    def model_id(self) -> str | None:
+        return self.model["id"] if self.model else None
+
+
+@st.cache_resource
+def client() -> ApiClient:
+    """One HTTP client per frontend process (base URL from ``ATLAS_API_URL``)."""
+    return ApiClient()
+
+
+@st.cache_data(max_entries=1024, show_spinner=False)
+def input_values(model_id: str, input_id: str) -> np.ndarray:
+    """An input's values in the model's input shape (inputs never change under one id)."""
+    info = client().input(model_id, input_id)
+    return np.asarray(info["values"], dtype=np.float32).reshape(info["shape"])
+
+
+@st.cache_data(ttl=60, show_spinner=False)
+def analyses() -> dict[str, dict]:
+    """The backend's analyses by name."""
+    return {a["name"]: a for a in client().analyses()}
+
+
+# -- sidebar ----------------------------------------------------------------------------------
+
+
+def begin_run() -> None:
+    """Called by app.py at the top of every run so :func:`sidebar` renders once per run."""
+    st.session_state.pop(_SELECTION, None)
+
+
+def sidebar() -> Selection:
+    """Render the model and input chooser once per run and return the selection.
+
+    Pages may call it freely: later calls in the same run return the first call's result.
+    """
+    if _SELECTION in st.session_state:
+        return st.session_state[_SELECTION]
+    with st.sidebar:
+        selection = _render_sidebar()
+    st.session_state[_SELECTION] = selection
+    return selection
+
+
+def _render_sidebar() -> Selection:
+    api = client()
+    if error := st.session_state.pop(_SIDEBAR_ERROR, None):
+        st.error(error)
+    try:
+        models = {m["id"]: m for m in api.models()}
+    except ApiError as exc:
+        st.error(str(exc))
+        return Selection(None, None)
+    _adopt_shared_job(api)
+
+    st.subheader("Model")
+    _default_to_first("model", list(models))
+    model_id = st.selectbox(
+        "Model", list(models), key="model", bind="query-params", label_visibility="collapsed",
+        format_func=lambda mid: models[mid]["name"] if mid in models else mid,
+        placeholder="Upload a model below",
+    )
+    with st.expander("Upload a model", expanded=not models):
+        st.file_uploader(
+            "ONNX, torch.export (.pt2) or TorchScript (.pt)", type=["onnx", "pt2", "pt"],
+            key="model_upload", on_change=_upload_model,
+        )
+    model = models.get(model_id)
+    if model is None:
+        return Selection(None, None)
+    _model_card(model)
+
+    st.subheader("Input")
+    input_id = _input_chooser(api, model)
+    return Selection(model, input_id)
+
+
+def _adopt_shared_job(api: ApiClient) -> None:
+    """A link with only ``?job=`` selects that job's model and input."""
+    job_id = st.query_params.get("job")
+    if not job_id or "model" in st.query_params or st.session_state.get("model"):
+        return
+    try:
+        job = api.job(job_id)
+    except ApiError:
+        return
+    st.session_state["model"] = job["model_id"]
+    if job.get("input_id"):
+        st.session_state[_PENDING_INPUT] = job["input_id"]
+
+
+def _default_to_first(key: str, options: list[str]) -> None:
+    """Select the first option unless the session or the URL already names a valid one."""
+    current = st.session_state.get(key) or st.query_params.get(key)
+    if current not in options and options:
+        st.session_state[key] = options[0]
+
+
+def _upload_model() -> None:
+    upload = st.session_state.get("model_upload")
+    if upload is None:
+        return
+    try:
+        info = client().upload_model(upload.name, upload.getvalue())
+    except ApiError as exc:
+        st.session_state[_SIDEBAR_ERROR] = f"Upload of {upload.name} failed: {exc}"
+        return
+    st.session_state["model"] = info["id"]
+    st.session_state.pop("input", None)
+
+
+def _model_card(model: dict) -> None:
+    card = model.get("card") or {}
+    shape = "x".join(str(s) for s in model.get("input_shape", []))
+    st.caption(f"{model.get('format', '?')} · input {shape} · {model.get('num_outputs')} outputs")
+    if not card:
+        st.caption("No model card: training details unknown.")
+        return
+    training = card.get("training", "?")
+    eps = card.get("eps")
+    st.markdown(f"**Training:** {training}" + (f" (eps {eps:g})" if eps else ""))
+    accuracies = [("clean", "clean_accuracy"), ("PGD", "pgd_accuracy"),
+                  ("certified", "certified_accuracy")]
+    cols = st.columns(len(accuracies))
+    for col, (label, field) in zip(cols, accuracies, strict=True):
+        value = card.get(field)
+        col.metric(label, "–" if value is None else f"{100 * value:.0f}%")
+
+
+def _input_chooser(api: ApiClient, model: dict) -> str | None:
+    mid = model["id"]
+    try:
+        inputs = api.inputs(mid)
+    except ApiError as exc:
+        st.error(str(exc))
+        return None
+    labels = {i["id"]: i.get("label") for i in inputs}
+    if (pending := st.session_state.pop(_PENDING_INPUT, None)) in labels:
+        st.session_state["input"] = pending
+    _default_to_first("input", list(labels))
+    input_id = st.selectbox(
+        "Input", list(labels), key="input", bind="query-params", label_visibility="collapsed",
+        format_func=lambda i: _input_name(i, labels.get(i)),
+        placeholder="Upload or draw an input below",
+    )
+    if input_id is not None and _is_image(model):
+        _show_input_preview(mid, input_id, model)
+
+    gallery = [i for i in inputs if i.get("source", i["id"].split(":")[0]) == "gallery"]
+    tabs = st.tabs(["Gallery", "Upload", "Draw"])
+    with tabs[0]:
+        if gallery and _is_image(model):
+            _gallery_thumbnails(mid, gallery[:GALLERY_THUMBNAILS], model)
+        elif not gallery:
+            st.caption("This model has no gallery: upload or draw an input.")
+    with tabs[1]:
+        st.file_uploader(
+            "Image, .npy or .csv", type=["png", "jpg", "jpeg", "bmp", "npy", "csv"],
+            key="input_upload", on_change=_upload_input, args=(mid,),
+        )
+    with tabs[2]:
+        _drawing_canvas(mid, model)
+    return input_id
+
+
+def _input_name(input_id: str, label: Any) -> str:
+    source, _, rest = input_id.partition(":")
+    if source == "upload":
+        rest = rest[:8]
+    name = f"{source} {rest}".strip()
+    return f"{name} · label {label}" if label is not None else name
+
+
+def _is_image(model: dict) -> bool:
+    shape = model.get("input_shape") or []
+    return len(shape) == 3 and shape[0] in (1, 3)
+
+
+def _value_range(model: dict) -> tuple[float, float]:
+    lo, hi = (model.get("card") or {}).get("input_range") or (0.0, 1.0)
+    return float(lo), float(hi)
+
+
+def to_image(values: np.ndarray, value_range: tuple[float, float], size: int = 96) -> Image.Image:
+    """A ``[C, H, W]`` input as a crisp, upscaled picture (nearest neighbour, no blur)."""
+    lo, hi = value_range
+    scaled = np.clip((values - lo) / max(hi - lo, 1e-12), 0, 1)
+    pixels = (255 * scaled).astype(np.uint8)
+    image = Image.fromarray(pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0))
+    scale = max(1, size // max(pixels.shape[1:]))
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+
+
+def _show_input_preview(model_id: str, input_id: str, model: dict) -> None:
+    try:
+        values = input_values(model_id, input_id)
+    except ApiError as exc:
+        st.error(str(exc))
+        return
+    st.image(to_image(values, _value_range(model), size=128), caption="Selected input")
+
+
+def _gallery_thumbnails(model_id: str, gallery: list[dict], model: dict) -> None:
+    cols = st.columns(4)
+    for n, item in enumerate(gallery):
+        with cols[n % 4]:
+            st.image(to_image(input_values(model_id, item["id"]), _value_range(model), size=48))
+            st.button(
+                str(item.get("label", n)), key=f"pick_{item['id']}", on_click=_pick_input,
+                args=(item["id"],), help=f"Use {item['id']}", width="stretch",
+            )
+
+
+def _pick_input(input_id: str) -> None:
+    st.session_state["input"] = input_id
+
+
+def _upload_input(model_id: str) -> None:
+    upload = st.session_state.get("input_upload")
+    if upload is None:
+        return
+    try:
+        info = client().upload_input(model_id, upload.name, upload.getvalue())
+    except ApiError as exc:
+        st.session_state[_SIDEBAR_ERROR] = f"Upload of {upload.name} failed: {exc}"
+        return
+    st.session_state[_PENDING_INPUT] = info["id"]
+
+
+def _drawing_canvas(model_id: str, model: dict) -> None:
+    """Draw a digit (white on black); it is downsampled to the input shape and uploaded."""
+    shape = model.get("input_shape") or []
+    if not (_is_image(model) and shape[0] == 1 and max(shape[1:]) <= 64):
+        st.caption("Drawing is offered for small single-channel (digit-like) inputs.")
+        return
+    from streamlit_drawable_canvas import st_canvas
+
+    canvas = st_canvas(
+        stroke_width=18, stroke_color="#ffffff", background_color="#000000",
+        height=168, width=168, drawing_mode="freedraw", return_image_data=True,
+        key=f"canvas_{model_id}",
+    )
+    if st.button("Use drawing", key="use_drawing", width="stretch"):
+        strokes = canvas.image_data if canvas is not None else None
+        if strokes is None or not strokes[..., 3].any():
+            st.warning("Draw something first.")
+            return
+        values = drawing_to_input(strokes, tuple(shape), _value_range(model))
+        buffer = io.BytesIO()
+        np.save(buffer, values)
+        try:
+            info = client().upload_input(model_id, "drawing.npy", buffer.getvalue())
+        except ApiError as exc:
+            st.error(f"Upload of the drawing failed: {exc}")
+            return
+        st.session_state[_PENDING_INPUT] = info["id"]
+        st.rerun()
+
+
+def drawing_to_input(
+    rgba: np.ndarray, shape: tuple[int, ...], value_range: tuple[float, float]
+) -> np.ndarray:
+    """Canvas RGBA pixels to a ``shape`` array: ink brightness, box-averaged, in range."""
+    ink = rgba[..., :3].max(axis=-1).astype(np.float32) * (rgba[..., 3] / 255.0)
+    small = Image.fromarray(ink.astype(np.uint8)).resize((shape[2], shape[1]), Image.BOX)
+    lo, hi = value_range
+    values = lo + (hi - lo) * np.asarray(small, dtype=np.float32) / 255.0
+    return values.reshape(shape).astype(np.float32)
+
+
+# -- jobs -------------------------------------------------------------------------------------
+
+
+def run_job(
+    analysis: str, params: dict | None = None, key: str | None = None
+) -> dict | None:
+    """Run ``analysis`` on the sidebar's selection; return its result once finished.
+
+    Shows a Run button, then a live progress bar with a Cancel button while the job runs,
+    and the error if it failed. The job id goes into the URL (``?job=``); on load a ``job``
+    parameter for this analysis is shown again, so a shared link reopens the result.
+    """
+    key = key or analysis
+    api = client()
+    selection = sidebar()
+    if selection.model is None:
+        st.info("Choose or upload a model in the sidebar.")
+        return None
+    try:
+        needs_input = analyses().get(analysis, {}).get("needs_input", True)
+        input_id = selection.input_id if needs_input else None
+        if needs_input and input_id is None:
+            st.info("Choose, upload or draw an input in the sidebar.")
+            return None
+        state_key = f"_atlas_job_{key}"
+        job = _current_job(api, state_key, analysis, selection.model_id, input_id)
+        if st.button("Run", key=f"run_{key}", type="primary", icon=":material/play_arrow:"):
+            job = api.submit(analysis, selection.model_id, input_id, params or {})
+        if job is None:
+            return None
+        st.session_state[state_key] = job["id"]
+        st.query_params["job"] = job["id"]
+        job = _follow(api, job, key)
+        return _outcome(api, job, key)
+    except ApiError as exc:
+        st.error(str(exc))
+        return None
+
+
+def _current_job(
+    api: ApiClient, state_key: str, analysis: str, model_id: str, input_id: str | None
+) -> dict | None:
+    """The job this widget showed last, or the one in the URL, if it fits the selection."""
+    for job_id in (st.session_state.get(state_key), st.query_params.get("job")):
+        if not job_id:
+            continue
+        try:
+            job = api.job(job_id)
+        except ApiError:
+            continue
+        if (job["analysis"], job["model_id"], job.get("input_id")) == (
+            analysis, model_id, input_id
+        ):
+            return job
+    st.session_state.pop(state_key, None)
+    if "job" in st.query_params:
+        del st.query_params["job"]
+    return None
+
+
+def _follow(api: ApiClient, job: dict, key: str) -> dict:
+    """Poll a queued or running job, drawing its progress, until it stops."""
+    if job["status"] not in ACTIVE:
+        return job
+    bar = st.progress(0.0)
+    cancel_slot = st.empty()
+    if cancel_slot.button("Cancel", key=f"cancel_{key}", icon=":material/stop:"):
+        job = api.cancel(job["id"])
+    while job["status"] in ACTIVE:
+        bar.progress(float(job.get("progress") or 0.0), text=_progress_text(job))
+        time.sleep(POLL_SECONDS)
+        job = api.job(job["id"])
+    bar.empty()
+    cancel_slot.empty()
+    return job
+
+
+def _progress_text(job: dict) -> str:
+    message = job.get("message") or job["status"]
+    return f"{job['analysis']} · {message} ({100 * float(job.get('progress') or 0):.0f}%)"
+
+
+def _outcome(api: ApiClient, job: dict, key: str) -> dict | None:
+    status = job["status"]
+    if status == "failed":
+        st.error(f"The analysis failed: {job.get('error') or job.get('message') or 'no reason'}")
+        return None
+    if status == "cancelled":
+        st.warning("The job was cancelled. Press Run to start it again.")
+        return None
+    result = api.result(job["id"])
+    cols = st.columns([3, 1])
+    cols[0].caption(
+        f"Job `{job['id'][:8]}` {status}" + (" (cached result)" if job.get("cached") else "")
+        + " · copy this page's link to share the result."
+    )
+    with cols[1]:
+        download_json(result, f"{job['analysis']}_{job['id'][:8]}.json", key=f"json_{key}")
+    return result
+
+
+# -- figures and downloads --------------------------------------------------------------------
+
+
+def heatmap(
+    values: np.ndarray,
+    title: str = "",
+    *,
+    colorscale: str = "RdBu",
+    symmetric: bool = True,
+    colorbar_title: str = "",
+    hover: str = "value",
+) -> go.Figure:
+    """A 2-D array as an image-like heatmap (row 0 on top, square pixels).
+
+    ``symmetric`` centres the colour scale on 0, as signed attributions need.
+    """
+    values = np.asarray(values, dtype=float)
+    if values.ndim != 2:
+        raise ValueError(f"heatmap takes a 2-D array, got shape {values.shape}")
+    bound = float(np.nanmax(np.abs(values))) if symmetric and values.size else None
+    fig = go.Figure(go.Heatmap(
+        z=values, colorscale=colorscale,
+        zmin=-bound if bound else None, zmax=bound if bound else None,
+        colorbar={"title": {"text": colorbar_title}},
+        hovertemplate=f"row %{{y}}, col %{{x}}<br>{hover} %{{z:.4g}}<extra></extra>",
+    ))
+    fig.update_yaxes(autorange="reversed", scaleanchor="x", constrain="domain")
+    fig.update_xaxes(constrain="domain")
+    fig.update_layout(title=title, margin={"l": 10, "r": 10, "t": 40 if title else 10, "b": 10})
+    return fig
+
+
+def show_figure(fig: go.Figure, name: str, key: str | None = None) -> None:
+    """Render a plotly figure; its toolbar's camera button downloads it as ``<name>.png``."""
+    st.plotly_chart(
+        fig, key=key or f"fig_{name}",
+        config={"displaylogo": False,
+                "toImageButtonOptions": {"format": "png", "filename": name, "scale": 2}},
+    )
+
+
+def download_json(result: Any, file_name: str, key: str | None = None) -> None:
+    """A button that downloads ``result`` as pretty-printed JSON."""
+    st.download_button(
+        "Result JSON", json.dumps(result, indent=2), file_name=file_name,
+        mime="application/json", key=key, icon=":material/download:", on_click="ignore",
+    )

@@ -1,0 +1,60 @@
+"""Jobs: every analysis job of the service, with live progress, cancel and a link to results."""
+
+import streamlit as st
+
+from frontend import components as ui
+from frontend.catalog import page_for
+from frontend.client import ACTIVE, ApiError
+
+ui.sidebar()
+st.title("Jobs")
+st.caption("All analysis jobs, newest first. Running jobs update live; finished ones link to "
+           "the page that shows their result.")
+show_done = st.toggle("Show finished, failed and cancelled jobs", value=True)
+
+
+def _job_row(job: dict) -> None:
+    cols = st.columns([2, 3, 4, 1.4])
+    cols[0].markdown(f"**{job['analysis']}**  \n`{job['id'][:8]}`")
+    model = job["model_id"][:8]
+    cols[1].caption(f"model `{model}`  \ninput `{job.get('input_id') or '–'}`  \n"
+                    f"{job.get('created_at', '')[:19].replace('T', ' ')}")
+    status = job["status"]
+    with cols[2]:
+        if status in ACTIVE:
+            st.progress(float(job.get("progress") or 0.0),
+                        text=f"{status}: {job.get('message') or ''}")
+        elif status == "failed":
+            st.error(job.get("error") or "failed", icon=":material/error:")
+        else:
+            st.markdown(f"{status}" + (" (cached)" if job.get("cached") else ""))
+    with cols[3]:
+        if status in ACTIVE:
+            if st.button("Cancel", key=f"cancel_{job['id']}", icon=":material/stop:"):
+                ui.client().cancel(job["id"])
+                st.rerun(scope="fragment")
+        elif status == "finished" and (page := page_for(job["analysis"])):
+            params = {"job": job["id"], "model": job["model_id"]}
+            if job.get("input_id"):
+                params["input"] = job["input_id"]
+            st.page_link(page.file, label="Open", icon=":material/open_in_new:",
+                         query_params=params)
+
+
+@st.fragment(run_every=1.0)
+def job_list() -> None:
+    """Redrawn every second, so progress bars move without reloading the page."""
+    try:
+        jobs = ui.client().jobs()
+    except ApiError as exc:
+        st.error(str(exc))
+        return
+    jobs.sort(key=lambda j: j.get("created_at", ""), reverse=True)
+    active = [j for j in jobs if j["status"] in ACTIVE]
+    st.markdown(f"{len(active)} running or queued, {len(jobs) - len(active)} done.")
+    for job in jobs if show_done else active:
+        with st.container(border=True):
+            _job_row(job)
+
+
+job_list()
