@@ -1,0 +1,45 @@
+"""Inputs of a model: its dataset's gallery plus uploaded images and arrays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, File, HTTPException, UploadFile
+
+from app import InvalidInputError
+from backend.api.deps import ModelDep, ServicesDep
+from backend.api.schemas import InputData, InputInfo
+from backend.inputs import decode_input
+
+router = APIRouter(prefix="/models/{model_id}/inputs", tags=["inputs"])
+
+
+@router.get("", response_model=list[InputInfo])
+def list_inputs(model: ModelDep, services: ServicesDep) -> list[dict]:
+    return services.storage.inputs(model)
+
+
+@router.post("", response_model=InputInfo, status_code=201)
+def upload_input(
+    model: ModelDep, services: ServicesDep,
+    file: Annotated[UploadFile, File(description="PNG/JPEG image, .npy array or .csv values")],
+) -> InputInfo:
+    name = Path(file.filename or "input").name
+    input_range = tuple((model.card or {}).get("input_range") or (0.0, 1.0))
+    try:
+        x = decode_input(name, file.file.read(), tuple(model.input_shape), input_range)
+    except InvalidInputError as exc:
+        raise HTTPException(422, str(exc)) from exc
+    record = services.storage.add_input(model.id, x, name)
+    return InputInfo(id=record.id, label=record.label, source="upload")
+
+
+@router.get("/{input_id}", response_model=InputData)
+def get_input(input_id: str, model: ModelDep, services: ServicesDep) -> InputData:
+    try:
+        x, target, label = services.storage.load_input(model, input_id)
+    except KeyError:
+        raise HTTPException(404, f"unknown input '{input_id}' for model {model.id}") from None
+    return InputData(id=input_id, label=label, target=target, shape=list(x.shape),
+                     values=x.tolist())

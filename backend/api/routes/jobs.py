@@ -1,0 +1,106 @@
+"""Submit, watch, cancel jobs and fetch their results; the work happens in Dask workers."""
+
+from __future__ import annotations
+
+import re
+
+from fastapi import APIRouter, HTTPException, Query, Response
+from fastapi.responses import FileResponse
+from pydantic import ValidationError
+
+from backend.analyses import REGISTRY
+from backend.api.deps import ServicesDep
+from backend.api.errors import validation_message
+from backend.api.schemas import JobInfo, JobRequest
+from backend.db import JobRecord
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+def _info(job: JobRecord, cached: bool = False) -> JobInfo:
+    return JobInfo.model_validate(job, from_attributes=True).model_copy(update={"cached": cached})
+
+
+def _job(job_id: str, services: ServicesDep) -> JobRecord:
+    job = services.store.get(job_id)
+    if job is None:
+        raise HTTPException(404, f"unknown job '{job_id}'")
+    return job
+
+
+@router.post("", response_model=JobInfo, status_code=201)
+def submit_job(req: JobRequest, services: ServicesDep, response: Response) -> JobInfo:
+    analysis = REGISTRY.get(req.analysis)
+    if analysis is None:
+        raise HTTPException(404, f"unknown analysis '{req.analysis}'; "
+                                 f"available: {', '.join(sorted(REGISTRY))}")
+    model = services.storage.model(req.model_id)
+    if model is None:
+        raise HTTPException(404, f"unknown model '{req.model_id}'")
+    if req.input_id is not None:
+        try:
+            services.storage.load_input(model, req.input_id)
+        except KeyError:
+            raise HTTPException(404, f"unknown input '{req.input_id}' for this model") from None
+    elif analysis.needs_input:
+        raise HTTPException(422, f"analysis '{analysis.name}' needs an input_id")
+    try:
+        params = analysis.params.model_validate(req.params).model_dump(mode="json")
+    except ValidationError as exc:
+        raise HTTPException(422, f"invalid params for '{analysis.name}': "
+                                 f"{validation_message(exc.errors())}") from exc
+    job, reused = services.store.create_or_reuse(analysis.name, model.id, req.input_id, params)
+    if reused:
+        response.status_code = 200
+        return _info(job, cached=job.status == "finished")
+    try:
+        services.runner.submit(job.id)
+    except Exception as exc:  # noqa: BLE001 - the job must not stay queued forever
+        services.store.fail(job.id, f"could not submit the job: {exc}")
+        job = services.store.get(job.id)
+    return _info(job)
+
+
+@router.get("", response_model=list[JobInfo])
+def list_jobs(services: ServicesDep, model_id: str | None = None,
+              limit: int = Query(200, ge=1, le=1000)) -> list[JobInfo]:
+    return [_info(j) for j in services.store.list(limit, model_id)]
+
+
+@router.get("/{job_id}", response_model=JobInfo)
+def get_job(job_id: str, services: ServicesDep) -> JobInfo:
+    return _info(_job(job_id, services))
+
+
+@router.post("/{job_id}/cancel", response_model=JobInfo)
+def cancel_job(job_id: str, services: ServicesDep) -> JobInfo:
+    _job(job_id, services)
+    job = services.store.request_cancel(job_id)
+    services.runner.cancel(job_id)
+    return _info(job)
+
+
+@router.get("/{job_id}/result", responses={200: {"content": {"application/json": {}}}})
+def get_result(job_id: str, services: ServicesDep) -> Response:
+    job = _job(job_id, services)
+    if job.status != "finished":
+        reason = f": {job.error}" if job.error else ""
+        raise HTTPException(409, f"job {job_id} is {job.status}{reason}")
+    return Response(content=job.result, media_type="application/json")
+
+
+@router.get("/{job_id}/artifacts", response_model=list[str])
+def list_artifacts(job_id: str, services: ServicesDep) -> list[str]:
+    _job(job_id, services)
+    folder = services.settings.data_dir / "artifacts" / job_id
+    return sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+
+
+@router.get("/{job_id}/artifacts/{name}")
+def get_artifact(job_id: str, name: str, services: ServicesDep) -> FileResponse:
+    _job(job_id, services)
+    path = services.settings.data_dir / "artifacts" / job_id / name
+    if not SAFE_NAME.match(name) or not path.is_file():
+        raise HTTPException(404, f"no artifact '{name}' for job {job_id}")
+    return FileResponse(path)

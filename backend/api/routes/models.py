@@ -1,0 +1,68 @@
+"""Model upload, listing and deletion; uploads are validated by the engine's loaders."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, HTTPException, UploadFile
+
+from app import UnsupportedModelError
+from backend.api.deps import ModelDep, ServicesDep
+from backend.api.schemas import ModelInfo
+from backend.storage import MODEL_SUFFIXES
+
+router = APIRouter(prefix="/models", tags=["models"])
+
+
+def _parse_shape(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
+    except ValueError:
+        raise HTTPException(422, f"input_shape must look like '1,8,8', got '{text}'") from None
+    if not shape or any(s <= 0 or s > 100_000 for s in shape):
+        raise HTTPException(422, f"input_shape {shape} is not a valid shape")
+    return shape
+
+
+@router.post("", response_model=ModelInfo, status_code=201)
+def upload_model(
+    services: ServicesDep,
+    file: Annotated[UploadFile, File(description=".onnx, .pt2 (torch.export) or TorchScript")],
+    input_shape: Annotated[str | None, Form(description="e.g. '1,8,8' (TorchScript)")] = None,
+) -> ModelInfo:
+    name = Path(file.filename or "model").name
+    suffix = Path(name).suffix.lower()
+    if suffix not in MODEL_SUFFIXES:
+        raise HTTPException(
+            415, f"unknown model format '{suffix or name}': upload .onnx, .pt2 (torch.export) "
+            "or a TorchScript file (.pt, .pth, .ts)")
+    tmp = services.settings.data_dir / "tmp" / f"{uuid.uuid4().hex}{suffix}"
+    try:
+        with open(tmp, "wb") as out:
+            shutil.copyfileobj(file.file, out, 1 << 20)
+        record = services.storage.add_model(tmp, name, input_shape=_parse_shape(input_shape))
+    except UnsupportedModelError as exc:
+        raise HTTPException(422, f"cannot load '{name}': {exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ModelInfo.model_validate(record, from_attributes=True)
+
+
+@router.get("", response_model=list[ModelInfo])
+def list_models(services: ServicesDep) -> list[ModelInfo]:
+    return [ModelInfo.model_validate(r, from_attributes=True) for r in services.storage.models()]
+
+
+@router.get("/{model_id}", response_model=ModelInfo)
+def get_model(model: ModelDep) -> ModelInfo:
+    return ModelInfo.model_validate(model, from_attributes=True)
+
+
+@router.delete("/{model_id}", status_code=204)
+def delete_model(model: ModelDep, services: ServicesDep) -> None:
+    services.storage.delete_model(model.id)

@@ -1,0 +1,101 @@
+"""Command line: ``relu-atlas serve`` (the API) and ``relu-atlas run`` (API + Streamlit UI).
+
+Also ``python -m backend.cli ...``. Settings come from ``ATLAS_*`` environment variables;
+``--host``/``--port`` override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from backend.config import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def serve(settings: Settings) -> None:
+    import uvicorn
+
+    from backend.main import create_app
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level="info", timeout_graceful_shutdown=10)
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def run(settings: Settings, ui_port: int) -> int:
+    """Start the API and the Streamlit frontend; Ctrl-C stops both."""
+    api_url = f"http://{settings.host}:{settings.port}"
+    env = {**os.environ, "ATLAS_HOST": settings.host, "ATLAS_PORT": str(settings.port),
+           "ATLAS_API_URL": api_url}
+    api = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve"], cwd=ROOT, env=env)
+    ui = None
+    try:
+        if not _wait_healthy(api_url, api):
+            print("the API did not start; see the log above", file=sys.stderr)
+            return 1
+        ui = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", str(ROOT / "frontend" / "app.py"),
+             "--server.address", settings.host, "--server.port", str(ui_port),
+             "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+            cwd=ROOT, env=env)
+        print(f"\nReLU Atlas is running:\n  UI:  http://{settings.host}:{ui_port}\n"
+              f"  API: {api_url}/docs\nPress Ctrl-C to stop.\n", flush=True)
+        while api.poll() is None and ui.poll() is None:
+            time.sleep(0.5)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for proc in (ui, api):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc in (ui, api):
+            if proc is not None:
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="relu-atlas", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("serve", "start the API"), ("run", "start the API and the web UI")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--host", help="bind address (default 127.0.0.1)")
+        p.add_argument("--port", type=int, help="API port (default 8000)")
+        if name == "run":
+            p.add_argument("--ui-port", type=int, default=8501, help="web UI port")
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    settings = Settings(**overrides)
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_token:
+        parser.error(f"refusing to bind {settings.host} without ATLAS_API_TOKEN")
+    if args.command == "serve":
+        serve(settings)
+        return 0
+    return run(settings, args.ui_port)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Service settings, read from ``ATLAS_*`` environment variables (or a ``.env`` file).
+
+The defaults are the embedded deployment: everything under ``.atlas_data`` on this machine,
+SQLite, a local Dask cluster, bound to loopback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ATLAS_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Path(".atlas_data")
+    database_url: str = Field("", description="SQLAlchemy URL; empty = SQLite in data_dir")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_upload_mb: float = Field(50, gt=0)
+    dask_scheduler_address: str = Field("", description="empty = start a LocalCluster")
+    dask_workers: int = Field(2, ge=1, description="LocalCluster worker processes")
+    api_token: str = ""
+    register_samples: bool = True
+    extra_analyses: str = Field("", description="comma-separated extra plug-in modules")
+
+    @property
+    def db_url(self) -> str:
+        """The database URL actually used (SQLite file in the data dir by default)."""
+        return self.database_url or f"sqlite:///{(self.data_dir / 'atlas.db').resolve()}"
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    def prepare(self) -> Settings:
+        """Create the data directories; returns self for chaining."""
+        for sub in ("models", "inputs", "artifacts", "tmp"):
+            (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
+        return self

@@ -1,0 +1,86 @@
+"""Turn an uploaded input file (PNG/JPEG image, .npy, .csv) into an array the model takes.
+
+Images are converted to the model's channel count, resized to its HxW and scaled from
+[0, 255] to the card's ``input_range``; arrays must already have the model's input shape.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from app import InvalidInputError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+MAX_IMAGE_PIXELS = 50_000_000
+
+
+def decode_input(filename: str, data: bytes, input_shape: tuple[int, ...],
+                 input_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+    """The upload as a float32 array of ``input_shape``; InvalidInputError says what is wrong."""
+    suffix = Path(filename).suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        x = _image(data, input_shape, input_range)
+    elif suffix == ".npy":
+        x = _npy(data)
+    elif suffix == ".csv":
+        x = _csv(data)
+    else:
+        raise InvalidInputError(
+            f"unknown input format '{suffix or filename}': upload .png, .jpg, .npy or .csv")
+    return _fit(x, input_shape, allow_flat=suffix == ".csv")
+
+
+def _image(data: bytes, input_shape: tuple[int, ...], input_range: tuple[float, float]) -> np.ndarray:
+    if len(input_shape) != 3 or input_shape[0] not in (1, 3):
+        raise InvalidInputError(
+            f"an image needs a model with input shape (1 or 3, H, W); this one takes "
+            f"{tuple(input_shape)}: upload .npy or .csv instead")
+    channels, height, width = input_shape
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+            img = img.resize((width, height), Image.Resampling.BILINEAR)
+            pixels = np.asarray(img, dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
+        raise InvalidInputError(f"not a readable image: {exc}") from exc
+    pixels = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+    lo, hi = input_range
+    return lo + (hi - lo) * pixels
+
+
+def _npy(data: bytes) -> np.ndarray:
+    try:
+        x = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InvalidInputError(f"not a readable .npy array (pickles are refused): {exc}") from exc
+    if not isinstance(x, np.ndarray) or not np.issubdtype(x.dtype, np.number):
+        raise InvalidInputError(f"the .npy array must be numeric, got {getattr(x, 'dtype', x)}")
+    return x
+
+
+def _csv(data: bytes) -> np.ndarray:
+    try:
+        return np.loadtxt(io.StringIO(data.decode("utf-8")), delimiter=",", dtype=np.float64,
+                          ndmin=1)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"not a numeric CSV file: {exc}") from exc
+
+
+def _fit(x: np.ndarray, input_shape: tuple[int, ...], allow_flat: bool) -> np.ndarray:
+    shape = tuple(input_shape)
+    if x.shape == (1, *shape):
+        x = x[0]
+    if x.shape != shape:
+        if not (allow_flat and x.size == int(np.prod(shape))):
+            raise InvalidInputError(
+                f"input shape {tuple(x.shape)} does not match the model's input shape {shape}")
+        x = x.reshape(shape)
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise InvalidInputError("the input contains NaN or infinite values")
+    return x

@@ -1,0 +1,1 @@
+"""Asynchronous analysis jobs: SQL job records, Dask submission, the worker-side task."""

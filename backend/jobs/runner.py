@@ -1,0 +1,80 @@
+"""Submit jobs to Dask: a LocalCluster of worker processes by default, or a remote scheduler.
+
+The runner keeps each job's future (Dask forgets tasks whose futures are dropped) and turns
+task-level failures (a worker killed too often, an unpicklable error) into failed jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+
+from distributed import Client, Future, LocalCluster
+
+from backend.config import Settings
+from backend.jobs.store import JobStore
+from backend.jobs.worker import run_job
+
+log = logging.getLogger(__name__)
+
+
+class JobRunner:
+    def __init__(self, settings: Settings, store: JobStore) -> None:
+        self.settings = settings
+        self.store = store
+        self.cluster: LocalCluster | None = None
+        self.client: Client | None = None
+        self._futures: dict[str, Future] = {}
+        self._lock = threading.Lock()
+        self._closing = False
+
+    def start(self) -> None:
+        """Connect to the configured scheduler or start the embedded LocalCluster.
+
+        Blocking (seconds): call it outside the event loop.
+        """
+        if self.settings.dask_scheduler_address:
+            self.client = Client(self.settings.dask_scheduler_address, timeout=30)
+            return
+        self.cluster = LocalCluster(
+            n_workers=self.settings.dask_workers, threads_per_worker=1, processes=True,
+            dashboard_address=None, host="127.0.0.1",
+        )
+        self.client = Client(self.cluster)
+
+    def close(self) -> None:
+        """Disconnect; jobs still queued or running stay so in the DB for the next start."""
+        self._closing = True
+        for closable in (self.client, self.cluster):
+            if closable is not None:
+                try:
+                    closable.close()
+                except Exception:  # noqa: BLE001 - best effort at shutdown
+                    log.warning("error while closing %s", closable, exc_info=True)
+        self.client = self.cluster = None
+
+    def submit(self, job_id: str) -> None:
+        if self.client is None:
+            raise RuntimeError("the job runner is not started")
+        future = self.client.submit(
+            run_job, job_id, str(self.settings.data_dir.resolve()), self.settings.db_url,
+            self.settings.extra_analyses, key=f"atlas-job-{job_id}-{uuid.uuid4().hex[:8]}", pure=False,
+        )
+        with self._lock:
+            self._futures[job_id] = future
+        future.add_done_callback(lambda f: self._done(job_id, f))
+
+    def cancel(self, job_id: str) -> None:
+        """Drop a queued task; a running one stops at its next progress report."""
+        with self._lock:
+            future = self._futures.get(job_id)
+        if future is not None:
+            future.cancel()
+
+    def _done(self, job_id: str, future: Future) -> None:
+        with self._lock:
+            self._futures.pop(job_id, None)
+        if future.status == "error" and not self._closing:
+            exc = future.exception()
+            self.store.fail(job_id, f"the worker failed: {type(exc).__name__}: {exc}")

@@ -1,0 +1,134 @@
+"""Job records: creation with result caching, atomic claim, progress, final states, restart.
+
+Every state change is one short transaction, so the API process and any number of Dask
+workers can share the database. Status moves queued -> running -> finished|failed|cancelled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import uuid
+
+from sqlalchemy import select, update
+
+from backend.db import JobRecord, sessions_for, utcnow
+
+FINAL = ("finished", "failed", "cancelled")
+ACTIVE = ("queued", "running")
+MAX_RESTARTS = 3
+
+
+def cache_key(analysis: str, model_id: str, input_id: str | None, params: dict) -> str:
+    """Hash of the canonical JSON of a request: equal requests, equal keys."""
+    canon = json.dumps([analysis, model_id, input_id, params], sort_keys=True,
+                       separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+class JobStore:
+    """Job table access for one database URL (usable in the API and in workers)."""
+
+    def __init__(self, url: str) -> None:
+        self.sessions = sessions_for(url)
+        self._create_lock = threading.Lock()
+
+    def get(self, job_id: str) -> JobRecord | None:
+        with self.sessions() as s:
+            return s.get(JobRecord, job_id)
+
+    def list(self, limit: int = 200, model_id: str | None = None) -> list[JobRecord]:
+        q = select(JobRecord).order_by(JobRecord.created_at.desc()).limit(limit)
+        if model_id:
+            q = q.where(JobRecord.model_id == model_id)
+        with self.sessions() as s:
+            return list(s.scalars(q))
+
+    def create_or_reuse(
+        self, analysis: str, model_id: str, input_id: str | None, params: dict
+    ) -> tuple[JobRecord, bool]:
+        """A new queued job, or the existing finished/active one for the same request.
+
+        Returns ``(job, reused)``; failed and cancelled jobs are not reused (a retry runs).
+        """
+        key = cache_key(analysis, model_id, input_id, params)
+        with self._create_lock, self.sessions() as s:
+            existing = s.scalars(
+                select(JobRecord).where(JobRecord.cache_key == key,
+                                        JobRecord.status.in_(("finished", *ACTIVE)))
+                .order_by(JobRecord.created_at.desc()).limit(1)
+            ).first()
+            if existing is not None:
+                return existing, True
+            job = JobRecord(id=uuid.uuid4().hex, analysis=analysis, model_id=model_id,
+                            input_id=input_id, params=params, cache_key=key, status="queued",
+                            progress=0.0, message="queued", cancel_requested=False, restarts=0,
+                            created_at=utcnow(), updated_at=utcnow())
+            s.add(job)
+            s.commit()
+            return job, False
+
+    def _update(self, job_id: str, *conds, **values) -> bool:
+        with self.sessions() as s:
+            res = s.execute(update(JobRecord).where(JobRecord.id == job_id, *conds)
+                            .values(updated_at=utcnow(), **values))
+            s.commit()
+            return res.rowcount > 0
+
+    def claim(self, job_id: str) -> bool:
+        """queued -> running, atomically: only one worker ever runs a job."""
+        return self._update(job_id, JobRecord.status == "queued",
+                            JobRecord.cancel_requested.is_(False),
+                            status="running", message="started")
+
+    def progress(self, job_id: str, fraction: float, message: str) -> bool:
+        """Record progress of a running job; returns whether cancellation was requested."""
+        self._update(job_id, JobRecord.status == "running", progress=fraction,
+                     message=message[:1000])
+        with self.sessions() as s:
+            return bool(s.scalar(select(JobRecord.cancel_requested)
+                                 .where(JobRecord.id == job_id)))
+
+    def finish(self, job_id: str, result_json: str) -> bool:
+        return self._update(job_id, JobRecord.status == "running", status="finished",
+                            progress=1.0, message="finished", result=result_json)
+
+    def fail(self, job_id: str, error: str) -> bool:
+        """Mark a job that has not ended as failed with ``error`` as the reason."""
+        return self._update(job_id, JobRecord.status.in_(ACTIVE), status="failed",
+                            message="failed", error=error[:4000])
+
+    def mark_cancelled(self, job_id: str) -> bool:
+        return self._update(job_id, JobRecord.status.in_(ACTIVE), status="cancelled",
+                            message="cancelled")
+
+    def request_cancel(self, job_id: str) -> JobRecord | None:
+        """Flag a job for cancellation; a queued job is cancelled at once."""
+        self._update(job_id, JobRecord.status.in_(ACTIVE), cancel_requested=True)
+        self._update(job_id, JobRecord.status == "queued", status="cancelled",
+                     message="cancelled")
+        return self.get(job_id)
+
+    def requeue_interrupted(self, max_restarts: int = MAX_RESTARTS) -> list[str]:
+        """After a restart: re-queue every queued/running job, or fail it after too many.
+
+        Returns the ids of the jobs to submit again.
+        """
+        requeued: list[str] = []
+        with self.sessions() as s:
+            jobs = list(s.scalars(select(JobRecord).where(JobRecord.status.in_(ACTIVE))))
+            for job in jobs:
+                job.restarts += 1
+                job.updated_at = utcnow()
+                if job.cancel_requested:
+                    job.status, job.message = "cancelled", "cancelled"
+                elif job.restarts >= max_restarts:
+                    job.status, job.message = "failed", "failed"
+                    job.error = f"interrupted by restart {job.restarts} times"
+                else:
+                    job.status, job.progress = "queued", 0.0
+                    job.message = f"re-queued after restart ({job.restarts})"
+                    requeued.append(job.id)
+            s.commit()
+        return requeued

@@ -1,0 +1,73 @@
+"""The FastAPI application: ``create_app(settings)`` wires storage, job store and runner.
+
+Start-up registers the sample models, starts (or connects to) Dask, and re-queues the jobs a
+previous run left queued or running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, Depends, FastAPI
+
+from backend.analyses import load_all
+from backend.api.deps import Services, require_token
+from backend.api.errors import BodySizeLimit, install_error_handlers
+from backend.api.routes import analyses, health, inputs, jobs, models
+from backend.config import Settings
+from backend.jobs.runner import JobRunner
+from backend.jobs.store import JobStore
+from backend.storage import Storage
+
+log = logging.getLogger(__name__)
+MULTIPART_SLACK_BYTES = 64 * 1024
+
+
+def _start(settings: Settings) -> Services:
+    """Blocking start-up work (seconds): storage, samples, Dask, re-queue."""
+    load_all(settings.extra_analyses)
+    store = JobStore(settings.db_url)
+    storage = Storage(settings.data_dir, settings.db_url)
+    if settings.register_samples:
+        log.info("registered %d sample models", storage.register_samples())
+    runner = JobRunner(settings, store)
+    runner.start()
+    requeued = store.requeue_interrupted()
+    for job_id in requeued:
+        runner.submit(job_id)
+    if requeued:
+        log.info("re-queued %d interrupted jobs", len(requeued))
+    return Services(settings=settings, storage=storage, store=store, runner=runner)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    settings.data_dir = settings.data_dir.resolve()
+    settings.prepare()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = await asyncio.to_thread(_start, settings)
+        app.state.services = services
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(services.runner.close)
+
+    app = FastAPI(
+        title="ReLU Atlas",
+        description="Open up a ReLU network and see why it decides what it decides.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.include_router(health.router, prefix="/api")
+    api = APIRouter(prefix="/api", dependencies=[Depends(require_token)])
+    for module in (models, inputs, analyses, jobs):
+        api.include_router(module.router)
+    app.include_router(api)
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + MULTIPART_SLACK_BYTES)
+    return app
