@@ -1,0 +1,332 @@
+"""Layer by layer: first-layer hyperplanes, their signs, then the layers behind them.
+
+1. Sample lines through the domain box and collect critical points (:mod:`.lines`). A kink
+   that lies on an already known hyperplane costs nothing more; a new one costs ``2 d``
+   queries for its normal.
+2. A hyperplane belongs to the first layer when it *extends*: a kink shows up where random
+   other lines cross it (Rolnick & Kording 2020). The rest are bent boundaries of deeper neurons.
+3. Last hidden layer: ``relu(s z) = (s z + |z|) / 2``, so a least-squares fit of the outputs on
+   ``[|z_j|, x, 1]`` gives the output weights and the linear part ``A = sum_j s_j a_j u_j^T``,
+   which fixes the signs ``s_j`` (least squares, or exhaustive search when underdetermined).
+4. Deeper layers (first layer contractive, ``n1 <= d``): a deeper neuron's normal is a
+   combination of the *active* first-layer rows only, which gives each first-layer sign. Then
+   the first layer is inverted (``x = W^+ (h - b)``) and the same procedure runs on the map
+   ``h -> logits`` over a box of positive hidden activations.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from app.analyses.extraction.lines import Hyperplane, boundary_normals, kinks_on_line
+from app.analyses.extraction.oracle import Budget, BudgetExhausted, Oracle
+from app.errors import InvalidInputError
+from app.layers import Layer, Linear, ReLU
+from app.network import Network
+from app.progress import ProgressFn
+
+FIT_RTOL = 1e-7  # output fit counted exact below this relative residual
+MAX_EXHAUSTIVE_SIGNS = 20
+
+
+@dataclass
+class ExtractionResult:
+    """What the attack recovered, and what it cost.
+
+    ``network`` is ``None`` only when the budget ran out before a first layer was fitted.
+    ``critical_points`` are the boundary points found in input space; ``point_neuron[i]`` is the
+    recovered first-layer neuron point ``i`` lies on, or ``-1`` for a deeper neuron's boundary.
+    ``first_layer`` holds the recovered first-layer ``(W, b)`` (unit-norm rows, signed).
+    """
+
+    network: Network | None
+    layer_sizes: list[int]
+    queries: int
+    seconds: float
+    log: list[dict]
+    critical_points: np.ndarray
+    point_neuron: np.ndarray
+    first_layer: tuple[np.ndarray, np.ndarray]
+    notes: list[str]
+    complete: bool
+
+
+@dataclass
+class _Level:
+    """Search state of one layer: its domain box and the hyperplanes found there."""
+
+    oracle: Oracle
+    lo: np.ndarray
+    hi: np.ndarray
+    first: list[Hyperplane] = field(default_factory=list)
+    deep: list[Hyperplane] = field(default_factory=list)
+
+    @property
+    def dim(self) -> int:
+        return len(self.lo)
+
+
+@dataclass
+class _Run:
+    budget: Budget
+    rng: np.random.Generator
+    log: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    found: list[int] = field(default_factory=list)
+    complete: bool = True
+
+
+def extract(
+    oracle: Oracle,
+    input_dim: int,
+    budget: int = 200_000,
+    *,
+    lo: float | np.ndarray = -1.0,
+    hi: float | np.ndarray = 1.0,
+    max_hidden_layers: int = 3,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+) -> ExtractionResult:
+    """Recover a fully connected ReLU network from ``oracle`` (``[B, input_dim] -> [B, k]``).
+
+    Only the oracle is called; lines are sampled in the box ``[lo, hi]``. Neurons whose
+    boundary never crosses the box cannot be seen and are reported in ``notes``. ``progress``
+    hears queries spent and neurons found and may raise :class:`app.Cancelled`.
+    """
+    if input_dim < 1 or budget < 1:
+        raise InvalidInputError("input_dim and budget must be positive")
+    lo_v = np.broadcast_to(np.asarray(lo, dtype=np.float64), (input_dim,)).copy()
+    hi_v = np.broadcast_to(np.asarray(hi, dtype=np.float64), (input_dim,)).copy()
+    if np.any(hi_v <= lo_v):
+        raise InvalidInputError("the domain box needs lo < hi in every coordinate")
+    start = time.perf_counter()
+    run = _Run(Budget(oracle, budget, progress), np.random.default_rng(seed))
+    top = _Level(run.budget, lo_v, hi_v)
+    layers: list[Layer] | None
+    try:
+        layers = _extract_level(top, run, max_hidden_layers)
+    except BudgetExhausted as exc:
+        run.notes.append(f"{exc}: stopped after {len(run.found)} layer(s)")
+        run.complete = False
+        layers = None
+    network = Network(layers, (input_dim,), name="recovered") if layers else None
+    points, owner = _points(top)
+    first_w, first_b = _first_layer(layers, top)
+    return ExtractionResult(
+        network=network, layer_sizes=list(run.found), queries=run.budget.used,
+        seconds=time.perf_counter() - start, log=run.log, critical_points=points,
+        point_neuron=owner, first_layer=(first_w, first_b), notes=run.notes,
+        complete=run.complete and network is not None,
+    )
+
+
+def _extract_level(level: _Level, run: _Run, layers_left: int) -> list[Layer]:
+    depth = len(run.found) + 1
+    _search(level, run, f"layer {depth}", stop_at=run.budget.used + 0.6 * run.budget.left)
+    _split_first_layer(level, run)
+    n1 = len(level.first)
+    run.found.append(n1)
+    run.budget.neurons = sum(run.found)
+    run.log.append(_entry(run, f"layer {depth} identified"))
+    if n1 == 0:
+        raise BudgetExhausted(f"no boundary of layer {depth} crosses the domain")
+    normals = np.stack([p.normal for p in level.first])
+    offsets = np.array([p.offset for p in level.first])
+    if not level.deep or layers_left == 1:
+        if level.deep:
+            run.notes.append(f"layer {depth}: deeper boundaries seen but max_hidden_layers reached")
+            run.complete = False
+        return _output_layer(level, normals, offsets, run, depth)
+    if n1 > level.dim:
+        run.notes.append(
+            f"layer {depth} is expansive ({n1} neurons > {level.dim} inputs): deeper layers are "
+            "not recovered; the returned network fits one hidden layer only"
+        )
+        run.complete = False
+        return _output_layer(level, normals, offsets, run, depth)
+    signs = _vote_signs(normals, offsets, level.deep, run, depth)
+    weight, bias = signs[:, None] * normals, signs * offsets
+    inner = _peel(level, weight, bias, run)
+    return [Linear(torch.from_numpy(weight), torch.from_numpy(bias)), ReLU(),
+            *_extract_level(inner, run, layers_left - 1)]
+
+
+def _search(level: _Level, run: _Run, phase: str, stop_at: float,
+            min_lines: int = 4, patience: int = 4, max_lines: int = 400) -> None:
+    """Sample lines until no new repeated hyperplane shows up for ``patience`` lines."""
+    run.budget.phase = phase
+    tol = 1e-6 * float(np.linalg.norm(level.hi - level.lo))
+    planes: list[Hyperplane] = []
+    stable, repeated = 0, 0
+    for line in range(max_lines):
+        if run.budget.used >= stop_at:
+            run.notes.append(f"{phase}: search stopped at its share of the budget")
+            break
+        a, b = run.rng.uniform(level.lo, level.hi, (2, level.dim))
+        new = []
+        for kink in kinks_on_line(level.oracle, a, b):
+            match = next((p for p in planes if abs(p.value(kink.x)) <= tol), None)
+            if match is None:
+                new.append(kink)
+            else:
+                match.points.append(kink.x)
+        planes += [p for p in boundary_normals(level.oracle, new) if p is not None]
+        now = sum(len(p.points) > 1 for p in planes)
+        stable = stable + 1 if now == repeated else 0
+        repeated = now
+        run.budget.neurons = sum(run.found) + repeated
+        run.log.append(_entry(run, phase, critical_points=sum(len(p.points) for p in planes)))
+        if line + 1 >= min_lines and stable >= patience:
+            break
+    level.deep = planes
+
+
+def _split_first_layer(level: _Level, run: _Run, trials: int = 4) -> None:
+    """Keep the hyperplanes that extend across the box (first layer); the rest are deeper."""
+    run.budget.phase = "first-layer test"
+    first, deep = [], []
+    for plane in level.deep:
+        (first if _extends(level, plane, run.rng, trials) else deep).append(plane)
+    level.first, level.deep = first, deep
+
+
+def _extends(level: _Level, plane: Hyperplane, rng: np.random.Generator, trials: int) -> bool:
+    """Is there a kink on ``plane`` where random lines through the box cross it?"""
+    a, b = rng.uniform(level.lo, level.hi, (2, 64, level.dim))
+    va, vb = plane.value(a), plane.value(b)
+    cross = np.flatnonzero(np.sign(va) != np.sign(vb))[:trials]
+    if len(cross) == 0:
+        return False
+    t = va[cross] / (va[cross] - vb[cross])
+    p = a[cross] + t[:, None] * (b[cross] - a[cross])
+    s = 1e-5 * float(np.linalg.norm(level.hi - level.lo))
+    steps = np.array([-2.0, -1.0, 0.0, 1.0, 2.0])
+    pts = p[:, None, :] + s * steps[None, :, None] * plane.normal
+    f = level.oracle(pts.reshape(-1, level.dim)).reshape(len(cross), 5, -1)
+    second = f[:, :-2] - 2 * f[:, 1:-1] + f[:, 2:]  # at steps -1, 0, 1
+    mag = np.abs(second).max(axis=2)
+    floor = 1e-12 * (np.abs(f).max() + 1e-300)
+    kinked = (mag[:, 1] > floor) & (mag[:, 1] > 100 * np.maximum(mag[:, 0], mag[:, 2]))
+    return int(kinked.sum()) >= max(1, (len(cross) + 1) // 2)
+
+
+def _output_layer(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Run,
+                  depth: int) -> list[Layer]:
+    """Signs of the last hidden layer and the output layer, from one least-squares fit."""
+    run.budget.phase = "output layer"
+    n, d = normals.shape
+    x = run.rng.uniform(level.lo, level.hi, (2 * (n + d + 1) + 16, d))
+    f = level.oracle(x)
+    z = x @ normals.T + offsets
+    features = np.hstack([np.abs(z), x, np.ones((len(x), 1))])
+    theta, *_ = np.linalg.lstsq(features, f, rcond=None)
+    residual = np.abs(features @ theta - f).max() / (np.abs(f).max() + 1e-300)
+    a, linear, const = theta[:n], theta[n:n + d].T, theta[-1]
+    signs, sign_err = _solve_signs(a, normals, linear)
+    if residual > FIT_RTOL:
+        run.notes.append(f"layer {depth}: outputs are not one ReLU layer of the found neurons "
+                         f"(relative fit residual {residual:.1e})")
+        run.complete = False
+    if sign_err > 1e-3:
+        run.notes.append(f"layer {depth}: sign recovery inexact (misfit {sign_err:.1e})")
+        run.complete = False
+    out_w = 2 * a.T
+    out_b = const - (signs[:, None] * a * offsets[:, None]).sum(axis=0)
+    run.log.append(_entry(run, "output layer fitted"))
+    weight, bias = signs[:, None] * normals, signs * offsets
+    return [Linear(torch.from_numpy(weight), torch.from_numpy(bias)), ReLU(),
+            Linear(torch.from_numpy(out_w), torch.from_numpy(out_b))]
+
+
+def _solve_signs(a: np.ndarray, normals: np.ndarray, linear: np.ndarray) -> tuple[np.ndarray, float]:
+    """Signs ``s`` with ``sum_j s_j a_j u_j^T = linear``; returns them and the relative misfit."""
+    cols = np.einsum("jk,jd->kdj", a, normals).reshape(-1, len(a))
+    target = linear.reshape(-1)
+    norm = np.linalg.norm(target) + np.linalg.norm(cols) + 1e-300
+    if np.linalg.matrix_rank(cols) == len(a) or len(a) > MAX_EXHAUSTIVE_SIGNS:
+        beta, *_ = np.linalg.lstsq(cols, target, rcond=None)
+        signs = np.where(beta >= 0, 1.0, -1.0)
+    else:
+        best, signs = np.inf, np.ones(len(a))
+        for chunk in _sign_chunks(len(a)):
+            err = np.linalg.norm(chunk @ cols.T - target, axis=1)
+            i = int(np.argmin(err))
+            if err[i] < best:
+                best, signs = err[i], chunk[i].copy()
+    return signs, float(np.linalg.norm(cols @ signs - target) / norm)
+
+
+def _sign_chunks(n: int, chunk_bits: int = 14):
+    """All ``2^n`` sign vectors, in chunks of at most ``2^chunk_bits`` rows."""
+    low = min(n, chunk_bits)
+    tail = np.array(list(itertools.product((1.0, -1.0), repeat=low)))
+    for head in itertools.product((1.0, -1.0), repeat=n - low):
+        yield np.hstack([np.broadcast_to(np.array(head), (len(tail), n - low)), tail])
+
+
+def _vote_signs(normals: np.ndarray, offsets: np.ndarray, deep: list[Hyperplane], run: _Run,
+                depth: int) -> np.ndarray:
+    """First-layer signs from deeper boundaries: their normals use only *active* neurons."""
+    votes = np.zeros(len(normals))
+    for plane in deep:
+        beta, *_ = np.linalg.lstsq(normals.T, plane.normal, rcond=None)
+        if np.linalg.norm(normals.T @ beta - plane.normal) > 1e-6:
+            continue  # not in the span of the found neurons: one of them is missing
+        z = normals @ plane.points[0] + offsets
+        active = np.abs(beta) > 1e-6 * np.abs(beta).max()
+        clear = np.abs(z) > 1e-9
+        votes += np.where(clear, np.where(active, np.sign(z), -np.sign(z)), 0.0)
+    if np.any(votes == 0):
+        run.notes.append(f"layer {depth}: {int((votes == 0).sum())} sign(s) undetermined")
+        run.complete = False
+    return np.where(votes >= 0, 1.0, -1.0)
+
+
+class _Peeled:
+    """``h -> f(x)`` with ``x`` chosen so the known first layer outputs exactly ``h >= 0``."""
+
+    def __init__(self, oracle: Oracle, weight: np.ndarray, bias: np.ndarray) -> None:
+        self._oracle = oracle
+        self._pinv = np.linalg.pinv(weight)
+        self._bias = bias
+
+    def __call__(self, h: np.ndarray) -> np.ndarray:
+        return self._oracle((np.atleast_2d(h) - self._bias) @ self._pinv.T)
+
+
+def _peel(level: _Level, weight: np.ndarray, bias: np.ndarray, run: _Run) -> _Level:
+    """The next layer's problem: a box of positive activations seen over the current box."""
+    x = run.rng.uniform(level.lo, level.hi, (1024, level.dim))
+    h = np.maximum(x @ weight.T + bias, 0.0)
+    top = np.maximum(h.max(axis=0), 1e-3 * h.max())
+    return _Level(_Peeled(level.oracle, weight, bias), 0.01 * top, top)
+
+
+def _entry(run: _Run, phase: str, **extra: int) -> dict:
+    return {"phase": phase, "queries": run.budget.used, "neurons": run.budget.neurons, **extra}
+
+
+def _points(top: _Level) -> tuple[np.ndarray, np.ndarray]:
+    pts, owner = [], []
+    for i, plane in enumerate(top.first):
+        pts += plane.points
+        owner += [i] * len(plane.points)
+    for plane in top.deep:
+        pts += plane.points
+        owner += [-1] * len(plane.points)
+    if not pts:
+        return np.zeros((0, top.dim)), np.zeros(0, dtype=int)
+    return np.stack(pts), np.array(owner)
+
+
+def _first_layer(layers: list[Layer] | None, top: _Level) -> tuple[np.ndarray, np.ndarray]:
+    if layers:
+        return layers[0].weight.detach().numpy(), layers[0].bias.detach().numpy()
+    if top.first:
+        return np.stack([p.normal for p in top.first]), np.array([p.offset for p in top.first])
+    return np.zeros((0, top.dim)), np.zeros(0)
