@@ -91,12 +91,13 @@ def _render_sidebar() -> Selection:
     _adopt_shared_job(api)
 
     st.subheader("Model")
-    _default_to_first("model", list(models))
+    _choose_initial("model", list(models))
     model_id = st.selectbox(
-        "Model", list(models), key="model", bind="query-params", label_visibility="collapsed",
+        "Model", list(models), key="model", label_visibility="collapsed",
         format_func=lambda mid: models[mid]["name"] if mid in models else mid,
         placeholder="Upload a model below",
     )
+    _to_url("model", model_id)
     with st.expander("Upload a model", expanded=not models):
         st.file_uploader(
             "ONNX, torch.export (.pt2) or TorchScript (.pt)", type=["onnx", "pt2", "pt"],
@@ -126,11 +127,24 @@ def _adopt_shared_job(api: ApiClient) -> None:
         st.session_state[_PENDING_INPUT] = job["input_id"]
 
 
-def _default_to_first(key: str, options: list[str]) -> None:
-    """Select the first option unless the session or the URL already names a valid one."""
-    current = st.session_state.get(key) or st.query_params.get(key)
-    if current not in options and options:
+def _choose_initial(key: str, options: list[str]) -> None:
+    """Before the widget ``key`` renders: keep the session's choice, else take the URL's,
+    else the first option."""
+    for candidate in (st.session_state.get(key), st.query_params.get(key)):
+        if candidate in options:
+            st.session_state[key] = candidate
+            return
+    st.session_state.pop(key, None)
+    if options:
         st.session_state[key] = options[0]
+
+
+def _to_url(key: str, value: str | None) -> None:
+    """Mirror a choice into the URL so a copied link reopens it."""
+    if value is None:
+        st.query_params.pop(key, None)
+    elif st.query_params.get(key) != value:
+        st.query_params[key] = value
 
 
 def _upload_model() -> None:
@@ -174,12 +188,13 @@ def _input_chooser(api: ApiClient, model: dict) -> str | None:
     labels = {i["id"]: i.get("label") for i in inputs}
     if (pending := st.session_state.pop(_PENDING_INPUT, None)) in labels:
         st.session_state["input"] = pending
-    _default_to_first("input", list(labels))
+    _choose_initial("input", list(labels))
     input_id = st.selectbox(
-        "Input", list(labels), key="input", bind="query-params", label_visibility="collapsed",
+        "Input", list(labels), key="input", label_visibility="collapsed",
         format_func=lambda i: _input_name(i, labels.get(i)),
         placeholder="Upload or draw an input below",
     )
+    _to_url("input", input_id)
     if input_id is not None and _is_image(model):
         _show_input_preview(mid, input_id, model)
 
@@ -417,6 +432,7 @@ def heatmap(
     symmetric: bool = True,
     colorbar_title: str = "",
     hover: str = "value",
+    height: int = 360,
 ) -> go.Figure:
     """A 2-D array as an image-like heatmap (row 0 on top, square pixels).
 
@@ -432,9 +448,12 @@ def heatmap(
         colorbar={"title": {"text": colorbar_title}},
         hovertemplate=f"row %{{y}}, col %{{x}}<br>{hover} %{{z:.4g}}<extra></extra>",
     ))
-    fig.update_yaxes(autorange="reversed", scaleanchor="x", constrain="domain")
-    fig.update_xaxes(constrain="domain")
-    fig.update_layout(title=title, margin={"l": 10, "r": 10, "t": 40 if title else 10, "b": 10})
+    rows, cols = values.shape
+    fig.update_yaxes(autorange="reversed", scaleanchor="x", constrain="domain",
+                     dtick=1 if rows <= 16 else None, title="row")
+    fig.update_xaxes(constrain="domain", dtick=1 if cols <= 16 else None, title="column")
+    fig.update_layout(title=title, height=height,
+                      margin={"l": 10, "r": 10, "t": 40 if title else 10, "b": 10})
     return fig
 
 

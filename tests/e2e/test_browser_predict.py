@@ -1,0 +1,116 @@
+"""In the browser: upload a model, pick an input, run Predict, and check the class shown.
+
+Oracle: onnxruntime on the ONNX file that was uploaded, fed the input values the backend
+serves for the chosen input id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from sklearn.datasets import load_digits
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLE_MODEL = ROOT / "sample_models" / "digits_fc_standard.onnx"
+
+pytestmark = pytest.mark.browser
+
+
+def tiny_digits_onnx(path: Path) -> Path:
+    """A seeded 64-16-10 ReLU net for 1x8x8 inputs, used until the sample models exist."""
+    rng = np.random.default_rng(0)
+    weights = {
+        "w1": rng.normal(0, 0.5, (64, 16)).astype(np.float32),
+        "b1": rng.normal(0, 0.1, 16).astype(np.float32),
+        "w2": rng.normal(0, 0.5, (16, 10)).astype(np.float32),
+        "b2": rng.normal(0, 0.1, 10).astype(np.float32),
+    }
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["x"], ["f"]),
+         helper.make_node("Gemm", ["f", "w1", "b1"], ["h"]),
+         helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("Gemm", ["r", "w2", "b2"], ["y"])],
+        "tiny_digits",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+def upload_in_sidebar(page, label: str, name: str, data: bytes) -> None:
+    """Hand a file to the sidebar's file uploader whose label contains ``label``."""
+    uploader = page.get_by_test_id("stFileUploader").filter(has_text=label)
+    uploader.locator("input[type='file']").set_input_files(
+        {"name": name, "mimeType": "application/octet-stream", "buffer": data}
+    )
+
+
+def test_predict_in_browser(ui, atlas, tmp_path: Path) -> None:
+    page = ui.page
+    model_path = SAMPLE_MODEL if SAMPLE_MODEL.exists() else tiny_digits_onnx(tmp_path / "tiny.onnx")
+    model_bytes = model_path.read_bytes()
+    model_id = hashlib.sha256(model_bytes).hexdigest()
+
+    ui.open()
+    page.get_by_text("Upload a model").click()
+    upload_in_sidebar(page, "ONNX", model_path.name, model_bytes)
+    page.wait_for_function(f"() => location.search.includes('model={model_id}')")
+    ui.wait_idle()
+
+    with atlas.api() as api:
+        gallery = [i for i in api.get(f"/models/{model_id}/inputs").json()
+                   if i["id"].startswith("gallery:")]
+    if gallery:  # pick the third gallery thumbnail
+        page.get_by_role("button", name=str(gallery[2]["label"])).first.click()
+        page.wait_for_function(
+            f"() => new URLSearchParams(location.search).get('input') === '{gallery[2]['id']}'")
+    else:  # a real handwritten digit from scikit-learn, uploaded as .npy
+        page.get_by_role("tab", name="Upload").click()
+        buffer = io.BytesIO()
+        np.save(buffer, (load_digits().images[7] / 16.0).astype(np.float32).reshape(1, 8, 8))
+        upload_in_sidebar(page, ".npy", "digit.npy", buffer.getvalue())
+        page.wait_for_function("() => location.search.includes('input=upload')")
+    ui.wait_idle()
+    input_id = ui.query_params()["input"]
+
+    page.get_by_role("button", name="Run").click()
+    verdict = page.get_by_text(re.compile(r"The network predicts class"))
+    verdict.wait_for(timeout=120_000)
+    ui.wait_idle()
+    shown = re.search(r"predicts class (\S+) with score", verdict.inner_text()).group(1)
+
+    with atlas.api() as api:
+        served = api.get(f"/models/{model_id}/inputs/{input_id}").json()
+        card = api.get(f"/models/{model_id}").json().get("card") or {}
+    x = np.asarray(served["values"], dtype=np.float32).reshape(1, *served["shape"])
+    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    logits = session.run(None, {session.get_inputs()[0].name: x})[0].reshape(-1)
+    names = card.get("classes") or list(range(logits.size))
+    assert shown == str(names[int(np.argmax(logits))])
+    ui.screenshot("browser_predict")
+
+    # The URL now names the job: opening it in a new tab shows the result without a rerun.
+    job_id = ui.query_params()["job"]
+    shared = page.context.new_page()
+    shared.goto(page.url)
+    shared.get_by_text(re.compile(rf"predicts class {re.escape(shown)} with score")).wait_for()
+    assert f"job={job_id}" in shared.url
+    shared.close()
+
+    # The Jobs page lists the finished job with a link back to its result.
+    ui.open("jobs")
+    row = page.get_by_test_id("stVerticalBlockBorderWrapper").filter(has_text=job_id[:8])
+    row.get_by_text("finished").first.wait_for()
+    ui.screenshot("browser_jobs")
