@@ -1,0 +1,205 @@
+"""Proof features (ProFIt: Banerjee, Singh & Singh, ICLR 2024).
+
+A robustness proof from a bound propagator, projected onto each neuron of the penultimate
+layer (the input of the final affine layer), gives intervals ``[l_i, u_i]``: the proof
+features. Following the paper's code (uiuc-focal-lab/Profit, ``sparsification_util``):
+
+* priority ``H_i = max(|l_i|, |u_i|) * max_j |(C W)_{j,i}|``, with ``C`` the property's
+  rows ``e_label - e_j`` and ``W`` the final layer, so ``(C W)_{j,i}`` is how much feature
+  ``i`` can move margin ``j``;
+* features with zero priority are dropped; the rest are sorted by priority and a binary search
+  finds the largest number of lowest-priority features whose removal (zeroing their
+  columns of ``W``) keeps the property proven;
+* the kept set is then re-verified from scratch on a network that masks the removed
+  features, and each kept feature is shown as the gradient of its interval's midpoint
+  ``(l_i + u_i) / 2`` with respect to the input.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from app.bounds import analyze, fold_last_layer, input_box, margin_spec, property_lower_bounds
+from app.errors import InvalidInputError, UnsupportedModelError
+from app.layers import AffineLayer, ElementwiseAffine
+from app.network import INPUT, Network
+from app.progress import ProgressFn, report
+
+Domain = tuple[float, float] | None
+
+
+@dataclass
+class Certificate:
+    """Whether ``label`` provably wins on the eps-ball, and by how much at worst."""
+
+    method: str
+    eps: float
+    label: int
+    certified: bool
+    margin: float  # lower bound of min_j (y_label - y_j); > 0 means certified
+    margins: np.ndarray  # [n_out]: lower bound of y_label - y_j per class (nan at label)
+
+
+@dataclass
+class ProofFeatures:
+    """All proof features of one certificate, their priorities and the pruned sufficient set."""
+
+    certificate: Certificate
+    feature_node: int
+    lower: np.ndarray  # [F] feature interval lower bounds
+    upper: np.ndarray  # [F]
+    priority: np.ndarray  # [F]
+    kept: np.ndarray  # indices of the kept features, highest priority first
+    pruned_margin: float  # margin lower bound with only the kept features
+    sufficient: bool  # re-verified: the property holds with only the kept features
+    gradient_maps: np.ndarray  # [len(kept), *input_shape]
+
+    @property
+    def num_features(self) -> int:
+        return int(self.lower.size)
+
+    @property
+    def num_nonzero(self) -> int:
+        return int((self.priority > 0).sum())
+
+
+def certify(net: Network, x: Tensor, label: int, eps: float, method: str = "crown",
+            domain: Domain = (0.0, 1.0)) -> Certificate:
+    """Try to prove that ``net`` predicts ``label`` everywhere in the clipped eps-ball at ``x``."""
+    x = _as_batch(net, x)
+    with torch.no_grad():
+        lo, hi = input_box(x, eps, domain)
+        bounds = property_lower_bounds(net, lo, hi, torch.tensor([label]), method)[0]
+    return _certificate(net, method, eps, label, bounds)
+
+
+def proof_features(net: Network, x: Tensor, label: int, eps: float, method: str = "crown",
+                   domain: Domain = (0.0, 1.0),
+                   progress: ProgressFn | None = None) -> ProofFeatures:
+    """Extract, prioritise and prune the proof features of the eps-ball at ``x``."""
+    x = _as_batch(net, x)
+    last = net.layers[-1]
+    if not isinstance(last, AffineLayer):
+        raise UnsupportedModelError("proof features need a network ending in an affine layer")
+    report(progress, 0.0, f"bounding the network with {method}")
+    spec = margin_spec(net.num_outputs, torch.tensor([label]), net.dtype)
+    with torch.no_grad():
+        node, folded, bias = fold_last_layer(net, spec)
+        lo, hi = input_box(x, eps, domain)
+        analysis = analyze(net, lo, hi, method)
+        full = analysis.lower(node, folded, bias)[0]
+        f_lo, f_hi = (b[0].reshape(-1) for b in analysis.bounds(node))
+    cert = _certificate(net, method, eps, label, full)
+    weights = folded[0].reshape(folded.shape[1], -1)  # [m, F]: (C W)
+    priority = torch.maximum(f_lo.abs(), f_hi.abs()) * weights.abs().amax(0)
+    empty = np.zeros((0, *net.input_shape), dtype=np.float32)
+    if not cert.certified:
+        report(progress, 1.0, "not certified: no proof to explain")
+        return ProofFeatures(cert, node, f_lo.numpy(), f_hi.numpy(), priority.numpy(),
+                             np.zeros(0, dtype=np.int64), cert.margin, False, empty)
+
+    report(progress, 0.2, "pruning proof features")
+    order = torch.argsort(priority, stable=True)  # ascending
+    n_zero = int((priority == 0).sum())
+    nonzero = order[n_zero:]
+
+    def holds(n_pruned: int) -> bool:
+        mask = torch.ones_like(priority)
+        mask[order[: n_zero + n_pruned]] = 0
+        with torch.no_grad():
+            low = analysis.lower(node, folded * mask.reshape(1, 1, *folded.shape[2:]), bias)
+        return bool((low > 0).all())
+
+    pruned = _largest_prunable(len(nonzero), holds)
+    kept = nonzero[pruned:].flip(0)
+    report(progress, 0.6, "re-verifying the kept features")
+    mask = torch.zeros_like(priority)
+    mask[kept] = 1
+    recheck = certify(_masked(net, node, mask), x, label, eps, method, domain)
+    report(progress, 0.7, "gradient maps of the kept features")
+    maps = _midpoint_gradients(net, x, eps, method, domain, node, kept)
+    report(progress, 1.0, "done")
+    return ProofFeatures(cert, node, f_lo.numpy(), f_hi.numpy(), priority.numpy(),
+                         kept.numpy(), recheck.margin, recheck.certified, maps)
+
+
+def largest_certified_eps(net: Network, x: Tensor, label: int, method: str = "crown",
+                          eps_max: float = 0.5, tol: float = 1e-3, domain: Domain = (0.0, 1.0),
+                          progress: ProgressFn | None = None) -> float:
+    """Largest eps certified by ``method``, by bisection on ``[0, eps_max]`` to ``tol``."""
+    if not certify(net, x, label, 0.0, method, domain).certified:
+        return 0.0
+    good, bad = 0.0, eps_max
+    if certify(net, x, label, eps_max, method, domain).certified:
+        return eps_max
+    steps = max(1, math.ceil(math.log2(eps_max / tol)))
+    for step in range(steps):
+        mid = (good + bad) / 2
+        if certify(net, x, label, mid, method, domain).certified:
+            good = mid
+        else:
+            bad = mid
+        report(progress, (step + 1) / steps, f"{method}: certified up to {good:.4f}")
+    return good
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _as_batch(net: Network, x: Tensor) -> Tensor:
+    x = torch.as_tensor(x, dtype=net.dtype)
+    if tuple(x.shape) == net.input_shape:
+        x = x.unsqueeze(0)
+    if tuple(x.shape) != (1, *net.input_shape):
+        raise InvalidInputError(f"expected one input of shape {net.input_shape}, got {tuple(x.shape)}")
+    return x
+
+
+def _certificate(net: Network, method: str, eps: float, label: int, bounds: Tensor) -> Certificate:
+    margins = np.full(net.num_outputs, np.nan)
+    margins[[j for j in range(net.num_outputs) if j != label]] = bounds.detach().numpy()
+    margin = float(bounds.min())
+    return Certificate(method, float(eps), int(label), margin > 0, margin, margins)
+
+
+def _largest_prunable(n: int, holds) -> int:
+    """The paper's binary search: most low-priority features removable, keeping at least one."""
+    best, left, right = 0, 0, n - 1
+    while left <= right:
+        mid = (left + right) // 2
+        if mid <= 0:
+            break
+        if holds(mid):
+            best, left = max(best, mid), mid + 1
+        else:
+            right = mid - 1
+    return best
+
+
+def _masked(net: Network, node: int, mask: Tensor) -> Network:
+    """A copy of ``net`` whose final layer sees only the features where ``mask`` is 1."""
+    shape = net.input_shape if node == INPUT else net.shapes[node]
+    gate = ElementwiseAffine(mask.reshape(shape), torch.zeros(shape, dtype=mask.dtype))
+    layers = [*net.layers[:-1], gate, net.layers[-1]]
+    inputs = [*net.inputs[:-1], (node,), (len(net.layers) - 1,)]
+    return Network(layers, net.input_shape, inputs, name=f"{net.name} (pruned)")
+
+
+def _midpoint_gradients(net: Network, x: Tensor, eps: float, method: str, domain: Domain,
+                        node: int, kept: Tensor) -> np.ndarray:
+    """Gradient of each kept feature's interval midpoint with respect to the input."""
+    xg = x.detach().clone().requires_grad_(True)
+    lo, hi = input_box(xg, eps, domain)
+    f_lo, f_hi = analyze(net, lo, hi, method).bounds(node)
+    mid = ((f_lo + f_hi) / 2).reshape(-1)
+    if kept.numel() == 0:
+        return np.zeros((0, *net.input_shape), dtype=np.float32)
+    picks = torch.zeros(kept.numel(), mid.numel(), dtype=mid.dtype)
+    picks[torch.arange(kept.numel()), kept] = 1
+    (grads,) = torch.autograd.grad(mid, xg, grad_outputs=picks, is_grads_batched=True)
+    return grads[:, 0].detach().numpy()
