@@ -126,11 +126,16 @@ def _weight_grades(true: list, found: list) -> list[LayerGrade]:
             break
         perm, scale, err, err_signed = _match_rows(target, rows)
         matched = err[np.isfinite(err)]
+        signed = err_signed[np.isfinite(err_signed)]
         grades.append(LayerGrade(
-            name, len(b), len(fb), float(np.max(err)),
-            float(np.median(matched)) if len(matched) else np.inf, float(np.max(err_signed)),
+            name, len(b), len(fb), *_max_median(matched), _max_median(signed)[0],
         ))
     return grades
+
+
+def _max_median(err: np.ndarray) -> tuple[float, float]:
+    """Over the matched neurons; missing ones show in ``found_neurons``."""
+    return (float(err.max()), float(np.median(err))) if len(err) else (np.inf, np.inf)
 
 
 def _match_rows(target: np.ndarray, rows: np.ndarray):

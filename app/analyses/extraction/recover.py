@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,19 +57,23 @@ class ExtractionResult:
     complete: bool
 
 
+Sampler = Callable[[np.random.Generator, int], np.ndarray]
+
+
 @dataclass
 class _Level:
-    """Search state of one layer: its domain box and the hyperplanes found there."""
+    """Search state of one layer: its oracle, where to draw points, the hyperplanes found."""
 
     oracle: Oracle
-    lo: np.ndarray
-    hi: np.ndarray
+    sample: Sampler
+    dim: int
     first: list[Hyperplane] = field(default_factory=list)
     deep: list[Hyperplane] = field(default_factory=list)
 
-    @property
-    def dim(self) -> int:
-        return len(self.lo)
+    def scale(self, rng: np.random.Generator) -> float:
+        """The typical extent of the sampled domain (for tolerances and probe steps)."""
+        pts = self.sample(rng, 256)
+        return float(np.linalg.norm(pts.max(axis=0) - pts.min(axis=0)))
 
 
 @dataclass
@@ -106,7 +111,7 @@ def extract(
         raise InvalidInputError("the domain box needs lo < hi in every coordinate")
     start = time.perf_counter()
     run = _Run(Budget(oracle, budget, progress), np.random.default_rng(seed))
-    top = _Level(run.budget, lo_v, hi_v)
+    top = _Level(run.budget, lambda rng, n: rng.uniform(lo_v, hi_v, (n, input_dim)), input_dim)
     layers: list[Layer] | None
     try:
         layers = _extract_level(top, run, max_hidden_layers)
@@ -114,6 +119,7 @@ def extract(
         run.notes.append(f"{exc}: stopped after {len(run.found)} layer(s)")
         run.complete = False
         layers = None
+    run.log.append(_entry(run, "done" if layers else "stopped"))
     network = Network(layers, (input_dim,), name="recovered") if layers else None
     points, owner = _points(top)
     first_w, first_b = _first_layer(layers, top)
@@ -160,14 +166,14 @@ def _search(level: _Level, run: _Run, phase: str, stop_at: float,
             min_lines: int = 4, patience: int = 4, max_lines: int = 400) -> None:
     """Sample lines until no new repeated hyperplane shows up for ``patience`` lines."""
     run.budget.phase = phase
-    tol = 1e-6 * float(np.linalg.norm(level.hi - level.lo))
+    tol = 1e-6 * level.scale(run.rng)
     planes: list[Hyperplane] = []
     stable, repeated = 0, 0
     for line in range(max_lines):
         if run.budget.used >= stop_at:
             run.notes.append(f"{phase}: search stopped at its share of the budget")
             break
-        a, b = run.rng.uniform(level.lo, level.hi, (2, level.dim))
+        a, b = level.sample(run.rng, 2)
         new = []
         for kink in kinks_on_line(level.oracle, a, b):
             match = next((p for p in planes if abs(p.value(kink.x)) <= tol), None)
@@ -197,14 +203,14 @@ def _split_first_layer(level: _Level, run: _Run, trials: int = 4) -> None:
 
 def _extends(level: _Level, plane: Hyperplane, rng: np.random.Generator, trials: int) -> bool:
     """Is there a kink on ``plane`` where random lines through the box cross it?"""
-    a, b = rng.uniform(level.lo, level.hi, (2, 64, level.dim))
+    a, b = level.sample(rng, 128).reshape(2, 64, level.dim)
     va, vb = plane.value(a), plane.value(b)
     cross = np.flatnonzero(np.sign(va) != np.sign(vb))[:trials]
     if len(cross) == 0:
         return False
     t = va[cross] / (va[cross] - vb[cross])
     p = a[cross] + t[:, None] * (b[cross] - a[cross])
-    s = 1e-5 * float(np.linalg.norm(level.hi - level.lo))
+    s = 1e-5 * level.scale(rng)
     steps = np.array([-2.0, -1.0, 0.0, 1.0, 2.0])
     pts = p[:, None, :] + s * steps[None, :, None] * plane.normal
     f = level.oracle(pts.reshape(-1, level.dim)).reshape(len(cross), 5, -1)
@@ -220,7 +226,7 @@ def _output_layer(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: 
     """Signs of the last hidden layer and the output layer, from one least-squares fit."""
     run.budget.phase = "output layer"
     n, d = normals.shape
-    x = run.rng.uniform(level.lo, level.hi, (2 * (n + d + 1) + 16, d))
+    x = level.sample(run.rng, 2 * (n + d + 1) + 16)
     f = level.oracle(x)
     z = x @ normals.T + offsets
     features = np.hstack([np.abs(z), x, np.ones((len(x), 1))])
@@ -300,11 +306,17 @@ class _Peeled:
 
 
 def _peel(level: _Level, weight: np.ndarray, bias: np.ndarray, run: _Run) -> _Level:
-    """The next layer's problem: a box of positive activations seen over the current box."""
-    x = run.rng.uniform(level.lo, level.hi, (1024, level.dim))
-    h = np.maximum(x @ weight.T + bias, 0.0)
-    top = np.maximum(h.max(axis=0), 1e-3 * h.max())
-    return _Level(_Peeled(level.oracle, weight, bias), 0.01 * top, top)
+    """The next layer's problem on the activations the current domain produces.
+
+    They are shifted by a small positive margin so every probe keeps each neuron active.
+    """
+    h = np.maximum(level.sample(run.rng, 1024) @ weight.T + bias, 0.0)
+    margin = 0.01 * np.maximum(h.max(axis=0), 1e-3 * h.max())
+
+    def sample(rng: np.random.Generator, n: int) -> np.ndarray:
+        return np.maximum(level.sample(rng, n) @ weight.T + bias, 0.0) + margin
+
+    return _Level(_Peeled(level.oracle, weight, bias), sample, len(bias))
 
 
 def _entry(run: _Run, phase: str, **extra: int) -> dict:
