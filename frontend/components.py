@@ -167,9 +167,11 @@ def _model_card(model: dict) -> None:
     if not card:
         st.caption("No model card: training details unknown.")
         return
-    training = card.get("training", "?")
+    train_eps = card.get("train_eps")
+    st.markdown(f"**Training:** {card.get('training', '?')}"
+                + (f" (eps {train_eps:g})" if train_eps else ""))
     eps = card.get("eps")
-    st.markdown(f"**Training:** {training}" + (f" (eps {eps:g})" if eps else ""))
+    st.caption("Accuracy on held-out inputs" + (f"; PGD and certified at eps {eps:g}" if eps else ""))
     accuracies = [("clean", "clean_accuracy"), ("PGD", "pgd_accuracy"),
                   ("certified", "certified_accuracy")]
     cols = st.columns(len(accuracies))
@@ -185,20 +187,20 @@ def _input_chooser(api: ApiClient, model: dict) -> str | None:
     except ApiError as exc:
         st.error(str(exc))
         return None
-    labels = {i["id"]: i.get("label") for i in inputs}
-    if (pending := st.session_state.pop(_PENDING_INPUT, None)) in labels:
+    by_id = {i["id"]: i for i in inputs}
+    if (pending := st.session_state.pop(_PENDING_INPUT, None)) in by_id:
         st.session_state["input"] = pending
-    _choose_initial("input", list(labels))
+    _choose_initial("input", list(by_id))
     input_id = st.selectbox(
-        "Input", list(labels), key="input", label_visibility="collapsed",
-        format_func=lambda i: _input_name(i, labels.get(i)),
+        "Input", list(by_id), key="input", label_visibility="collapsed",
+        format_func=lambda i: _input_name(by_id[i]) if i in by_id else i,
         placeholder="Upload or draw an input below",
     )
     _to_url("input", input_id)
     if input_id is not None and _is_image(model):
         _show_input_preview(mid, input_id, model)
 
-    gallery = [i for i in inputs if i.get("source", i["id"].split(":")[0]) == "gallery"]
+    gallery = [i for i in inputs if i.get("source") == "gallery"]
     tabs = st.tabs(["Gallery", "Upload", "Draw"])
     with tabs[0]:
         if gallery and _is_image(model):
@@ -215,12 +217,9 @@ def _input_chooser(api: ApiClient, model: dict) -> str | None:
     return input_id
 
 
-def _input_name(input_id: str, label: Any) -> str:
-    source, _, rest = input_id.partition(":")
-    if source == "upload":
-        rest = rest[:8]
-    name = f"{source} {rest}".strip()
-    return f"{name} · label {label}" if label is not None else name
+def _input_name(info: dict) -> str:
+    """``gallery #17: 3`` or ``upload drawing.npy``: the backend's label with its source."""
+    return f"{info.get('source', '')} {info.get('label', info['id'])}".strip()
 
 
 def _is_image(model: dict) -> bool:
@@ -258,8 +257,8 @@ def _gallery_thumbnails(model_id: str, gallery: list[dict], model: dict) -> None
         with cols[n % 4]:
             st.image(to_image(input_values(model_id, item["id"]), _value_range(model), size=48))
             st.button(
-                str(item.get("label", n)), key=f"pick_{item['id']}", on_click=_pick_input,
-                args=(item["id"],), help=f"Use {item['id']}", width="stretch",
+                str(item.get("target", n)), key=f"pick_{item['id']}", on_click=_pick_input,
+                args=(item["id"],), help=f"Use {item['label']}", width="stretch",
             )
 
 

@@ -21,14 +21,14 @@ def class_scores(result: dict) -> go.Figure:
                            showarrow=True, arrowhead=2, ay=-30)
     fig.update_layout(
         title="Class scores (softmax)", xaxis_title="class", yaxis_title="score",
-        xaxis_type="category", yaxis_range=[0, 1.05], margin={"t": 40, "b": 10},
+        xaxis_type="category", yaxis_range=[0, 1.15], margin={"t": 40, "b": 10},
     )
     return fig
 
 
 def layer_activity(result: dict) -> go.Figure:
     """Active and inactive ReLUs per layer, as stacked bars."""
-    names = [f"node {layer['node']}" for layer in result["layers"]]
+    names = [f"ReLU {n + 1} (node {layer['node']})" for n, layer in enumerate(result["layers"])]
     active = [layer["active"] for layer in result["layers"]]
     inactive = [layer["neurons"] - layer["active"] for layer in result["layers"]]
     fig = go.Figure([

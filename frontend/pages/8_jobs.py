@@ -27,7 +27,8 @@ def _job_row(job: dict) -> None:
         elif status == "failed":
             st.error(job.get("error") or "failed", icon=":material/error:")
         else:
-            st.markdown(f"{status}" + (" (cached)" if job.get("cached") else ""))
+            color = "green" if status == "finished" else "gray"
+            st.markdown(f":{color}-badge[{status}]" + (" (cached)" if job.get("cached") else ""))
     with cols[3]:
         if status in ACTIVE:
             if st.button("Cancel", key=f"cancel_{job['id']}", icon=":material/stop:"):
@@ -53,7 +54,7 @@ def job_list() -> None:
     active = [j for j in jobs if j["status"] in ACTIVE]
     st.markdown(f"{len(active)} running or queued, {len(jobs) - len(active)} done.")
     for job in jobs if show_done else active:
-        with st.container(border=True):
+        with st.container(border=True, key=f"job_{job['id']}"):
             _job_row(job)
 
 

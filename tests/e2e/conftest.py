@@ -72,14 +72,18 @@ def _wait_ready(url: str, proc: subprocess.Popen, log: Path) -> None:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
+    """Ask the server to shut down (it stops its own workers), then kill any stragglers."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +93,8 @@ def atlas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Atlas]:
     api_port, ui_port = _free_port(), _free_port()
     api_url, ui_url = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{ui_port}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ATLAS_DATA_DIR": str(tmp / "data"),
-           "ATLAS_HOST": "127.0.0.1", "ATLAS_PORT": str(api_port), "ATLAS_API_URL": api_url}
+           "ATLAS_HOST": "127.0.0.1", "ATLAS_PORT": str(api_port), "ATLAS_API_URL": api_url,
+           "ATLAS_DASK_WORKERS": "1"}
     env.pop("ATLAS_DATABASE_URL", None)
     env.pop("ATLAS_DASK_SCHEDULER_ADDRESS", None)
     procs: list[subprocess.Popen] = []

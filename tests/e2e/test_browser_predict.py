@@ -72,10 +72,12 @@ def test_predict_in_browser(ui, atlas, tmp_path: Path) -> None:
     with atlas.api() as api:
         gallery = [i for i in api.get(f"/models/{model_id}/inputs").json()
                    if i["id"].startswith("gallery:")]
-    if gallery:  # pick the third gallery thumbnail
-        page.get_by_role("button", name=str(gallery[2]["label"])).first.click()
+    if gallery:  # click the first thumbnail whose class is unique among the thumbnails
+        targets = [g["target"] for g in gallery[:12]]
+        pick = next(g for g in gallery[1:12] if targets.count(g["target"]) == 1)
+        page.get_by_role("button", name=str(pick["target"]), exact=True).click()
         page.wait_for_function(
-            f"() => new URLSearchParams(location.search).get('input') === '{gallery[2]['id']}'")
+            f"() => new URLSearchParams(location.search).get('input') === '{pick['id']}'")
     else:  # a real handwritten digit from scikit-learn, uploaded as .npy
         page.get_by_role("tab", name="Upload").click()
         buffer = io.BytesIO()
@@ -111,6 +113,5 @@ def test_predict_in_browser(ui, atlas, tmp_path: Path) -> None:
 
     # The Jobs page lists the finished job with a link back to its result.
     ui.open("jobs")
-    row = page.get_by_test_id("stVerticalBlockBorderWrapper").filter(has_text=job_id[:8])
-    row.get_by_text("finished").first.wait_for()
+    page.locator(f".st-key-job_{job_id}").get_by_text("finished").wait_for()
     ui.screenshot("browser_jobs")
