@@ -27,7 +27,7 @@ def serve(settings: Settings) -> None:
     from backend.main import create_app
 
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level="info", timeout_graceful_shutdown=10)
+                log_level="info", access_log=False, timeout_graceful_shutdown=10)
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> bool:

@@ -14,7 +14,7 @@ from distributed import Client, Future, LocalCluster
 
 from backend.config import Settings
 from backend.jobs.store import JobStore
-from backend.jobs.worker import run_job
+from backend.jobs.worker import Preload, run_job
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +32,23 @@ class JobRunner:
     def start(self) -> None:
         """Connect to the configured scheduler or start the embedded LocalCluster.
 
-        Blocking (seconds): call it outside the event loop.
+        Blocking (seconds): call it outside the event loop. Workers warm up in the background.
         """
         if self.settings.dask_scheduler_address:
             self.client = Client(self.settings.dask_scheduler_address, timeout=30)
-            return
-        self.cluster = LocalCluster(
-            n_workers=self.settings.dask_workers, threads_per_worker=1, processes=True,
-            dashboard_address=None, host="127.0.0.1",
-        )
-        self.client = Client(self.cluster)
+        else:
+            self.cluster = LocalCluster(
+                n_workers=self.settings.dask_workers, threads_per_worker=1, processes=True,
+                dashboard_address=None, host="127.0.0.1",
+            )
+            self.client = Client(self.cluster)
+        threading.Thread(target=self._preload, daemon=True).start()
+
+    def _preload(self) -> None:
+        try:
+            self.client.register_plugin(Preload(self.settings.extra_analyses))
+        except Exception:  # noqa: BLE001 - only an optimisation
+            log.warning("worker preload failed", exc_info=True)
 
     def close(self) -> None:
         """Disconnect; jobs still queued or running stay so in the DB for the next start."""

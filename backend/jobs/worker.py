@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+from distributed import WorkerPlugin
 
 from app import AtlasError, Cancelled
 from backend.analyses import REGISTRY, load_all
@@ -38,6 +39,19 @@ class Progress:
         self.last = now
         if self.store.progress(self.job_id, min(1.0, max(0.0, float(fraction))), message):
             raise Cancelled("cancelled by the user")
+
+
+class Preload(WorkerPlugin):
+    """Imports torch and every analysis plug-in when a worker joins, so the first job on a
+    fresh worker does not pay seconds of imports."""
+
+    name = "atlas-preload"
+
+    def __init__(self, extra_analyses: str = "") -> None:
+        self.extra_analyses = extra_analyses
+
+    def setup(self, worker) -> None:  # noqa: ANN001 - distributed.Worker
+        load_all(self.extra_analyses)
 
 
 def run_job(job_id: str, data_dir: str, db_url: str, extra_analyses: str = "") -> str:
