@@ -173,3 +173,24 @@ def test_grade_undoes_permutation_and_positive_scaling() -> None:
     # best positive scaling leaves the sine of the angle the perturbation turned the row by
     assert report.layers[1].max_rel_err == pytest.approx(np.sqrt(1 - cos**2), rel=1e-6)
     assert report.argmax_agreement < 1.0 or report.max_abs_logit_diff > 0
+
+
+def test_service_plugin_and_figures_on_a_2d_model(tmp_path) -> None:
+    """The job's JSON carries what the page draws; its grading matches the engine's."""
+    from backend.analyses import extraction as plugin
+    from backend.analyses.base import JobContext
+    from frontend.figures import extraction as figures
+
+    module = _module((2, 8, 3), seed=0)
+    net = load_network(module, input_shape=(2,))
+    seen: list[str] = []
+    ctx = JobContext(net=net, x=None, label=None, card={"input_range": [-2.0, 2.0]},
+                     artifacts=tmp_path, progress=lambda f, m: seen.append(m))
+    out = plugin.run(ctx, plugin.Params(budget=20_000, domain_margin=1.0))
+    assert out["grading"]["argmax_agreement"] == 1.0
+    assert out["layer_sizes"] == [8] and out["complete"]
+    assert len(out["critical_points"]) == len(out["point_neuron"]) > 8
+    assert any("queries" in m and "neurons found" in m for m in seen)
+    fig = figures.boundaries_2d(out)
+    assert len([t for t in fig.data if t.mode == "lines"]) == 8
+    assert figures.discovery(out).data[0].y[-1] == 8

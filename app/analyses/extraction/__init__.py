@@ -4,7 +4,13 @@
 engine network as a counting black box, and ``grade`` compares the result with the truth.
 """
 
-from app.analyses.extraction.grading import Grade, LayerGrade, dense_layers, grade
+from app.analyses.extraction.grading import (
+    Grade,
+    LayerGrade,
+    dense_layers,
+    first_layer_pairs,
+    grade,
+)
 from app.analyses.extraction.oracle import QueryOracle
 from app.analyses.extraction.recover import ExtractionResult, extract
 
@@ -15,5 +21,6 @@ __all__ = [
     "QueryOracle",
     "dense_layers",
     "extract",
+    "first_layer_pairs",
     "grade",
 ]

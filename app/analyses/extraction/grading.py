@@ -161,3 +161,16 @@ def _rel_err(target: np.ndarray, rows: np.ndarray, scale: np.ndarray) -> np.ndar
     return np.linalg.norm(target - scale[:, None] * rows, axis=1) / (
         np.linalg.norm(target, axis=1) + 1e-300
     )
+
+
+def first_layer_pairs(true_net: Network, found: Network) -> tuple[np.ndarray, np.ndarray]:
+    """Matched first-layer rows ``(true, recovered * scale)``, each ``[m, d + 1]`` (bias last).
+
+    For showing true and recovered weights side by side; the best positive scale maps each
+    recovered row onto its true partner.
+    """
+    (w, b), (fw, fb) = dense_layers(true_net)[0], dense_layers(found)[0]
+    target, rows = np.hstack([w, b[:, None]]), np.hstack([fw, fb[:, None]])
+    perm, scale, _, _ = _match_rows(target, rows)
+    keep = np.flatnonzero(perm >= 0)
+    return target[keep], rows[perm[keep]] * scale[keep, None]

@@ -158,8 +158,23 @@ def _extract_level(level: _Level, run: _Run, layers_left: int) -> list[Layer]:
     signs = _vote_signs(normals, offsets, level.deep, run, depth)
     weight, bias = signs[:, None] * normals, signs * offsets
     inner = _peel(level, weight, bias, run)
-    return [Linear(torch.from_numpy(weight), torch.from_numpy(bias)), ReLU(),
-            *_extract_level(inner, run, layers_left - 1)]
+    head = [Linear(torch.from_numpy(weight), torch.from_numpy(bias)), ReLU()]
+    try:
+        return head + _extract_level(inner, run, layers_left - 1)
+    except BudgetExhausted as exc:
+        run.notes.append(f"{exc} in layer {depth + 1}: returning the {depth}-hidden-layer part "
+                         "with a least-squares output layer")
+        run.complete = False
+        del run.found[depth:]
+        return head + [_least_squares_output(inner, run)]
+
+
+def _least_squares_output(level: _Level, run: _Run) -> Linear:
+    """An affine read-out of the last recovered layer, fitted on points already queried."""
+    h, f = level.oracle.cached()
+    features = np.hstack([h, np.ones((len(h), 1))])
+    theta, *_ = np.linalg.lstsq(features, f, rcond=None)
+    return Linear(torch.from_numpy(theta[:-1].T.copy()), torch.from_numpy(theta[-1].copy()))
 
 
 def _search(level: _Level, run: _Run, phase: str, stop_at: float,
@@ -174,8 +189,12 @@ def _search(level: _Level, run: _Run, phase: str, stop_at: float,
             run.notes.append(f"{phase}: search stopped at its share of the budget")
             break
         a, b = level.sample(run.rng, 2)
+        kinks = kinks_on_line(level.oracle, a, b)
+        if len(kinks) > 8 * level.dim + 64:
+            raise BudgetExhausted(f"{phase}: {len(kinks)} kinks on one line, the inverted "
+                                  "layers are too ill-conditioned to go on")
         new = []
-        for kink in kinks_on_line(level.oracle, a, b):
+        for kink in kinks:
             match = next((p for p in planes if abs(p.value(kink.x)) <= tol), None)
             if match is None:
                 new.append(kink)
@@ -301,8 +320,18 @@ class _Peeled:
         self._pinv = np.linalg.pinv(weight)
         self._bias = bias
 
+        self._seen: list[tuple[np.ndarray, np.ndarray]] = []
+
     def __call__(self, h: np.ndarray) -> np.ndarray:
-        return self._oracle((np.atleast_2d(h) - self._bias) @ self._pinv.T)
+        h = np.atleast_2d(h)
+        out = self._oracle((h - self._bias) @ self._pinv.T)
+        if sum(len(a) for a, _ in self._seen) < 20_000:
+            self._seen.append((h, out))
+        return out
+
+    def cached(self) -> tuple[np.ndarray, np.ndarray]:
+        """Up to 20k points queried so far and their outputs."""
+        return np.vstack([a for a, _ in self._seen]), np.vstack([b for _, b in self._seen])
 
 
 def _peel(level: _Level, weight: np.ndarray, bias: np.ndarray, run: _Run) -> _Level:
