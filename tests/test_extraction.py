@@ -192,5 +192,5 @@ def test_service_plugin_and_figures_on_a_2d_model(tmp_path) -> None:
     assert len(out["critical_points"]) == len(out["point_neuron"]) > 8
     assert any("queries" in m and "neurons found" in m for m in seen)
     fig = figures.boundaries_2d(out)
-    assert len([t for t in fig.data if t.mode == "lines"]) == 8
+    assert len([t for t in fig.data if getattr(t, "mode", None) == "lines"]) == 8
     assert figures.discovery(out).data[0].y[-1] == 8
