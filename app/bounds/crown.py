@@ -85,7 +85,9 @@ class CrownAnalysis(BoundAnalysis):
         ibp_lo, ibp_hi = self.box(node)
         b, shape = ibp_lo.shape[0], ibp_lo.shape[1:]
         flat_lo, flat_hi = ibp_lo.reshape(b, -1), ibp_hi.reshape(b, -1)
-        if only_unstable:
+        if self.net.inputs[node] == (INPUT,) and isinstance(self.net.layers[node], AffineLayer):
+            rows = torch.zeros(0, dtype=torch.long)  # one affine map of a box: IBP is exact
+        elif only_unstable:
             rows = ((flat_lo < 0) & (flat_hi > 0)).any(0).nonzero().squeeze(1)
         else:
             rows = torch.arange(flat_lo.shape[1])
