@@ -1,0 +1,223 @@
+"""Input property: the convex polytope of inputs sharing one input's activation pattern.
+
+Fixing the on/off state of every ReLU (and the winner of every max-pool window) up to a layer
+makes each pre-activation an affine function ``C x + d`` of the input, so the inputs with that
+pattern are ``{x : A x <= b}``. Around the input, the largest ball inside the polytope has
+radius ``min_i slack_i / ||a_i||_*`` (a certified radius within which the pattern, and so the
+network's affine behaviour, does not change); the largest ball anywhere inside it is the
+Chebyshev centre LP.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.optimize import linprog
+from torch import Tensor
+
+from app.analyses.patterns.milp import Phases
+from app.analyses.patterns.rules import decisions, relu_node
+from app.analyses.patterns.verify import InputDomain, Verdict, _as_domain, check_property
+from app.errors import InvalidInputError, UnsupportedModelError
+from app.layers import Add, AffineLayer, Layer, MaxPool2d, ReLU
+from app.network import INPUT, Network
+
+
+@dataclass
+class InputPolytope:
+    """The pattern polytope ``A x <= b`` (flat inputs) of ``x`` up to ReLU layer ``layer``."""
+
+    layer: int
+    node: int
+    a: np.ndarray
+    b: np.ndarray
+    num_constraints: int
+    num_facets: int | None  # non-redundant constraints within the domain, when counted
+    radius_linf: float  # largest L-inf ball around the input inside the polytope
+    radius_l2: float
+    chebyshev_linf: tuple[float, np.ndarray]  # largest L-inf ball in polytope ∩ domain
+    chebyshev_l2: tuple[float, np.ndarray]  # (radius, centre)
+    target: int
+    verdict: Verdict  # does every input of polytope ∩ domain get decision ``target``?
+    phases: Phases
+
+    def contains(self, x: Tensor, tol: float = 1e-9) -> Tensor:
+        """Which inputs of the batch ``x`` satisfy ``A x <= b``."""
+        flat = x.to(torch.float64).reshape(x.shape[0], -1).numpy()
+        return torch.from_numpy((flat @ self.a.T <= self.b + tol).all(1))
+
+
+def input_property(
+    net: Network,
+    x: Tensor,
+    input_domain: InputDomain | tuple[float | Tensor, float | Tensor],
+    layer: int = -1,
+    target: int | None = None,
+    lowest: bool = False,
+    count_facets: bool = True,
+    timeout: float = 30.0,
+) -> InputPolytope:
+    """The polytope of inputs sharing ``x``'s pattern up to ReLU ``layer``, and what it implies.
+
+    ``target`` defaults to the network's decision at ``x``. When later layers still branch the
+    output check is the MILP of :func:`check_property`; otherwise it is an LP.
+    """
+    ordinal, node = relu_node(net, layer)
+    domain = _as_domain(net, input_domain)
+    net64 = net.with_dtype(torch.float64)
+    x64 = x.to(torch.float64).reshape(1, *net.input_shape)
+    if not bool(domain.contains(x64)[0]):
+        raise InvalidInputError("the input lies outside the input domain")
+    a, b, phases = pattern_constraints(net64, x64, node)
+    if target is None:
+        target = int(decisions(net64, x64, lowest)[0])
+    slack = b - a @ x64.reshape(-1).numpy()
+    box_a, box_b = _box_rows(domain)
+    verdict = check_property(net, phases, domain, target, lowest, timeout, net64=net64)
+    return InputPolytope(
+        ordinal, node, a, b, len(b),
+        _count_facets(a, b, box_a, box_b) if count_facets else None,
+        _ball_radius(slack, np.abs(a).sum(1)), _ball_radius(slack, np.linalg.norm(a, axis=1)),
+        _chebyshev(a, b, box_a, box_b, np.inf), _chebyshev(a, b, box_a, box_b, 2),
+        target, verdict, phases,
+    )
+
+
+def pattern_constraints(
+    net64: Network, x64: Tensor, node: int
+) -> tuple[np.ndarray, np.ndarray, Phases]:
+    """``(A, b, phases)``: inputs with ``x64``'s pattern at every ReLU up to ``node``."""
+    n_in = math.prod(net64.input_shape)
+    with torch.no_grad():
+        outs = net64.trace(x64)
+    maps: list[tuple[np.ndarray, np.ndarray]] = []
+    rows_a: list[np.ndarray] = []
+    rows_b: list[np.ndarray] = []
+    phases: Phases = {}
+    for i, (layer, ins) in enumerate(zip(net64.layers, net64.inputs, strict=True)):
+        if i > node:
+            break
+        srcs = [(np.eye(n_in), np.zeros(n_in)) if j == INPUT else maps[j] for j in ins]
+        values = [t.reshape(-1).numpy() for t in net64.node_inputs(outs, x64, i)]
+        fn = _symbolic_for(layer)
+        (m, c), (ca, cb), phase = fn(layer, net64.in_shape(i), srcs, values)
+        maps.append((m, c))
+        rows_a.append(ca)
+        rows_b.append(cb)
+        if phase is not None:
+            phases[i] = phase
+    a, b = np.concatenate(rows_a), np.concatenate(rows_b)
+    keep = np.abs(a).sum(1) > 1e-12  # a neuron constant over the inputs adds no constraint
+    return a[keep], b[keep], phases
+
+
+Symbolic = Callable[..., tuple]
+_SYMBOLIC: dict[type[Layer], Symbolic] = {}
+
+
+def _registers(kind: type[Layer]) -> Callable[[Symbolic], Symbolic]:
+    def deco(fn: Symbolic) -> Symbolic:
+        _SYMBOLIC[kind] = fn
+        return fn
+    return deco
+
+
+def _symbolic_for(layer: Layer) -> Symbolic:
+    for cls in type(layer).__mro__:
+        if cls in _SYMBOLIC:
+            return _SYMBOLIC[cls]
+    raise UnsupportedModelError(f"no pattern polytope for layer kind '{layer.kind}'")
+
+
+def _none(n_in: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros((0, n_in)), np.zeros(0)
+
+
+@_registers(AffineLayer)
+def _affine(layer, in_shape, srcs, values):
+    w, bias = (t.detach().to(torch.float64).numpy() for t in layer.matrix(in_shape))
+    m, c = srcs[0]
+    return (w @ m, w @ c + bias), _none(m.shape[1]), None
+
+
+@_registers(Add)
+def _add(layer, in_shape, srcs, values):
+    (m1, c1), (m2, c2) = srcs
+    return (m1 + m2, c1 + c2), _none(m1.shape[1]), None
+
+
+@_registers(ReLU)
+def _relu(layer, in_shape, srcs, values):
+    m, c = srcs[0]
+    on = values[0] > 0
+    # on: C x + d > 0 (closed: -C x <= d); off: C x + d <= 0
+    sign = np.where(on, -1.0, 1.0)[:, None]
+    rows = (sign * m, (-sign[:, 0]) * c)
+    phase = (np.flatnonzero(on).tolist(), np.flatnonzero(~on).tolist())
+    return (m * on[:, None], c * on), rows, phase
+
+
+@_registers(MaxPool2d)
+def _maxpool(layer, in_shape, srcs, values):
+    m, c = srcs[0]
+    idx = torch.arange(math.prod(in_shape), dtype=torch.float64).reshape(1, *in_shape)
+    windows = layer.windows(idx).reshape(-1, math.prod(layer.kernel_size)).numpy()
+    v = values[0]
+    winners, ra, rb = [], [], []
+    for win in windows:
+        win = win[np.isfinite(win)].astype(int)
+        w = int(win[np.argmax(v[win])])
+        winners.append(w)
+        others = win[win != w]
+        ra.append(m[others] - m[w])  # x_other <= x_winner
+        rb.append(c[w] - c[others])
+    n_in = m.shape[1]
+    return ((m[winners], c[winners]),
+            (np.concatenate(ra) if ra else np.zeros((0, n_in)),
+             np.concatenate(rb) if rb else np.zeros(0)), None)
+
+
+def _ball_radius(slack: np.ndarray, norms: np.ndarray) -> float:
+    """Largest radius around a point with these slacks and dual norms of the rows."""
+    return float((slack / norms).min()) if slack.size else math.inf
+
+
+def _box_rows(domain: InputDomain) -> tuple[np.ndarray, np.ndarray]:
+    n = domain.lo.numel()
+    eye = np.eye(n)
+    return (np.concatenate([eye, -eye]),
+            np.concatenate([domain.hi.reshape(-1).numpy(), -domain.lo.reshape(-1).numpy()]))
+
+
+def _chebyshev(a, b, box_a, box_b, norm: float) -> tuple[float, np.ndarray]:
+    """Radius of the largest ball (``norm`` 2 or inf) inside ``{A x <= b} ∩ box`` (an LP)."""
+    full_a, full_b = np.concatenate([a, box_a]), np.concatenate([b, box_b])
+    dual = np.abs(full_a).sum(1) if norm == np.inf else np.linalg.norm(full_a, axis=1)
+    n = full_a.shape[1]
+    cost = np.zeros(n + 1)
+    cost[-1] = -1.0
+    res = linprog(cost, A_ub=np.hstack([full_a, dual[:, None]]), b_ub=full_b,
+                  bounds=[(None, None)] * n + [(0, None)], method="highs")
+    if res.status != 0:
+        return 0.0, np.full(n, np.nan)
+    return float(res.x[-1]), res.x[:-1]
+
+
+def _count_facets(a, b, box_a, box_b) -> int:
+    """How many of the pattern constraints are not implied by the others and the box."""
+    full_a, full_b = np.concatenate([a, box_a]), np.concatenate([b, box_b])
+    facets = 0
+    for i in range(len(b)):
+        keep = np.ones(len(full_b), bool)
+        keep[i] = False
+        # relax row i a little so the LP stays bounded; facet if the max exceeds b_i
+        res = linprog(-a[i], A_ub=np.vstack([full_a[keep], a[i]]),
+                      b_ub=np.append(full_b[keep], b[i] + 1.0), bounds=(None, None),
+                      method="highs")
+        if res.status == 0 and -res.fun > b[i] + 1e-9:
+            facets += 1
+    return facets

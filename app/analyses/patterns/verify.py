@@ -1,0 +1,230 @@
+"""Verify a layer property: every input in a domain whose pattern satisfies a rule gets its class.
+
+For each rival class ``j`` one MILP maximises ``y_j - y_target`` (``y_target - y_j`` for
+lowest-score properties) over inputs in the domain satisfying the rule's premise. All maxima
+``<= 0`` prove the rule; a positive one gives a candidate that a forward pass must confirm
+before it is reported as a counterexample; a solver time-out leaves the rule unknown.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from app.analyses.patterns.milp import Phases, encode
+from app.analyses.patterns.rules import Rule
+from app.errors import InvalidInputError
+from app.network import Network
+from app.progress import ProgressFn, report
+
+Status = Literal["proven", "counterexample", "unknown"]
+TOLERANCE = 1e-6  # objective values up to this count as "<= 0" (solver feasibility tolerance)
+MARGIN = 1e-4  # distance from pattern and decision boundaries asked of a repaired counterexample
+
+
+@dataclass(frozen=True)
+class InputDomain:
+    """A box of inputs ``lo <= x <= hi`` (shape ``input_shape``): a pixel range or an eps-ball."""
+
+    lo: Tensor
+    hi: Tensor
+
+    @classmethod
+    def box(cls, net: Network, lo: float | Tensor, hi: float | Tensor) -> InputDomain:
+        shape = net.input_shape
+        lo_t = torch.as_tensor(lo, dtype=torch.float64).expand(shape).clone()
+        hi_t = torch.as_tensor(hi, dtype=torch.float64).expand(shape).clone()
+        if bool((lo_t > hi_t).any()):
+            raise InvalidInputError("input domain is empty: some lower bound exceeds its upper")
+        return cls(lo_t, hi_t)
+
+    @classmethod
+    def linf_ball(
+        cls, net: Network, x: Tensor, eps: float, clip: tuple[float, float] | None = (0.0, 1.0)
+    ) -> InputDomain:
+        x = x.to(torch.float64).reshape(net.input_shape)
+        lo, hi = x - eps, x + eps
+        if clip is not None:
+            lo, hi = lo.clamp(*clip), hi.clamp(*clip)
+        return cls.box(net, lo, hi)
+
+    def contains(self, x: Tensor) -> Tensor:
+        """Which inputs of the batch ``x`` lie in the domain (float tolerance 1e-9)."""
+        flat = x.to(torch.float64).reshape(x.shape[0], -1)
+        lo, hi = self.lo.reshape(1, -1), self.hi.reshape(1, -1)
+        return ((flat >= lo - 1e-9) & (flat <= hi + 1e-9)).all(1)
+
+
+@dataclass
+class Verdict:
+    """Outcome of one verification, with the forward-pass-confirmed counterexample if any."""
+
+    status: Status
+    seconds: float
+    message: str
+    counterexample: Tensor | None = None
+    counterexample_class: int | None = None
+    worst_margin: float | None = None  # max over rivals of the score gap (<= 0 when proven)
+
+
+def verify_rule(
+    net: Network,
+    rule: Rule,
+    input_domain: InputDomain | tuple[float | Tensor, float | Tensor],
+    timeout: float = 30.0,
+) -> Verdict:
+    """Prove ``rule`` on ``input_domain``, refute it with a confirmed input, or say unknown."""
+    domain = _as_domain(net, input_domain)
+    return check_property(net, {rule.node: (rule.on, rule.off)}, domain, rule.target,
+                          rule.lowest, timeout)
+
+
+def verify_rules(
+    net: Network,
+    rules: list[Rule],
+    input_domain: InputDomain | tuple[float | Tensor, float | Tensor],
+    timeout: float = 30.0,
+    progress: ProgressFn | None = None,
+) -> list[Verdict]:
+    """:func:`verify_rule` for each rule in turn, reporting progress between rules."""
+    domain = _as_domain(net, input_domain)
+    net64 = net.with_dtype(torch.float64)
+    verdicts = []
+    for k, rule in enumerate(rules):
+        report(progress, k / max(1, len(rules)), f"verifying rule {k + 1} of {len(rules)}")
+        verdicts.append(check_property(net, {rule.node: (rule.on, rule.off)}, domain,
+                                       rule.target, rule.lowest, timeout, net64=net64))
+    report(progress, 1.0, f"verified {len(rules)} rules")
+    return verdicts
+
+
+def check_property(
+    net: Network,
+    phases: Phases,
+    domain: InputDomain,
+    target: int,
+    lowest: bool,
+    timeout: float,
+    net64: Network | None = None,
+) -> Verdict:
+    """Does every input of ``domain`` with the fixed ``phases`` get decision ``target``?"""
+    start = time.perf_counter()
+    if not 0 <= target < net.num_outputs:
+        raise InvalidInputError(f"target {target} is not a class of this {net.num_outputs}-way model")
+    net64 = net64 if net64 is not None else net.with_dtype(torch.float64)
+    found = _falsify(net, net64, phases, domain, target, lowest)
+    if found is not None:
+        return Verdict("counterexample", time.perf_counter() - start,
+                       f"class {found[1]} wins instead of {target} (found by sampling)", *found)
+    enc = encode(net64, domain.lo, domain.hi, phases, deadline=start + timeout / 2)
+    out_lo, out_hi = enc.output_bounds
+    sign = -1.0 if lowest else 1.0
+    rivals = [j for j in range(net.num_outputs) if j != target]
+    # rivals whose interval gap is already <= 0 need no MILP; hardest rivals first
+    gap = {j: (out_hi[j] - out_lo[target]) if not lowest else (out_hi[target] - out_lo[j])
+           for j in rivals}
+    open_rivals = sorted((j for j in rivals if gap[j] > TOLERANCE), key=lambda j: -gap[j])
+    worst = max((gap[j] for j in rivals if j not in open_rivals), default=-math.inf)
+    timed_out = False
+    for j in open_rivals:
+        left = timeout - (time.perf_counter() - start)
+        if left <= 0:
+            timed_out = True
+            break
+        objective = np.zeros(enc.program.size)
+        objective[enc.nodes[-1][j]] += sign
+        objective[enc.nodes[-1][target]] -= sign
+        res = enc.program.solve(objective, left)
+        if res.status == 2:
+            return Verdict("proven", time.perf_counter() - start,
+                           "no input in the domain satisfies the premise", worst_margin=None)
+        bound = _upper_bound(res)
+        if res.x is not None and res.fun is not None and res.fun > TOLERANCE:
+            found = _confirm(net, net64, res.x[enc.input], phases, target, lowest, domain)
+            if found is None:
+                found = _repair(net, net64, phases, domain, objective, target, lowest, left)
+            if found is not None:
+                x, cls = found
+                return Verdict("counterexample", time.perf_counter() - start,
+                               f"class {cls} wins instead of {target}", x, cls, float(res.fun))
+        if res.status != 0 or bound is None or bound > TOLERANCE:
+            timed_out = True
+            continue
+        worst = max(worst, bound)
+    seconds = time.perf_counter() - start
+    if timed_out:
+        return Verdict("unknown", seconds, f"solver stopped after {seconds:.1f}s without an answer")
+    return Verdict("proven", seconds, "holds on every input of the domain satisfying the premise",
+                   worst_margin=float(worst))
+
+
+def _falsify(net, net64, phases, domain, target, lowest, samples: int = 2048):
+    """A counterexample among uniform samples of the domain, if one is that easy to find."""
+    gen = torch.Generator().manual_seed(0)
+    u = torch.rand((samples, *net.input_shape), generator=gen, dtype=torch.float64)
+    xs = domain.lo + (domain.hi - domain.lo) * u
+    with torch.no_grad():
+        outs = net64.trace(xs)
+    ok = torch.ones(samples, dtype=torch.bool)
+    for node, (on, off) in phases.items():
+        pre = net64.node_inputs(outs, xs, node)[0].reshape(samples, -1)
+        ok &= (pre[:, on] > 0).all(1) & (pre[:, off] <= 0).all(1)
+    y = outs[-1].reshape(samples, -1)
+    ok &= (y.argmin(1) if lowest else y.argmax(1)) != target
+    for k in torch.nonzero(ok).reshape(-1)[:5].tolist():
+        found = _confirm(net, net64, xs[k].reshape(-1).numpy(), phases, target, lowest, domain)
+        if found is not None:
+            return found
+    return None
+
+
+def _upper_bound(res) -> float | None:
+    """Proven upper bound of the maximised objective (HiGHS' dual bound; LP: the optimum)."""
+    dual = getattr(res, "mip_dual_bound", None)
+    if dual is not None and np.isfinite(dual):
+        return float(-dual)
+    return float(res.fun) if res.status == 0 and res.fun is not None else None
+
+
+def _repair(net, net64, phases, domain, objective, target, lowest, left):
+    """Re-solve with margins so the candidate sits strictly inside the pattern and the flip."""
+    enc = encode(net64, domain.lo, domain.hi, phases, margin=MARGIN, tighten=False)
+    res = enc.program.solve(objective, max(0.5, left))
+    if res.x is None or res.fun is None or res.fun <= MARGIN:
+        return None
+    return _confirm(net, net64, res.x[enc.input], phases, target, lowest, domain)
+
+
+def _confirm(net, net64, x_flat, phases, target, lowest, domain) -> tuple[Tensor, int] | None:
+    """``(x, class)`` when forward passes (model dtype and float64) confirm the violation."""
+    x64 = torch.as_tensor(x_flat, dtype=torch.float64).reshape(1, *net.input_shape)
+    x64 = torch.min(torch.max(x64, domain.lo.unsqueeze(0)), domain.hi.unsqueeze(0))
+    for model in (net64, net):
+        x = x64.to(model.dtype)
+        with torch.no_grad():
+            outs = model.trace(x)
+        for node, (on, off) in phases.items():
+            pre = model.node_inputs(outs, x, node)[0].reshape(-1)
+            if not (bool((pre[on] > 0).all()) and bool((pre[off] <= 0).all())):
+                return None
+        y = outs[-1].reshape(-1)
+        cls = int(y.argmin() if lowest else y.argmax())
+        if cls == target:
+            return None
+    return x64.reshape(net.input_shape).to(net.dtype), cls
+
+
+def _as_domain(net: Network, domain) -> InputDomain:
+    if isinstance(domain, InputDomain):
+        return domain
+    lo, hi = domain
+    return InputDomain.box(net, lo, hi)
+
+
+__all__ = ["InputDomain", "Verdict", "check_property", "verify_rule", "verify_rules"]
