@@ -47,13 +47,6 @@ def envelope_cuts(wa: Tensor, wb: Tensor, valid: Tensor, tol: float) -> Cuts | N
     return seg, gap_a / (gap_a + gap_b)
 
 
-def split_polygons_needed(vals: Tensor, tol: float) -> tuple[Tensor, Tensor]:
-    """For vertex values ``[Q, V, M]`` of M affine functions: which polygons some function
-    crosses (values of both signs), and the first such function per polygon."""
-    mixed = (vals > tol).any(1) & (vals < -tol).any(1)
-    return mixed.any(1), mixed.to(torch.int8).argmax(1)
-
-
 class Rule:
     """Default rule: the layer is affine in its inputs, so it never bends anything."""
 
@@ -149,17 +142,11 @@ class MaxPoolRule(Rule):
 
     def plane_split(self, layer: Layer, ins: list[Tensor], at: Tensor) -> Tensor:
         assert isinstance(layer, MaxPool2d)
-        w = self._coeff_windows(layer, ins[0])
-        centre = at.mean(1)
-        j = torch.einsum("kquc,qk->quc", _finite(w), centre).argmax(-1, keepdim=True)
-        best = w.gather(-1, j.unsqueeze(0).expand(3, *j.shape))
-        diff = best - w  # >= 0 where the centre's winner beats a candidate
-        return diff.reshape(3, diff.shape[1], -1)
+        return argmax_split_functions(self._coeff_windows(layer, ins[0]), at.mean(1))
 
     def plane_code(self, layer: Layer, ins: list[Tensor], centre: Tensor) -> Tensor:
         assert isinstance(layer, MaxPool2d)
-        w = self._coeff_windows(layer, ins[0])
-        return torch.einsum("kquc,qk->quc", _finite(w), centre).argmax(-1)
+        return argmax_at(self._coeff_windows(layer, ins[0]), centre)
 
     def plane_forward(self, layer: Layer, ins: list[Tensor], code: Tensor | None) -> Tensor:
         assert isinstance(layer, MaxPool2d) and code is not None
@@ -170,9 +157,19 @@ class MaxPoolRule(Rule):
         return out.reshape(3, q, c, h, wd)
 
 
-def _finite(w: Tensor) -> Tensor:
-    """Padding candidates (-inf offsets) as a very negative finite number, for einsum."""
-    return torch.nan_to_num(w, neginf=torch.finfo(w.dtype).min / 4)
+def argmax_at(w: Tensor, centre: Tensor) -> Tensor:
+    """Winner ``[Q, U]`` among affine candidates ``[3, Q, U, k]`` at points ``[Q, 3]``."""
+    finite = torch.nan_to_num(w, neginf=torch.finfo(w.dtype).min / 4)
+    return torch.einsum("kquc,qk->quc", finite, centre).argmax(-1)
+
+
+def argmax_split_functions(w: Tensor, centre: Tensor) -> Tensor:
+    """``winner - candidate`` ``[3, Q, U * k]`` for the winner at ``centre``: where one of them
+    changes sign inside a polygon, another candidate overtakes the winner there."""
+    j = argmax_at(w, centre).unsqueeze(-1)
+    best = w.gather(-1, j.unsqueeze(0).expand(3, *j.shape))
+    diff = best - w
+    return diff.reshape(3, diff.shape[1], -1)
 
 
 _RULES: dict[type, Rule] = {
