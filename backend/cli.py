@@ -42,8 +42,14 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> b
     return False
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run(settings: Settings, ui_port: int) -> int:
-    """Start the API and the Streamlit frontend; Ctrl-C stops both."""
+    """Start the API and the Streamlit frontend; Ctrl-C (or SIGTERM) stops both."""
+    signal.signal(signal.SIGINT, _interrupt)  # also when started with SIGINT ignored (&)
+    signal.signal(signal.SIGTERM, _interrupt)
     api_url = f"http://{settings.host}:{settings.port}"
     env = {**os.environ, "ATLAS_HOST": settings.host, "ATLAS_PORT": str(settings.port),
            "ATLAS_API_URL": api_url}
@@ -68,7 +74,7 @@ def run(settings: Settings, ui_port: int) -> int:
     finally:
         for proc in (ui, api):
             if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
+                proc.terminate()  # both shut down gracefully on SIGTERM
         for proc in (ui, api):
             if proc is not None:
                 try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import pickle
 import time
 from pathlib import Path
@@ -150,6 +151,30 @@ def test_image_and_csv_inputs_are_resized_and_scaled(server: Server, model: dict
     np.testing.assert_allclose(np.ravel(got["values"]), values, atol=1e-6)
     ids = [i["id"] for i in server.client.get(f"/api/models/{model['id']}/inputs").json()]
     assert r.json()["id"] in ids
+
+
+def test_card_given_on_upload_sets_input_range_and_gallery(server: Server,
+                                                           tmp_path: Path) -> None:
+    path = mlp_onnx(tmp_path / "ranged.onnx", seed=7)
+    card = {"dataset": "digits", "input_range": [-1, 1], "classes": list("abcdefghij")}
+    r = server.client.post("/api/models", files={"file": ("ranged.onnx", path.read_bytes())},
+                           data={"card": json.dumps(card)})
+    assert r.status_code == 201, r.text
+    info = r.json()
+    assert info["card"] == card
+    pixels = np.random.default_rng(4).integers(0, 256, (8, 8), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buf, format="PNG")
+    up = server.client.post(f"/api/models/{info['id']}/inputs",
+                            files={"file": ("d.png", buf.getvalue())}).json()
+    got = server.client.get(f"/api/models/{info['id']}/inputs/{up['id']}").json()
+    np.testing.assert_allclose(got["values"], -1 + 2 * pixels[None].astype(float) / 255, atol=1e-6)
+    if (SAMPLE_MODELS / "gallery" / "digits.npz").exists():
+        sources = {i["source"] for i in server.client.get(f"/api/models/{info['id']}/inputs").json()}
+        assert sources == {"gallery", "upload"}
+    bad = server.client.post("/api/models", files={"file": ("x.onnx", path.read_bytes())},
+                             data={"card": '{"input_range": [1, 0]}'})
+    assert "input_range" in _detail(bad, 422)
 
 
 def test_sample_models_and_gallery(server: Server) -> None:

@@ -39,7 +39,7 @@ class JobRunner:
         else:
             self.cluster = LocalCluster(
                 n_workers=self.settings.dask_workers, threads_per_worker=1, processes=True,
-                dashboard_address=None, host="127.0.0.1",
+                dashboard_address="127.0.0.1:0", host="127.0.0.1",  # no fixed port to collide
             )
             self.client = Client(self.cluster)
         threading.Thread(target=self._preload, daemon=True).start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import uuid
 from pathlib import Path
@@ -29,11 +30,33 @@ def _parse_shape(text: str | None) -> tuple[int, ...] | None:
     return shape
 
 
+def _parse_card(text: str | None) -> dict | None:
+    """An optional model card (JSON object): dataset, input_range, classes, ..."""
+    if not text:
+        return None
+    try:
+        card = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise HTTPException(422, f"card is not valid JSON: {exc}") from None
+    if not isinstance(card, dict):
+        raise HTTPException(422, "card must be a JSON object")
+    rng = card.get("input_range")
+    if rng is not None and not (isinstance(rng, list) and len(rng) == 2
+                                and all(isinstance(v, int | float) for v in rng)
+                                and rng[0] < rng[1]):
+        raise HTTPException(422, f"card input_range must be [low, high], got {rng}")
+    if not isinstance(card.get("dataset", ""), str):
+        raise HTTPException(422, "card dataset must be a string")
+    return card
+
+
 @router.post("", response_model=ModelInfo, status_code=201)
 def upload_model(
     services: ServicesDep,
     file: Annotated[UploadFile, File(description=".onnx, .pt2 (torch.export) or TorchScript")],
     input_shape: Annotated[str | None, Form(description="e.g. '1,8,8' (TorchScript)")] = None,
+    card: Annotated[str | None, Form(description="model card JSON (dataset, input_range, "
+                                                 "classes, ...)")] = None,
 ) -> ModelInfo:
     name = Path(file.filename or "model").name
     suffix = Path(name).suffix.lower()
@@ -45,7 +68,8 @@ def upload_model(
     try:
         with open(tmp, "wb") as out:
             shutil.copyfileobj(file.file, out, 1 << 20)
-        record = services.storage.add_model(tmp, name, input_shape=_parse_shape(input_shape))
+        record = services.storage.add_model(tmp, name, card=_parse_card(card),
+                                            input_shape=_parse_shape(input_shape))
     except UnsupportedModelError as exc:
         raise HTTPException(422, f"cannot load '{name}': {exc}") from exc
     finally:
