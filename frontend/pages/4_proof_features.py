@@ -1,13 +1,85 @@
-"""Proof features: placeholder until this analysis' page is built."""
+"""Proof features: certify an eps-ball, prune the proof, see what each kept feature looks at."""
+
+import time
 
 import streamlit as st
 
 from frontend import components as ui
+from frontend.client import ApiError
+from frontend.figures import proof_features as figures
 
-ui.sidebar()
 st.title("Proof features")
-st.info(
-    "**Not built yet.** This page will show the features a robustness proof relies on: which "
-    "neurons carry the certified bound, and how they differ between standard, PGD and "
-    "certified training."
+st.caption(
+    "A bound propagator proves that no input in the eps-ball around this one changes the "
+    "prediction. Projected onto the penultimate layer, the proof is one interval per neuron: "
+    "its proof features. Most are not needed: pruning keeps the few high-priority features "
+    "that still prove the property (ProFIt, ICLR 2024), and each kept feature is drawn as the "
+    "gradient of its interval's midpoint over the input."
 )
+
+selection = ui.sidebar()
+card = (selection.model or {}).get("card") or {}
+left, right = st.columns(2)
+eps = left.slider("eps (L-inf radius)", 0.005, 0.3, 0.05, step=0.005, format="%.3f")
+method = right.radio("Bound method", ["crown", "deepz", "interval"], horizontal=True)
+params = {"eps": eps, "method": method}
+
+result = ui.run_job("proof_features", params, key="proof_features")
+if result:
+    verdict = "Certified" if result["certified"] else "Not certified"
+    st.subheader(f"{verdict}: class {result['predicted']} at eps {result['eps']:.3f} "
+                 f"({result['method']})")
+    cols = st.columns(4)
+    cols[0].metric("Margin (lower bound)", f"{result['margin']:.3f}")
+    cols[1].metric("Proof features", f"{result['num_nonzero']} / {result['num_features']}",
+                   help="features with nonzero priority / all penultimate neurons")
+    cols[2].metric("Kept after pruning", result["num_kept"])
+    cols[3].metric("Kept set re-verified", "yes" if result["sufficient"] else "no")
+    if result["certified"]:
+        ui.show_figure(figures.gradient_grid(result, title="Gradient maps of the kept features"),
+                       "proof_gradient_maps")
+        ui.show_figure(figures.feature_intervals(result), "proof_feature_intervals")
+    else:
+        st.info("The bound method cannot prove this ball, so there is no proof to explain. "
+                "Try a smaller eps or another method.")
+    ui.download_json(result, "proof_features.json")
+
+    siblings = [m for m in ui.client().models()
+                if selection.model and m["id"] != selection.model_id
+                and (m.get("card") or {}).get("dataset") == card.get("dataset")
+                and (m.get("card") or {}).get("architecture") == card.get("architecture")]
+    if siblings:
+        st.subheader("Same input and eps, other training methods")
+        if st.button("Compare", key="proof_siblings"):
+            api = ui.client()
+            columns = st.columns(len(siblings))
+            for col, model in zip(columns, siblings, strict=True):
+                training = (model.get("card") or {}).get("training", model["name"])
+                with col, st.spinner(f"proving on {model['name']}"):
+                    try:
+                        job = api.submit("proof_features", model["id"], selection.input_id, params)
+                        while job["status"] in ("queued", "running"):
+                            time.sleep(0.5)
+                            job = api.job(job["id"])
+                        if job["status"] != "finished":
+                            st.error(job.get("error") or job["status"])
+                            continue
+                        other = api.result(job["id"])
+                    except ApiError as exc:
+                        st.error(str(exc))
+                        continue
+                    st.markdown(f"**{training}**: "
+                                f"{'certified' if other['certified'] else 'not certified'}, "
+                                f"{other['num_kept']} of {other['num_features']} features kept")
+                    ui.show_figure(figures.gradient_grid(other, columns=2), f"proof_{training}",
+                                   key=f"proof_grid_{model['id']}")
+
+with st.expander("Largest certified eps per method"):
+    found = ui.run_job("proof_eps", {}, key="proof_eps")
+    if found:
+        ui.show_figure(figures.largest_eps(found), "proof_largest_eps")
+
+with st.expander("Methods over the gallery"):
+    compared = ui.run_job("proof_compare", {"eps": eps}, key="proof_compare")
+    if compared:
+        st.dataframe(compared["rows"], hide_index=True)
