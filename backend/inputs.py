@@ -34,7 +34,8 @@ def decode_input(filename: str, data: bytes, input_shape: tuple[int, ...],
     return _fit(x, input_shape, allow_flat=suffix == ".csv")
 
 
-def _image(data: bytes, input_shape: tuple[int, ...], input_range: tuple[float, float]) -> np.ndarray:
+def _image(data: bytes, input_shape: tuple[int, ...],
+           input_range: tuple[float, float]) -> np.ndarray:
     if len(input_shape) != 3 or input_shape[0] not in (1, 3):
         raise InvalidInputError(
             f"an image needs a model with input shape (1 or 3, H, W); this one takes "

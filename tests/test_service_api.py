@@ -83,11 +83,13 @@ def test_upload_model_is_stored_by_content_hash(server: Server, model: dict,
     assert model["id"] == hashlib.sha256(model_file.read_bytes()).hexdigest()
     assert model["input_shape"] == [1, 8, 8] and model["num_outputs"] == 10
     assert model["format"] == "onnx"
-    again = server.client.post("/api/models", files={"file": ("copy.onnx", model_file.read_bytes())})
+    again = server.client.post("/api/models",
+                               files={"file": ("copy.onnx", model_file.read_bytes())})
     assert again.json()["id"] == model["id"]
     listed = {m["id"] for m in server.client.get("/api/models").json()}
     assert model["id"] in listed
-    assert server.client.get(f"/api/models/{model['id']}").json()["summary"]["num_relu_neurons"] == 28
+    summary = server.client.get(f"/api/models/{model['id']}").json()["summary"]
+    assert summary["num_relu_neurons"] == 28
 
 
 def test_predict_job_matches_onnxruntime_and_is_cached(server: Server, model: dict,
@@ -168,10 +170,11 @@ def test_card_given_on_upload_sets_input_range_and_gallery(server: Server,
     up = server.client.post(f"/api/models/{info['id']}/inputs",
                             files={"file": ("d.png", buf.getvalue())}).json()
     got = server.client.get(f"/api/models/{info['id']}/inputs/{up['id']}").json()
-    np.testing.assert_allclose(got["values"], -1 + 2 * pixels[None].astype(float) / 255, atol=1e-6)
+    expected = -1 + 2 * pixels[None].astype(float) / 255
+    np.testing.assert_allclose(got["values"], expected, atol=1e-6)
     if (SAMPLE_MODELS / "gallery" / "digits.npz").exists():
-        sources = {i["source"] for i in server.client.get(f"/api/models/{info['id']}/inputs").json()}
-        assert sources == {"gallery", "upload"}
+        listed = server.client.get(f"/api/models/{info['id']}/inputs").json()
+        assert {i["source"] for i in listed} == {"gallery", "upload"}
     bad = server.client.post("/api/models", files={"file": ("x.onnx", path.read_bytes())},
                              data={"card": '{"input_range": [1, 0]}'})
     assert "input_range" in _detail(bad, 422)

@@ -66,7 +66,8 @@ class JobRunner:
             raise RuntimeError("the job runner is not started")
         future = self.client.submit(
             run_job, job_id, str(self.settings.data_dir.resolve()), self.settings.db_url,
-            self.settings.extra_analyses, key=f"atlas-job-{job_id}-{uuid.uuid4().hex[:8]}", pure=False,
+            self.settings.extra_analyses, key=f"atlas-job-{job_id}-{uuid.uuid4().hex[:8]}",
+            pure=False,
         )
         with self._lock:
             self._futures[job_id] = future
