@@ -1,0 +1,364 @@
+"""ExactLine / ExactPlane / exact IG against independent oracles.
+
+Oracles: forward passes of the network at densely sampled points (patterns and logits),
+a 10^5-point grid along each segment (no missed boundary), point-in-polygon tests and the
+shoelace area for planes, and Captum's Integrated Gradients at 10^4 steps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from app import InvalidInputError, load_network
+from app.analyses.linear_regions import (
+    captum_integrated_gradients,
+    direction,
+    endpoint,
+    exact_integrated_gradients,
+    exact_line,
+    exact_lines,
+    exact_plane,
+    linearity_study,
+    relative_error,
+)
+from app.layers import Add, Flatten, Linear, ReLU
+from app.network import Network
+from tests.conftest import SAMPLE_MODELS, shared_path
+
+# -- small seeded models covering every layer kind -------------------------------------------
+
+
+def _fc() -> Network:
+    torch.manual_seed(0)
+    return load_network(nn.Sequential(nn.Flatten(), nn.Linear(16, 24), nn.ReLU(),
+                                      nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 4)),
+                        input_shape=(1, 4, 4))
+
+
+def _conv_pool() -> Network:
+    """Conv, MaxPool (arg-max switches), ElementwiseAffine (BatchNorm), AvgPool, Linear."""
+    torch.manual_seed(1)
+    bn = nn.BatchNorm2d(4)
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2.0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), bn, nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 6, 3, padding=1),
+        nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(24, 12), nn.ReLU(), nn.Linear(12, 3),
+    ).eval()
+    return load_network(model, input_shape=(1, 8, 8))
+
+
+def _residual() -> Network:
+    """x -> relu(W1 x) -> W2 . + x (Add) -> relu -> W3: a graph with a skip connection."""
+    g = torch.Generator().manual_seed(2)
+    w = [torch.randn(8, 8, generator=g) for _ in range(2)] + [torch.randn(3, 8, generator=g)]
+    b = [torch.randn(8, generator=g), torch.randn(8, generator=g), torch.randn(3, generator=g)]
+    layers = [Flatten(), Linear(w[0], b[0]), ReLU(), Linear(w[1], b[1]), Add(), ReLU(),
+              Linear(w[2], b[2])]
+    inputs = [(-1,), (0,), (1,), (2,), (3, 0), (4,), (5,)]
+    return Network(layers, (8,), inputs=inputs, name="residual")
+
+
+SMALL = {"fc": _fc, "conv_pool": _conv_pool, "residual": _residual}
+
+# -- oracles --------------------------------------------------------------------------------
+
+
+def _forward(net: Network, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and all ReLU pre-activations (``net.relu_indices`` order) by a plain forward pass."""
+    with torch.no_grad():
+        t = torch.from_numpy(x).to(net.dtype)
+        outs = net.trace(t)
+        pre = [net.node_inputs(outs, t, i)[0].reshape(len(t), -1) for i in net.relu_indices]
+    pre_all = torch.cat(pre, 1) if pre else torch.zeros(len(t), 0, dtype=net.dtype)
+    return outs[-1].reshape(len(t), -1).numpy(), pre_all.numpy()
+
+
+def _sign_mismatches(pre: np.ndarray, pattern: np.ndarray, rel_tol: float) -> int:
+    """ReLU units whose on/off state differs from ``pattern``, ignoring units within
+    ``rel_tol`` of zero (their sign at a boundary is rounding noise)."""
+    tol = rel_tol * max(1.0, float(np.abs(pre).max())) if pre.size else 0.0
+    return int((((pre > 0) != pattern) & (np.abs(pre) > tol)).sum())
+
+
+def check_line(net: Network, line, grid: int = 100_000, per_piece: int = 50,
+               chunk: int = 4096) -> None:
+    net64 = net.with_dtype(torch.float64)
+    ts = line.ts
+    assert ts[0] == 0.0 and ts[-1] == 1.0 and np.all(np.diff(ts) > 0)
+    assert len(line.pattern_ids) == line.num_pieces
+    # adjacent pieces differ in pattern
+    assert np.all(line.pattern_ids[1:] != line.pattern_ids[:-1])
+    # dense sampling: random points inside every piece
+    rng = np.random.default_rng(0)
+    piece = np.repeat(np.arange(line.num_pieces), per_piece)
+    t = ts[piece] + rng.uniform(0.02, 0.98, len(piece)) * (ts[piece + 1] - ts[piece])
+    scale = max(1.0, float(np.abs(line.logits).max()))
+    for lo in range(0, len(t), chunk):
+        logits, pre = _forward(net64, line.points(t[lo:lo + chunk]))
+        assert np.abs(logits - line.logits_at(t[lo:lo + chunk])).max() <= 1e-6 * scale
+        assert _sign_mismatches(pre, line.relu_pattern[piece[lo:lo + chunk]], 1e-9) == 0
+    # no missed boundary: every point of a regular grid has the pattern of its piece
+    g = np.linspace(0.0, 1.0, grid)
+    owner = np.clip(np.searchsorted(ts, g, side="right") - 1, 0, line.num_pieces - 1)
+    for lo in range(0, grid, chunk):
+        _, pre = _forward(net64, line.points(g[lo:lo + chunk]))
+        assert _sign_mismatches(pre, line.relu_pattern[owner[lo:lo + chunk]], 1e-9) == 0
+
+
+# -- ExactLine ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_line_oracles_on_small_models(name: str) -> None:
+    net = SMALL[name]()
+    g = torch.Generator().manual_seed(3)
+    a, b = (torch.rand(net.input_shape, generator=g) * 4 - 2 for _ in range(2))
+    line = exact_line(net, a, b)
+    assert line.num_pieces >= 5
+    check_line(net, line)
+    # logits at the breakpoints are the network's, from an independent forward pass
+    logits, _ = _forward(net.with_dtype(torch.float64), line.points(line.ts))
+    assert np.allclose(logits, line.logits, atol=1e-9)
+
+
+def test_maxpool_switches_are_cut() -> None:
+    """A net whose only nonlinearity is MaxPool: pieces = arg-max switches, checked densely."""
+    torch.manual_seed(4)
+    net = load_network(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.MaxPool2d(2),
+                                      nn.Flatten(), nn.Linear(32, 3)), input_shape=(1, 8, 8))
+    a, b = torch.randn(1, 8, 8), torch.randn(1, 8, 8)
+    line = exact_line(net, a, b)
+    assert line.num_pieces > 1
+    check_line(net, line, grid=20_000)
+    # an independent count: distinct arg-max patterns on a fine grid never exceed the pieces
+    net64 = net.with_dtype(torch.float64)
+    g = torch.from_numpy(line.points(np.linspace(0, 1, 20_000)))
+    with torch.no_grad():
+        conv = net64.trace(g)[0]
+    idx = net64.layers[1].windows(conv).argmax(-1).reshape(len(g), -1)
+    changes = int((idx[1:] != idx[:-1]).any(1).sum())
+    assert line.num_pieces <= changes + 1
+    assert line.num_pieces >= changes + 1 - 2  # grid may merge two switches a few 1e-5 apart
+
+
+def test_batched_lines_equal_single_lines() -> None:
+    net = _conv_pool()
+    g = torch.Generator().manual_seed(5)
+    starts, ends = torch.rand(4, 1, 8, 8, generator=g), torch.rand(4, 1, 8, 8, generator=g)
+    batch = exact_lines(net, starts, ends)
+    for k, line in enumerate(batch):
+        single = exact_line(net, starts[k], ends[k])
+        assert np.allclose(single.ts, line.ts, atol=1e-12)
+        assert np.array_equal(single.relu_pattern, line.relu_pattern)
+
+
+def test_float32_option_agrees() -> None:
+    net = _fc()
+    a, b = torch.full((1, 4, 4), -1.0), torch.full((1, 4, 4), 1.5)
+    l64, l32 = exact_line(net, a, b), exact_line(net, a, b, dtype=torch.float32)
+    assert l32.logits.dtype == np.float32
+    assert abs(l32.num_pieces - l64.num_pieces) <= 1
+    assert np.abs(l32.logits_at(l64.ts) - l64.logits).max() < 1e-4
+
+
+def test_class_strip_is_exact() -> None:
+    net = _residual()
+    g = torch.Generator().manual_seed(6)
+    line = exact_line(net, torch.randn(8, generator=g) * 3, torch.randn(8, generator=g) * 3)
+    grid = np.linspace(0, 1, 20_001)
+    logits, _ = _forward(net.with_dtype(torch.float64), line.points(grid))
+    owner = np.clip(np.searchsorted(line.class_ts, grid, side="right") - 1, 0,
+                    len(line.class_labels) - 1)
+    top2 = np.sort(logits, 1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 1e-9
+    assert np.array_equal(logits.argmax(1)[clear], line.class_labels[owner][clear])
+
+
+def _gallery() -> np.ndarray:
+    path = SAMPLE_MODELS / "gallery" / "digits.npz"
+    if not path.exists():
+        pytest.skip("sample gallery not trained yet")
+    return np.load(path)["x"]
+
+
+def _sample_models() -> list[str]:
+    return [p.stem for p in sorted(SAMPLE_MODELS.glob("digits_*.onnx"))]
+
+
+@pytest.mark.parametrize("name", _sample_models() or ["none"])
+def test_line_oracles_on_sample_models(name: str) -> None:
+    if name == "none":
+        pytest.skip("no sample models yet")
+    net = load_network(SAMPLE_MODELS / f"{name}.onnx")
+    xs = _gallery()
+    line = exact_line(net, xs[0], xs[1])
+    check_line(net, line, grid=100_000 if "fc" in name else 30_000)
+
+
+def _eran_images(name: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    rows = np.loadtxt(shared_path("eran", f"{name}_test.csv"), delimiter=",", max_rows=n, ndmin=2)
+    return rows[:, 0].astype(int), rows[:, 1:] / 255.0
+
+
+def test_line_oracles_on_acasxu() -> None:
+    net = load_network(shared_path("vnncomp2021", "acasxu", "ACASXU_run2a_1_1_batch_2000.onnx"))
+    a = np.array([-0.3, -0.5, -0.5, 0.4, 0.3]).reshape(net.input_shape)
+    b = np.array([0.6, 0.5, 0.5, -0.4, -0.4]).reshape(net.input_shape)
+    line = exact_line(net, a, b)
+    assert line.num_pieces > 10
+    check_line(net, line)
+
+
+def test_line_oracles_on_mnistfc() -> None:
+    net = load_network(shared_path("vnncomp2021", "mnistfc", "mnist-net_256x2.onnx"))
+    _, x = _eran_images("mnist", 2)
+    line = exact_line(net, x[0].reshape(net.input_shape), x[1].reshape(net.input_shape))
+    assert line.num_pieces > 10
+    check_line(net, line)
+
+
+def test_line_oracles_on_cifar_conv() -> None:
+    net = load_network(shared_path("profit_nets", "convSmall_pgd_cifar.onnx"))
+    _, x = _eran_images("cifar10", 1)
+    img = x[0].reshape(32, 32, 3).transpose(2, 0, 1)
+    end = endpoint(net, img, "fgsm", 0.03)
+    line = exact_line(net, img, end)
+    assert line.num_pieces > 10
+    check_line(net, line, grid=20_000)
+
+
+# -- directions and the linearity study ------------------------------------------------------
+
+
+def test_directions_have_unit_linf_and_fgsm_ascends_the_loss() -> None:
+    net = _conv_pool().with_dtype(torch.float64)
+    x = torch.rand(1, 8, 8, dtype=torch.float64)
+    for kind in ("fgsm", "pgd", "random"):
+        d = direction(net, x, kind)
+        assert d.shape == x.shape and abs(float(d.abs().max()) - 1.0) < 1e-12
+    # FGSM: the loss's directional derivative along d is ||grad||_1 (independent autograd)
+    xr = x.unsqueeze(0).clone().requires_grad_(True)
+    y = net(xr).argmax(1)
+    (grad,) = torch.autograd.grad(nn.functional.cross_entropy(net(xr), y), xr)
+    d = direction(net, x, "fgsm")
+    assert torch.isclose((grad[0] * d).sum(), grad.abs().sum(), rtol=1e-9)
+    with pytest.raises(InvalidInputError):
+        direction(net, x, "sideways")
+
+
+def test_linearity_study_tangent_gap_matches_forward_passes() -> None:
+    net = _fc()
+    x = torch.rand(1, 4, 4)
+    study = linearity_study(net, x, 1.0, n_random=3)
+    assert len(study.random) == 3 and study.fgsm.line.num_pieces >= 1
+    ln = study.fgsm.line
+    # tangent from an autograd Jacobian at a point inside the first piece
+    net64 = net.with_dtype(torch.float64)
+    inside = torch.from_numpy(ln.points([ln.ts[1] / 2]))[0]
+    jac = torch.autograd.functional.jacobian(lambda z: net64(z.unsqueeze(0))[0], inside)
+    d = torch.from_numpy(ln.end - ln.start)
+    slope = (jac.reshape(jac.shape[0], -1) @ d.reshape(-1)).numpy()
+    logits, _ = _forward(net64, ln.points(ln.ts))
+    gap = np.abs(logits - (logits[0] + ln.ts[:, None] * slope)).max(1)
+    assert np.allclose(gap, study.fgsm.tangent_gap, atol=1e-9)
+    assert study.fgsm.tangent_gap[:2].max() < 1e-9  # the tangent is exact on the first piece
+
+
+# -- exact Integrated Gradients ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_exact_ig_completeness_and_captum(name: str) -> None:
+    net = SMALL[name]()
+    g = torch.Generator().manual_seed(7)
+    x = torch.rand(net.input_shape, generator=g) * 2
+    base = torch.rand(net.input_shape, generator=g) - 0.5
+    ig = exact_integrated_gradients(net, x, base, target=1)
+    assert ig.attributions.shape == tuple(x.shape)
+    with torch.no_grad():
+        net64 = net.with_dtype(torch.float64)
+        f = net64(torch.stack([x, base]).double())[:, 1]
+    assert abs(ig.attributions.sum() - float(f[0] - f[1])) < 1e-6
+    assert ig.completeness_error < 1e-6
+    ref = captum_integrated_gradients(net, x, base, 1, 10_000, method="riemann_trapezoid")
+    assert relative_error(ref, ig.attributions) < 1e-3
+
+
+def test_exact_ig_on_sample_conv_model() -> None:
+    path = SAMPLE_MODELS / "digits_conv_standard.onnx"
+    if not path.exists():
+        pytest.skip("sample models not trained yet")
+    net = load_network(path)
+    x = _gallery()[3]
+    ig = exact_integrated_gradients(net, x)
+    assert ig.completeness_error < 1e-6
+    ref = captum_integrated_gradients(net, x, None, ig.target, 10_000,
+                                      method="riemann_trapezoid")
+    assert relative_error(ref, ig.attributions) < 1e-3
+
+
+# -- ExactPlane -----------------------------------------------------------------------------
+
+
+def check_plane(net: Network, plane, n: int = 120) -> None:
+    """Every grid point lies in exactly one polygon, whose pattern and class it has."""
+    u = np.linspace(0.0, 1.0, n)
+    ab = np.stack(np.meshgrid(u, u), -1).reshape(-1, 2)
+    if plane.shape == "triangle":
+        ab = ab[ab.sum(1) <= 1.0]
+    closed = np.zeros(len(ab), dtype=int)
+    strict = np.zeros(len(ab), dtype=int)
+    owner = np.full(len(ab), -1)
+    for q, poly in enumerate(plane.polygons):
+        edge = np.roll(poly, -1, 0) - poly
+        rel = ab[:, None, :] - poly[None]
+        cross = (edge[None, :, 0] * rel[..., 1] - edge[None, :, 1] * rel[..., 0]) / np.maximum(
+            np.linalg.norm(edge, axis=1), 1e-300)[None]
+        real = np.linalg.norm(edge, axis=1) > 0
+        inside = (cross[:, real] >= -1e-12).all(1)
+        closed += inside
+        strict += (cross[:, real] > 1e-9).all(1)
+        owner[inside] = q
+    assert closed.min() >= 1 and strict.max() <= 1
+    assert np.isclose(plane.areas().sum(), 0.5 if plane.shape == "triangle" else 1.0, atol=1e-9)
+    logits, pre = _forward(net.with_dtype(torch.float64), plane.points(ab))
+    assert _sign_mismatches(pre, plane.relu_pattern[owner], 1e-9) == 0
+    top2 = np.sort(logits, 1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 1e-9
+    assert np.array_equal(logits.argmax(1)[clear], plane.classes[owner][clear])
+
+
+@pytest.mark.parametrize("name,shape", [("fc", "triangle"), ("residual", "parallelogram"),
+                                        ("conv_pool", "triangle")])
+def test_plane_grid_coverage(name: str, shape: str) -> None:
+    net = SMALL[name]()
+    g = torch.Generator().manual_seed(8)
+    p0 = torch.rand(net.input_shape, generator=g)
+    scale = 0.5 if name == "conv_pool" else 3.0
+    p1, p2 = (p0 + scale * (torch.rand(net.input_shape, generator=g) - 0.5) for _ in range(2))
+    plane = exact_plane(net, p0, p1, p2, shape=shape)
+    assert plane.num_regions >= 3
+    check_plane(net, plane)
+
+
+def test_plane_on_acasxu() -> None:
+    net = load_network(shared_path("vnncomp2021", "acasxu", "ACASXU_run2a_2_3_batch_2000.onnx"))
+    p0 = np.array([0.0, 0.0, 0.0, 0.3, 0.0]).reshape(net.input_shape)
+    p1 = np.array([0.3, 0.0, 0.0, 0.3, 0.0]).reshape(net.input_shape)
+    p2 = np.array([0.0, 0.3, 0.0, 0.3, 0.0]).reshape(net.input_shape)
+    plane = exact_plane(net, p0, p1, p2, shape="parallelogram")
+    assert plane.num_regions >= 3
+    check_plane(net, plane)
+
+
+def test_bad_shapes_are_rejected() -> None:
+    net = _fc()
+    with pytest.raises(InvalidInputError):
+        exact_line(net, torch.zeros(3, 3), torch.zeros(3, 3))
+    with pytest.raises(InvalidInputError):
+        exact_plane(net, torch.zeros(1, 4, 4), torch.ones(1, 4, 4), torch.eye(4)[None],
+                    shape="hexagon")
