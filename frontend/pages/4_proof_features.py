@@ -42,7 +42,6 @@ if result:
     else:
         st.info("The bound method cannot prove this ball, so there is no proof to explain. "
                 "Try a smaller eps or another method.")
-    ui.download_json(result, "proof_features.json")
 
     siblings = [m for m in ui.client().models()
                 if selection.model and m["id"] != selection.model_id
@@ -74,12 +73,14 @@ if result:
                     ui.show_figure(figures.gradient_grid(other, columns=2), f"proof_{training}",
                                    key=f"proof_grid_{model['id']}")
 
-with st.expander("Largest certified eps per method"):
+st.divider()
+# run_job keeps one job in the URL, so these run only when asked for
+if st.toggle("Largest certified eps per method", key="proof_eps_on"):
     found = ui.run_job("proof_eps", {}, key="proof_eps")
     if found:
         ui.show_figure(figures.largest_eps(found), "proof_largest_eps")
 
-with st.expander("Methods over the gallery"):
+if st.toggle("Bound methods over the gallery", key="proof_compare_on"):
     compared = ui.run_job("proof_compare", {"eps": eps}, key="proof_compare")
     if compared:
         st.dataframe(compared["rows"], hide_index=True)
