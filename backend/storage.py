@@ -131,8 +131,8 @@ class Storage:
 
     def network(self, record: ModelRecord) -> Network:
         """The model's network (cached per process: workers run many jobs on one model)."""
-        shape = tuple(record.input_shape) if record.format == "torchscript" else None
-        return _load_cached(str(self.data_dir / "models" / record.filename), shape)
+        path = self.data_dir / "models" / record.filename
+        return _load_cached(str(path), tuple(record.input_shape))
 
     # -- inputs ---------------------------------------------------------------------------
 

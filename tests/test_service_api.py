@@ -18,7 +18,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from PIL import Image
+from torch import nn
 
 from tests.conftest import SAMPLE_MODELS
 from tests.service import Server, mlp_onnx, with_unsupported_op
@@ -153,6 +155,31 @@ def test_image_and_csv_inputs_are_resized_and_scaled(server: Server, model: dict
     np.testing.assert_allclose(np.ravel(got["values"]), values, atol=1e-6)
     ids = [i["id"] for i in server.client.get(f"/api/models/{model['id']}/inputs").json()]
     assert r.json()["id"] in ids
+
+
+def test_torchscript_upload_and_predict_match_torch(server: Server, tmp_path: Path) -> None:
+    torch.manual_seed(5)
+    module = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                           nn.Linear(192, 10)).eval()
+    path = tmp_path / "conv.pt"
+    torch.jit.trace(module, torch.zeros(1, 1, 8, 8)).save(str(path))
+    files = {"file": ("conv.pt", path.read_bytes())}
+    assert "input shape" in _detail(server.client.post("/api/models", files=files), 422)
+    r = server.client.post("/api/models", files=files, data={"input_shape": "1,8,8"})
+    assert r.status_code == 201, r.text
+    info = r.json()
+    assert info["format"] == "torchscript" and info["input_shape"] == [1, 8, 8]
+    x = torch.rand(1, 1, 8, 8)
+    inp = _upload_npy(server, info["id"], x.numpy()).json()["id"]
+    job = server.wait_job(_submit(server, analysis="predict", model_id=info["id"],
+                                  input_id=inp).json()["id"])
+    assert job["status"] == "finished", job
+    result = server.client.get(f"/api/jobs/{job['id']}/result").json()
+    with torch.no_grad():
+        logits = module(x)[0].numpy()
+        active = int((module[0](x) > 0).sum())
+    np.testing.assert_allclose(result["logits"], logits, atol=1e-5)
+    assert result["layers"][0]["active"] == active
 
 
 def test_card_given_on_upload_sets_input_range_and_gallery(server: Server,
