@@ -17,7 +17,7 @@ from frontend.catalog import PAGES  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
-st.set_page_config(page_title="ReLU Atlas", page_icon=":material/hub:", layout="wide")
+st.set_page_config(page_title="ReLU Atlas", layout="wide")
 page = st.navigation([
     st.Page(HERE / p.file, title=p.title, icon=p.icon, url_path=p.url_path,
             default=p is PAGES[0])

@@ -287,7 +287,7 @@ def _drawing_canvas(model_id: str, model: dict) -> None:
     from streamlit_drawable_canvas import st_canvas
 
     canvas = st_canvas(
-        stroke_width=18, stroke_color="#ffffff", background_color="#000000",
+        stroke_width=20, stroke_color="#ffffff", background_color="#000000",
         height=168, width=168, drawing_mode="freedraw", return_image_data=True,
         key=f"canvas_{model_id}",
     )
@@ -311,12 +311,17 @@ def _drawing_canvas(model_id: str, model: dict) -> None:
 def drawing_to_input(
     rgba: np.ndarray, shape: tuple[int, ...], value_range: tuple[float, float]
 ) -> np.ndarray:
-    """Canvas RGBA pixels to a ``shape`` array: ink brightness, box-averaged, in range."""
+    """Canvas RGBA pixels to a ``shape`` array: ink brightness, box-averaged, in range.
+
+    The brightest cell is stretched to full ink, as in the scanned digits the models saw
+    (a thin pen stroke covers only part of each coarse cell).
+    """
     ink = rgba[..., :3].max(axis=-1).astype(np.float32) * (rgba[..., 3] / 255.0)
     small = Image.fromarray(ink.astype(np.uint8)).resize((shape[2], shape[1]), Image.BOX)
+    cells = np.asarray(small, dtype=np.float32)
+    cells /= max(float(cells.max()), 1.0)
     lo, hi = value_range
-    values = lo + (hi - lo) * np.asarray(small, dtype=np.float32) / 255.0
-    return values.reshape(shape).astype(np.float32)
+    return (lo + (hi - lo) * cells).reshape(shape).astype(np.float32)
 
 
 # -- jobs -------------------------------------------------------------------------------------

@@ -115,3 +115,30 @@ def test_predict_in_browser(ui, atlas, tmp_path: Path) -> None:
     ui.open("jobs")
     page.locator(f".st-key-job_{job_id}").get_by_text("finished").wait_for()
     ui.screenshot("browser_jobs")
+
+
+def test_draw_an_input(ui, atlas) -> None:
+    """A "7" drawn on the canvas reaches the backend as an 8x8 input with ink where drawn."""
+    page = ui.page
+    ui.open()
+    page.get_by_role("tab", name="Draw").click()
+    canvas = page.locator("canvas.upper-canvas")
+    canvas.scroll_into_view_if_needed()
+    canvas.hover(position={"x": 30, "y": 20})
+    page.mouse.down()
+    for x, y in [(90, 20), (150, 20), (110, 90), (70, 160)]:  # top bar, then the diagonal
+        canvas.hover(position={"x": x, "y": y})
+    page.mouse.up()
+    page.wait_for_timeout(1500)  # the canvas sends its strokes to the app on mouse-up
+    ui.wait_idle()
+    page.get_by_role("button", name="Use drawing").click()
+    page.wait_for_function("() => location.search.includes('input=upload')")
+    ui.wait_idle()
+    params = ui.query_params()
+    with atlas.api() as api:
+        served = api.get(f"/models/{params['model']}/inputs/{params['input']}").json()
+    x = np.asarray(served["values"]).reshape(8, 8)
+    assert x.max() == pytest.approx(1.0)
+    assert x[:2, 2:6].max(axis=0).min() > 0.3  # the top bar of the 7
+    assert x[5:, :2].max() < 0.05  # nothing drawn bottom left
+    ui.screenshot("browser_draw")
