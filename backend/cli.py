@@ -83,7 +83,8 @@ def run(settings: Settings, ui_port: int) -> int:
                     proc.kill()
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (also used by the test that checks docker-compose.yml's commands)."""
     parser = argparse.ArgumentParser(prog="relu-atlas", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("serve", "start the API"), ("run", "start the API and the web UI")):
@@ -92,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--port", type=int, help="API port (default 8000)")
         if name == "run":
             p.add_argument("--ui-port", type=int, default=8501, help="web UI port")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = Settings(**overrides)
