@@ -157,6 +157,7 @@ def test_image_and_csv_inputs_are_resized_and_scaled(server: Server, model: dict
     assert r.json()["id"] in ids
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.jit")  # TorchScript is an upload format
 def test_torchscript_upload_and_predict_match_torch(server: Server, tmp_path: Path) -> None:
     torch.manual_seed(5)
     module = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Flatten(),
