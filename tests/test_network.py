@@ -149,3 +149,35 @@ def test_checker_runs_first() -> None:
     model = onnx.ModelProto()
     with pytest.raises(UnsupportedModelError):
         load_network_bytes(model.SerializeToString())
+
+
+def _small_conv() -> nn.Module:
+    torch.manual_seed(5)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+
+
+def test_torch_export_archive_loads(tmp_path) -> None:
+    model = _small_conv()
+    path = tmp_path / "model.pt2"
+    torch.export.save(torch.export.export(model, (torch.zeros(1, 1, 8, 8),)), str(path))
+    net = load_network(path)
+    x = torch.randn(100, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(net(x), model(x), atol=1e-5)
+
+
+def test_torchscript_archive_loads_with_its_shape(tmp_path) -> None:
+    model = _small_conv()
+    path = tmp_path / "model.pt"
+    torch.jit.trace(model, torch.zeros(1, 1, 8, 8)).save(str(path))
+    net = load_network(path, input_shape=(1, 8, 8))
+    x = torch.randn(100, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(net(x), model(x), atol=1e-5)
+
+
+def test_pickled_checkpoint_is_refused(tmp_path) -> None:
+    path = tmp_path / "weights.pt"
+    torch.save({"w": torch.zeros(3)}, str(path))
+    with pytest.raises(UnsupportedModelError, match="pickle"):
+        load_network(path, input_shape=(3,))

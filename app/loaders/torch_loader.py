@@ -55,7 +55,7 @@ def load_archive(path: str | Path, input_shape: tuple[int, ...] | None = None) -
     name = path.stem
     try:
         exported = torch.export.load(str(path))
-        module = exported.module()
+        module = _Frozen(exported.module())
         example = exported.example_inputs[0] if exported.example_inputs else None
         shape = tuple(example[0].shape[1:]) if example else input_shape
     except Exception:  # noqa: BLE001 - not an export archive: try TorchScript
@@ -86,6 +86,20 @@ def check_zip(path: Path, limit: int = MAX_UNCOMPRESSED_BYTES) -> None:
         raise UnsupportedModelError(
             f"'{path.name}' is a pickled torch checkpoint; upload ONNX, .pt2 or TorchScript"
         )
+
+
+class _Frozen(nn.Module):
+    """Wraps an exported program's module, which refuses ``train()``/``eval()`` calls."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def train(self, mode: bool = True) -> _Frozen:
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
 
 
 class _NotPlain(Exception):
