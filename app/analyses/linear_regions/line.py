@@ -179,10 +179,11 @@ def _merge_equal_neighbours(pts: _Points) -> None:
     pts.values = {k: v[keep] for k, v in pts.values.items()}
 
 
-def _class_strip(ts: Tensor, logits: Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Exact points where the arg-max of piecewise-linear logits changes along one line."""
-    pts = _Points(ts.clone(), torch.zeros(len(ts), dtype=torch.long), {0: logits},
-                  min_gap=8 * torch.finfo(logits.dtype).eps)
+def _class_strips(ts: Tensor, line: Tensor, logits: Tensor) -> list[tuple[np.ndarray,
+                                                                           np.ndarray]]:
+    """Per line, the exact points where the arg-max of the piecewise-linear logits changes
+    (with 0 and 1) and the class between them."""
+    pts = _Points(ts.clone(), line.clone(), {0: logits}, min_gap=8 * torch.finfo(logits.dtype).eps)
     tol = tolerance(logits)
 
     def cut() -> Cuts | None:
@@ -192,9 +193,16 @@ def _class_strip(ts: Tensor, logits: Tensor) -> tuple[np.ndarray, np.ndarray]:
     pts.refine(cut)
     v = pts.values[0]
     labels = (v[:-1] + v[1:]).argmax(1)
-    change = torch.cat([torch.ones(1, dtype=torch.bool), labels[1:] != labels[:-1]])
-    starts = pts.ts[:-1][change]
-    return torch.cat([starts, pts.ts[-1:]]).numpy(), labels[change].numpy()
+    valid = pts.valid
+    change = valid & torch.cat([torch.ones(1, dtype=torch.bool),
+                                (labels[1:] != labels[:-1]) | ~valid[:-1]])
+    seg_line = pts.line[:-1]
+    out = []
+    for k in range(int(line.max()) + 1):
+        mine = change & (seg_line == k)
+        end = pts.ts[torch.searchsorted(pts.line, k, right=True) - 1].reshape(1)
+        out.append((torch.cat([pts.ts[:-1][mine], end]).numpy(), labels[mine].numpy()))
+    return out
 
 
 def _first_appearance_ids(codes: Tensor) -> np.ndarray:
@@ -237,11 +245,11 @@ def exact_lines(
                  else torch.zeros(len(pts.ts) - 1, 0, dtype=torch.bool))
     logits = pts.values[len(net.layers) - 1].reshape(len(pts.ts), -1)
     bounds = torch.searchsorted(pts.line, torch.arange(a.shape[0] + 1))
+    strips = _class_strips(pts.ts, pts.line, logits)
     results = []
-    for k in range(a.shape[0]):
+    for k, (class_ts, class_labels) in enumerate(strips):
         lo, hi = int(bounds[k]), int(bounds[k + 1])
         lg = logits[lo:hi]
-        class_ts, class_labels = _class_strip(pts.ts[lo:hi], lg)
         results.append(ExactLine(
             start=a[k].numpy(), end=b[k].numpy(), ts=pts.ts[lo:hi].numpy(), logits=lg.numpy(),
             pattern_ids=_first_appearance_ids(all_codes[lo:hi - 1]),
