@@ -108,8 +108,9 @@ class ApiClient:
                 "params": params or {}}
         return self._json("POST", "/jobs", json=body)
 
-    def jobs(self) -> list[dict]:
-        return self._json("GET", "/jobs")
+    def jobs(self, limit: int | None = None) -> list[dict]:
+        """Newest jobs first (the backend's default page size unless ``limit`` is given)."""
+        return self._json("GET", "/jobs", params={"limit": limit} if limit else None)
 
     def job(self, job_id: str) -> dict:
         return self._json("GET", f"/jobs/{job_id}")

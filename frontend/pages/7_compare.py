@@ -1,12 +1,254 @@
-"""Compare: placeholder until this analysis' page is built."""
+"""Compare: 2 to 6 models side by side on one input or a batch, exported as an HTML report.
+
+Every cell is the ordinary single-analysis job (see frontend/comparison.py); the URL keeps
+the models, inputs and parameters, so a copied link reopens the same comparison.
+"""
+
+from datetime import UTC, datetime
+from urllib.parse import urlencode, urlsplit
 
 import streamlit as st
 
+from frontend import comparison
 from frontend import components as ui
+from frontend.client import ApiError
+from frontend.figures import compare as figures
+from frontend.report import ReportContent, build_report
 
-ui.sidebar()
-st.title("Compare")
-st.info(
-    "**Not built yet.** This page will show two or more models side by side on the same "
-    "inputs and analyses: predictions, activation patterns and robustness."
+MAX_MODELS = 6
+RERENDER_SECONDS = 2.0
+
+st.title("Compare training methods")
+st.caption(
+    "The same analyses on several models at once: how standard, adversarial (PGD) and "
+    "certified (IBP) training change what a network predicts, what its robustness proofs "
+    "rest on and how far they reach. Each cell is the job the analysis' own page runs, so the "
+    "numbers are the same; finished cells are reused."
 )
+
+selection = ui.sidebar()
+api = ui.client()
+query = dict(st.query_params)
+try:
+    models = {m["id"]: m for m in api.models()}
+    offered = set(ui.analyses())
+except ApiError as exc:
+    st.error(str(exc))
+    st.stop()
+anchor = selection.model
+if anchor is None:
+    st.info("Choose or upload a model in the sidebar: models with its input shape can join.")
+    st.stop()
+
+
+def _siblings(model: dict) -> list[str]:
+    """The model and those trained on its dataset with its architecture (other methods)."""
+    card = model.get("card") or {}
+    same = [m["id"] for m in models.values()
+            if card.get("dataset") and (m.get("card") or {}).get("dataset") == card["dataset"]
+            and (m.get("card") or {}).get("architecture") == card.get("architecture")]
+    return same if model["id"] in same else [model["id"]]
+
+
+candidates = [mid for mid, m in models.items() if m["input_shape"] == anchor["input_shape"]]
+if "cmp_models" not in st.session_state:
+    from_url = [m for m in query.get("models", "").split(",") if m in candidates]
+    st.session_state["cmp_models"] = (from_url or _siblings(anchor))[:MAX_MODELS]
+chosen = st.multiselect(
+    f"Models (2 to {MAX_MODELS}, input shape "
+    f"{'x'.join(map(str, anchor['input_shape']))})", candidates, key="cmp_models",
+    format_func=lambda mid: figures.model_label(models[mid]), max_selections=MAX_MODELS,
+)
+
+left, middle, right = st.columns([1.2, 1, 1])
+modes = ["One input", "Batch"]
+mode = left.radio("Inputs", modes, horizontal=True, key="cmp_mode",
+                  index=1 if query.get("mode") == "batch" else 0)
+params = comparison.CompareParams.from_query(query)
+eps = middle.number_input("Proof eps (L-inf)", 0.005, 0.3, params.eps, step=0.005,
+                          format="%.3f", key="cmp_eps")
+tol = right.select_slider("Bisection tolerance", [1e-3, 3e-3, 1e-2, 3e-2],
+                          value=min([1e-3, 3e-3, 1e-2, 3e-2], key=lambda t: abs(t - params.tol)),
+                          key="cmp_tol")
+params = comparison.CompareParams(eps=float(eps), method=params.method,
+                                  eps_max=params.eps_max, tol=float(tol))
+
+if mode == "One input":
+    input_ids = [selection.input_id] if selection.input_id else []
+    st.caption(f"Input: `{selection.input_id}` (choose another in the sidebar)."
+               if selection.input_id else "Choose, upload or draw an input in the sidebar.")
+else:
+    try:
+        gallery = [i for i in api.inputs(anchor["id"]) if i["source"] == "gallery"]
+    except ApiError as exc:
+        st.error(str(exc))
+        st.stop()
+    if not gallery:
+        st.warning("This model has no gallery to run a batch on.")
+        st.stop()
+    how = st.radio("Batch", ["First N test inputs", "Gallery selection"], horizontal=True,
+                   key="cmp_batch", index=1 if query.get("inputs") else 0)
+    if how == "First N test inputs":
+        most = min(200, len(gallery))
+        wanted = query.get("n", "20")
+        n = st.number_input("N", 1, most, min(most, int(wanted) if wanted.isdigit() else 20),
+                            key="cmp_n")
+        input_ids = [i["id"] for i in gallery[: int(n)]]
+    else:
+        labels = {i["id"]: i["label"] for i in gallery}
+        default = [i for i in query.get("inputs", "").split(",") if i in labels]
+        input_ids = st.multiselect("Gallery inputs", list(labels), default=default,
+                                   format_func=labels.get, key="cmp_inputs")
+
+ready = 2 <= len(chosen) <= MAX_MODELS and bool(input_ids)
+if len(chosen) < 2:
+    st.info("Choose at least two models.")
+tasks = comparison.plan(chosen, input_ids, params, offered) if ready else []
+config = (tuple(chosen), tuple(input_ids), params)
+clicked = st.button("Compare", type="primary", disabled=not ready,
+                    icon=":material/play_arrow:", key="cmp_run")
+if clicked or (query.get("run") == "1" and st.session_state.get("cmp_config") is None):
+    st.session_state["cmp_config"] = config
+    st.session_state["cmp_started"] = datetime.now(UTC)
+
+# the URL reopens this comparison
+url = {"models": ",".join(chosen), "mode": "batch" if mode == "Batch" else "one",
+       **params.query()}
+if mode == "Batch":
+    url.update({"n": str(len(input_ids))} if st.session_state.get("cmp_batch", "").startswith(
+        "First") else {"inputs": ",".join(input_ids)})
+if st.session_state.get("cmp_config") == config:
+    url["run"] = "1"
+for key, value in url.items():
+    if st.query_params.get(key) != value:
+        st.query_params[key] = value
+for key in {"n", "inputs", "run", "job"} - set(url):
+    st.query_params.pop(key, None)
+
+if not ready or st.session_state.get("cmp_config") != config:
+    st.stop()
+
+labels = [figures.model_label(models[m]) for m in chosen]
+
+
+def _figures(cells: comparison.Cells) -> list:
+    if mode == "One input":
+        columns = [cells.results.get((m, input_ids[0]), {}) for m in chosen]
+        return figures.one_input_figures(labels, columns)
+    summaries = [s.to_json() for s in comparison.summarize(cells, chosen, input_ids, params)]
+    return figures.batch_figures(labels, summaries, params.method, params.eps)
+
+
+def _one_input_metrics(cells: comparison.Cells) -> None:
+    for col, mid, label in zip(st.columns(len(chosen)), chosen, labels, strict=True):
+        prediction = cells.get(mid, input_ids[0], "predict")
+        proof = cells.get(mid, input_ids[0], "proof_features")
+        found = cells.get(mid, input_ids[0], "proof_eps")
+        with col:
+            st.markdown(f"**{label}**")
+            if prediction:
+                st.metric("Prediction", prediction["predicted_class"],
+                          f"margin {figures.margin(prediction):.2f}", delta_color="off")
+            if proof:
+                st.metric(f"Proof features kept (eps {params.eps:g})",
+                          f"{proof['num_kept']} / {proof['num_features']}" if proof["certified"]
+                          else "not certified")
+            if found:
+                st.metric(f"Largest certified eps ({params.method})",
+                          f"{found['largest_eps'][params.method]:.3f}")
+
+
+def _batch_table(cells: comparison.Cells) -> None:
+    rows = []
+    for label, s in zip(labels, comparison.summarize(cells, chosen, input_ids, params),
+                        strict=True):
+        at_eps = min(range(len(s.eps_grid)), key=lambda k: abs(s.eps_grid[k] - params.eps))
+        rows.append({"model": label, "inputs": s.inputs,
+                     "accuracy": None if s.accuracy is None else round(s.accuracy, 3),
+                     f"certified accuracy at {params.eps:g}": s.certified_accuracy[at_eps],
+                     "median features kept": (sorted(s.kept_counts)[len(s.kept_counts) // 2]
+                                              if s.kept_counts else None)})
+    st.dataframe(rows, hide_index=True)
+
+
+def _render(cells: comparison.Cells, key: str) -> list:
+    if mode == "One input":
+        _one_input_metrics(cells)
+    else:
+        _batch_table(cells)
+    drawn = _figures(cells)
+    for name, fig in drawn:
+        ui.show_figure(fig, name, key=f"{key}_{name}")
+    return drawn
+
+
+if mode == "One input" and input_ids[0].startswith("upload:"):
+    comparison.share_input(api, anchor["id"], input_ids[0], chosen)
+
+bar = st.progress(0.0, text=f"{len(tasks)} cells")
+cancel = st.empty()
+board = st.empty()
+state = {"drawn_at": 0.0, "round": 0, "done": -1}
+
+
+def _on_update(cells: comparison.Cells) -> None:
+    """Overall progress every poll; the partial figures at most every few seconds."""
+    st.session_state["cmp_jobs"] = list(cells.job_ids.values())
+    bar.progress(min(1.0, cells.progress),
+                 text=f"{cells.done} of {cells.total} cells done ({100 * cells.progress:.0f}%)")
+    now = datetime.now(UTC).timestamp()
+    if cells.done != state["done"] and now - state["drawn_at"] > RERENDER_SECONDS:
+        state.update(drawn_at=now, done=cells.done, round=state["round"] + 1)
+        with board.container():
+            st.caption("Partial results: figures fill in as cells finish.")
+            _render(cells, f"partial{state['round']}")
+
+
+cached = st.session_state.get("cmp_cells")
+if cached and cached[0] == config:
+    cells = cached[1]
+else:
+    if cancel.button("Cancel", icon=":material/stop:", key="cmp_cancel"):
+        st.session_state.pop("cmp_config", None)
+        for job_id in st.session_state.pop("cmp_jobs", []):
+            api.cancel(job_id)
+        st.query_params.pop("run", None)
+        st.rerun()
+    try:
+        cells = comparison.run(api, tasks, _on_update)
+    except ApiError as exc:
+        st.error(str(exc))
+        st.stop()
+    if not cells.errors:
+        st.session_state["cmp_cells"] = (config, cells)
+cancel.empty()
+bar.progress(1.0, text=f"{cells.done} of {cells.total} cells done")
+if cells.errors:
+    st.warning(f"{len(cells.errors)} of {cells.total} cells failed; first: "
+               + "; ".join(f"{t.analysis} on {t.input_id}: {err}"
+                           for t, err in list(cells.errors.items())[:3]))
+with board.container():
+    drawn = _render(cells, "final")
+
+try:
+    backend_version = api.health().get("version")
+except ApiError:
+    backend_version = None
+report = build_report(ReportContent(
+    title="ReLU Atlas comparison: " + " vs ".join(labels),
+    models=[models[m] for m in chosen], params={**params.query(), "mode": mode},
+    inputs=input_ids, figures=drawn,
+    link=urlsplit(st.context.url)._replace(query=urlencode(st.query_params.to_dict())).geturl(),
+    jobs=[{"model": figures.model_label(models[t.model_id]), "input": t.input_id,
+           "analysis": t.analysis, "job_id": job_id,
+           "status": "failed" if t in cells.errors else "finished"}
+          for t, job_id in cells.job_ids.items()],
+    backend_version=backend_version, started_at=st.session_state.get("cmp_started"),
+))
+cols = st.columns([1, 3])
+cols[0].download_button("HTML report", report, file_name="relu_atlas_comparison.html",
+                        mime="text/html", icon=":material/download:", on_click="ignore",
+                        key="cmp_report")
+cols[1].caption("The report embeds the figures (plotly), the model cards, the parameters, the "
+                "jobs and software versions. Each figure's camera button saves a PNG; this "
+                "page's link reopens the comparison.")
