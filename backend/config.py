@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     dask_scheduler_address: str = Field("", description="empty = start a LocalCluster")
     dask_workers: int = Field(2, ge=1, description="LocalCluster worker processes")
     api_token: str = ""
+    job_time_limit_s: float = Field(3600, gt=0, description="default and maximum per job")
+    job_memory_limit_mb: float = Field(4096, gt=0, description="default and maximum per job")
     register_samples: bool = True
     extra_analyses: str = Field("", description="comma-separated extra plug-in modules")
 

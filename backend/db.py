@@ -20,7 +20,10 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    inspect,
+    text,
 )
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 
@@ -75,6 +78,33 @@ class JobRecord(Base):
     restarts: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # The Dask task that runs the job: only it may report progress or a final state, and a
+    # retry of the same task (its worker died) may claim the job again.
+    attempt: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    time_limit_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    memory_limit_mb: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class BatchRecord(Base):
+    """A parent job: one analysis fanned out over many (model, input) pairs."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    analysis: Mapped[str] = mapped_column(String(100))
+    params: Mapped[dict] = mapped_column(JSON, default=dict)
+    total: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class BatchChild(Base):
+    """A batch's child jobs in order; a cached job may be the child of several batches."""
+
+    __tablename__ = "batch_children"
+
+    batch_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(32), index=True)
 
 
 @cache
@@ -92,7 +122,27 @@ def engine_for(url: str) -> Engine:
     else:
         engine = create_engine(url, pool_pre_ping=True)
     Base.metadata.create_all(engine)
+    _add_missing_columns(engine)
     return engine
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Additive migration: a database written by an older version gets the new (nullable)
+    columns, so upgrading keeps every existing record."""
+    existing = inspect(engine)
+    for table in Base.metadata.sorted_tables:
+        have = {c["name"] for c in existing.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in have and column.nullable:
+                kind = column.type.compile(dialect=engine.dialect)
+                try:
+                    with engine.begin() as conn:
+                        conn.execute(text(
+                            f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+                except DBAPIError:  # another process added it first
+                    if column.name not in {c["name"] for c in
+                                           inspect(engine).get_columns(table.name)}:
+                        raise
 
 
 @cache

@@ -10,6 +10,7 @@ import logging
 import threading
 import uuid
 
+import dask
 from distributed import Client, Future, LocalCluster
 
 from backend.config import Settings
@@ -37,6 +38,9 @@ class JobRunner:
         if self.settings.dask_scheduler_address:
             self.client = Client(self.settings.dask_scheduler_address, timeout=30)
         else:
+            # Jobs run in child processes of the workers (limits), so workers are no daemons;
+            # set for the whole process: the nannies read it again when they restart a worker.
+            dask.config.set({"distributed.worker.daemon": False})
             self.cluster = LocalCluster(
                 n_workers=self.settings.dask_workers, threads_per_worker=1, processes=True,
                 dashboard_address="127.0.0.1:0", host="127.0.0.1",  # no fixed port to collide
@@ -64,10 +68,11 @@ class JobRunner:
     def submit(self, job_id: str) -> None:
         if self.client is None:
             raise RuntimeError("the job runner is not started")
+        key = f"atlas-job-{job_id}-{uuid.uuid4().hex[:8]}"
         future = self.client.submit(
             run_job, job_id, str(self.settings.data_dir.resolve()), self.settings.db_url,
-            self.settings.extra_analyses, key=f"atlas-job-{job_id}-{uuid.uuid4().hex[:8]}",
-            pure=False,
+            self.settings.extra_analyses, key, self.settings.job_time_limit_s,
+            self.settings.job_memory_limit_mb, key=key, pure=False,
         )
         with self._lock:
             self._futures[job_id] = future

@@ -11,9 +11,9 @@ import json
 import threading
 import uuid
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 
-from backend.db import JobRecord, sessions_for, utcnow
+from backend.db import BatchChild, BatchRecord, JobRecord, sessions_for, utcnow
 
 FINAL = ("finished", "failed", "cancelled")
 ACTIVE = ("queued", "running")
@@ -46,11 +46,14 @@ class JobStore:
             return list(s.scalars(q))
 
     def create_or_reuse(
-        self, analysis: str, model_id: str, input_id: str | None, params: dict
+        self, analysis: str, model_id: str, input_id: str | None, params: dict,
+        limits: tuple[float | None, float | None] = (None, None),
     ) -> tuple[JobRecord, bool]:
         """A new queued job, or the existing finished/active one for the same request.
 
-        Returns ``(job, reused)``; failed and cancelled jobs are not reused (a retry runs).
+        ``limits`` is ``(time_limit_s, memory_limit_mb)`` for a new job (None: the
+        worker's default). Returns ``(job, reused)``; failed and cancelled jobs are not
+        reused (a retry runs).
         """
         key = cache_key(analysis, model_id, input_id, params)
         with self._create_lock, self.sessions() as s:
@@ -64,6 +67,7 @@ class JobStore:
             job = JobRecord(id=uuid.uuid4().hex, analysis=analysis, model_id=model_id,
                             input_id=input_id, params=params, cache_key=key, status="queued",
                             progress=0.0, message="queued", cancel_requested=False, restarts=0,
+                            time_limit_s=limits[0], memory_limit_mb=limits[1],
                             created_at=utcnow(), updated_at=utcnow())
             s.add(job)
             s.commit()
@@ -76,32 +80,45 @@ class JobStore:
             s.commit()
             return res.rowcount > 0
 
-    def claim(self, job_id: str) -> bool:
-        """queued -> running, atomically: only one worker ever runs a job."""
-        return self._update(job_id, JobRecord.status == "queued",
-                            JobRecord.cancel_requested.is_(False),
-                            status="running", message="started")
+    def claim(self, job_id: str, attempt: str = "") -> bool:
+        """queued -> running, atomically: only one task ever runs a job.
 
-    def progress(self, job_id: str, fraction: float, message: str) -> bool:
+        The same ``attempt`` (Dask task key) may claim a running job again: Dask re-runs a
+        task whose worker died, and that retry must take the job over.
+        """
+        mine = JobRecord.attempt == attempt if attempt else JobRecord.status != "running"
+        return self._update(job_id, or_(JobRecord.status == "queued",
+                                        (JobRecord.status == "running") & mine),
+                            JobRecord.cancel_requested.is_(False),
+                            status="running", progress=0.0, attempt=attempt or None,
+                            message="started")
+
+    def _mine(self, attempt: str | None) -> tuple:
+        return (JobRecord.attempt == attempt,) if attempt else ()
+
+    def progress(self, job_id: str, fraction: float, message: str,
+                 attempt: str | None = None) -> bool:
         """Record progress of a running job; returns whether cancellation was requested."""
-        self._update(job_id, JobRecord.status == "running", progress=fraction,
-                     message=message[:1000])
+        self._update(job_id, JobRecord.status == "running", *self._mine(attempt),
+                     progress=fraction, message=message[:1000])
         with self.sessions() as s:
             return bool(s.scalar(select(JobRecord.cancel_requested)
                                  .where(JobRecord.id == job_id)))
 
-    def finish(self, job_id: str, result_json: str) -> bool:
-        return self._update(job_id, JobRecord.status == "running", status="finished",
-                            progress=1.0, message="finished", result=result_json)
+    def finish(self, job_id: str, result_json: str, attempt: str | None = None) -> bool:
+        return self._update(job_id, JobRecord.status == "running", *self._mine(attempt),
+                            status="finished", progress=1.0, message="finished",
+                            result=result_json)
 
-    def fail(self, job_id: str, error: str) -> bool:
-        """Mark a job that has not ended as failed with ``error`` as the reason."""
-        return self._update(job_id, JobRecord.status.in_(ACTIVE), status="failed",
-                            message="failed", error=error[:4000])
+    def fail(self, job_id: str, error: str, attempt: str | None = None) -> bool:
+        """Mark a job that has not ended as failed with ``error`` as the reason (only if
+        ``attempt``, when given, still owns it)."""
+        return self._update(job_id, JobRecord.status.in_(ACTIVE), *self._mine(attempt),
+                            status="failed", message="failed", error=error[:4000])
 
-    def mark_cancelled(self, job_id: str) -> bool:
-        return self._update(job_id, JobRecord.status.in_(ACTIVE), status="cancelled",
-                            message="cancelled")
+    def mark_cancelled(self, job_id: str, attempt: str | None = None) -> bool:
+        return self._update(job_id, JobRecord.status.in_(ACTIVE), *self._mine(attempt),
+                            status="cancelled", message="cancelled")
 
     def request_cancel(self, job_id: str) -> JobRecord | None:
         """Flag a job for cancellation; a queued job is cancelled at once."""
@@ -132,3 +149,32 @@ class JobStore:
                     requeued.append(job.id)
             s.commit()
         return requeued
+
+    # -- batches: one parent record, children are ordinary (cacheable) jobs ------------------
+
+    def create_batch(self, analysis: str, params: dict, job_ids: list[str]) -> BatchRecord:
+        batch = BatchRecord(id=uuid.uuid4().hex, analysis=analysis, params=params,
+                            total=len(job_ids), created_at=utcnow())
+        with self.sessions() as s:
+            s.add(batch)
+            s.add_all(BatchChild(batch_id=batch.id, position=i, job_id=job_id)
+                      for i, job_id in enumerate(job_ids))
+            s.commit()
+        return batch
+
+    def batch(self, batch_id: str) -> tuple[BatchRecord, list[JobRecord]] | None:
+        """The batch and its child jobs in submission order (None if unknown)."""
+        with self.sessions() as s:
+            batch = s.get(BatchRecord, batch_id)
+            if batch is None:
+                return None
+            rows = s.execute(select(BatchChild.position, JobRecord)
+                             .join(JobRecord, JobRecord.id == BatchChild.job_id)
+                             .where(BatchChild.batch_id == batch_id)
+                             .order_by(BatchChild.position)).all()
+            return batch, [job for _, job in rows]
+
+    def batches(self, limit: int = 200) -> list[BatchRecord]:
+        with self.sessions() as s:
+            return list(s.scalars(select(BatchRecord).order_by(BatchRecord.created_at.desc())
+                                  .limit(limit)))

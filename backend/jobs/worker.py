@@ -1,14 +1,23 @@
-"""The Dask task: run one job in a worker process and record everything in the job DB.
+"""The Dask task: run one job in a child process and record everything in the job DB.
 
 The task gets only the job id and where the data lives; it loads the model and input
 itself, so any worker that shares the data dir and database can run any job.
+
+Each job runs in a child process forked from a forkserver that has torch and every analysis
+imported: a job that exceeds its time limit is killed, one that exceeds its memory limit
+(an address-space rlimit in the child) fails, and in both cases the Dask worker survives.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import multiprocessing
+import resource
+import signal
 import time
+from multiprocessing import forkserver
 from pathlib import Path
 
 import torch
@@ -17,19 +26,22 @@ from distributed import WorkerPlugin
 from app import AtlasError, Cancelled
 from backend.analyses import REGISTRY, load_all
 from backend.analyses.base import JobContext, jsonable
-from backend.jobs.store import JobStore
+from backend.jobs.store import ACTIVE, JobStore
 from backend.storage import Storage
 
 log = logging.getLogger(__name__)
 PROGRESS_INTERVAL_S = 0.25
+CHILDREN = multiprocessing.get_context("forkserver")
+PR_SET_PDEATHSIG = 1
 
 
 class Progress:
     """Progress callback: writes to the DB at most every ``interval`` seconds (and at the
     end) and raises :class:`app.Cancelled` once the job is flagged for cancellation."""
 
-    def __init__(self, store: JobStore, job_id: str, interval: float = PROGRESS_INTERVAL_S):
-        self.store, self.job_id, self.interval = store, job_id, interval
+    def __init__(self, store: JobStore, job_id: str, interval: float = PROGRESS_INTERVAL_S,
+                 attempt: str | None = None):
+        self.store, self.job_id, self.interval, self.attempt = store, job_id, interval, attempt
         self.last = float("-inf")
 
     def __call__(self, fraction: float, message: str) -> None:
@@ -37,13 +49,21 @@ class Progress:
         if now - self.last < self.interval and fraction < 1.0:
             return
         self.last = now
-        if self.store.progress(self.job_id, min(1.0, max(0.0, float(fraction))), message):
+        if self.store.progress(self.job_id, min(1.0, max(0.0, float(fraction))), message,
+                               self.attempt):
             raise Cancelled("cancelled by the user")
 
 
+def start_job_processes() -> None:
+    """Start this process' forkserver with the analyses imported (seconds, once)."""
+    forkserver.set_forkserver_preload([__name__])
+    forkserver.ensure_running()
+
+
 class Preload(WorkerPlugin):
-    """Imports torch and every analysis plug-in when a worker joins, so the first job on a
-    fresh worker does not pay seconds of imports."""
+    """Imports torch and every analysis plug-in when a worker joins, and starts the
+    forkserver jobs run in, so the first job on a fresh worker does not pay seconds of
+    imports."""
 
     name = "atlas-preload"
 
@@ -52,37 +72,89 @@ class Preload(WorkerPlugin):
 
     def setup(self, worker) -> None:  # noqa: ANN001 - distributed.Worker
         load_all(self.extra_analyses)
+        if not multiprocessing.current_process().daemon:
+            start_job_processes()
 
 
-def run_job(job_id: str, data_dir: str, db_url: str, extra_analyses: str = "") -> str:
-    """Run job ``job_id`` to a final state; returns that state (or "skipped" if another
-    worker has it or it was cancelled before it started)."""
-    load_all(extra_analyses)
-    store, storage = JobStore(db_url), Storage(Path(data_dir), db_url)
-    if not store.claim(job_id):
+def run_job(job_id: str, data_dir: str, db_url: str, extra_analyses: str = "",
+            attempt: str = "", time_limit_s: float = 3600,
+            memory_limit_mb: float = 4096) -> str:
+    """Run job ``job_id`` to a final state in a child process; returns that state (or
+    "skipped" if another task has it or it was cancelled before it started).
+
+    ``attempt`` names this task (a retry after a worker died has the same one); the limits
+    are the defaults for jobs that do not set their own, and the maxima for those that do.
+    """
+    store = JobStore(db_url)
+    if not store.claim(job_id, attempt):
         return "skipped"
     job = store.get(job_id)
+    time_limit = min(job.time_limit_s or time_limit_s, time_limit_s)
+    memory_limit = min(job.memory_limit_mb or memory_limit_mb, memory_limit_mb)
+    if multiprocessing.current_process().daemon:
+        store.fail(job_id, "this Dask worker runs as a daemon and cannot start job processes: "
+                           "start workers with DASK_DISTRIBUTED__WORKER__DAEMON=False", attempt)
+        return "failed"
+    child = CHILDREN.Process(target=_run_in_child, daemon=True, name=f"atlas-job-{job_id}",
+                             args=(job_id, data_dir, db_url, extra_analyses, attempt,
+                                   memory_limit))
+    child.start()
+    child.join(time_limit)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        store.fail(job_id, f"the job exceeded its time limit of {time_limit:g} s", attempt)
+        return "failed"
+    job = store.get(job_id)
+    if job.status in ACTIVE:  # the child died without recording an end
+        store.fail(job_id, f"the analysis process died (exit code {child.exitcode}); it may "
+                           f"have exceeded the memory limit of {memory_limit:g} MB", attempt)
+    return store.get(job_id).status
+
+
+def _limit_memory(limit_mb: float) -> None:
+    """Cap the address space at what the (preloaded) process uses now plus ``limit_mb``."""
+    status = Path("/proc/self/status").read_text()
+    used_kb = int(status.split("VmSize:")[1].split()[0])
+    cap = used_kb * 1024 + int(limit_mb * 1024 * 1024)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+
+def _run_in_child(job_id: str, data_dir: str, db_url: str, extra_analyses: str,
+                  attempt: str, memory_limit_mb: float) -> None:
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # die with the worker
+    _limit_memory(memory_limit_mb)
+    load_all(extra_analyses)
+    store, storage = JobStore(db_url), Storage(Path(data_dir), db_url)
+    job = store.get(job_id)
     try:
-        result = _execute(job, store, storage)
+        result = _execute(job, store, storage, attempt)
         text = json.dumps(jsonable(result), allow_nan=False)
     except Cancelled:
-        store.mark_cancelled(job_id)
-        return "cancelled"
+        store.mark_cancelled(job_id, attempt)
+        return
+    except MemoryError:
+        store.fail(job_id, f"the job exceeded its memory limit of {memory_limit_mb:g} MB",
+                   attempt)
+        return
     except (AtlasError, LookupError, ValueError) as exc:
-        store.fail(job_id, str(exc) or type(exc).__name__)
-        return "failed"
+        store.fail(job_id, str(exc) or type(exc).__name__, attempt)
+        return
     except Exception as exc:  # noqa: BLE001 - every engine failure must end the job
+        if "can't allocate memory" in str(exc):  # torch's allocator under the rlimit
+            store.fail(job_id, f"the job exceeded its memory limit of {memory_limit_mb:g} MB",
+                       attempt)
+            return
         log.exception("job %s failed", job_id)
-        store.fail(job_id, f"{type(exc).__name__}: {exc}")
-        return "failed"
+        store.fail(job_id, f"{type(exc).__name__}: {exc}", attempt)
+        return
     if store.get(job_id).cancel_requested:
-        store.mark_cancelled(job_id)
-        return "cancelled"
-    store.finish(job_id, text)
-    return "finished"
+        store.mark_cancelled(job_id, attempt)
+        return
+    store.finish(job_id, text, attempt)
 
 
-def _execute(job, store: JobStore, storage: Storage) -> dict:  # noqa: ANN001 - JobRecord
+def _execute(job, store: JobStore, storage: Storage, attempt: str) -> dict:  # noqa: ANN001
     analysis = REGISTRY.get(job.analysis)
     if analysis is None:
         raise LookupError(f"unknown analysis '{job.analysis}'")
@@ -106,8 +178,9 @@ def _execute(job, store: JobStore, storage: Storage) -> dict:  # noqa: ANN001 - 
     artifacts.mkdir(parents=True, exist_ok=True)
     ctx = JobContext(
         net=net, x=x, label=label, card=dict(model.card or {}), artifacts=artifacts,
-        progress=Progress(store, job.id), model_id=model.id, input_id=job.input_id,
-        _load_input=load_input, _gallery=lambda n: storage.gallery(model, n),
+        progress=Progress(store, job.id, attempt=attempt), model_id=model.id,
+        input_id=job.input_id, _load_input=load_input,
+        _gallery=lambda n: storage.gallery(model, n),
     )
     ctx.progress(0.0, "started")
     result = analysis.run(ctx, params)
