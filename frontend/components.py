@@ -17,6 +17,7 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 from PIL import Image
+from streamlit.runtime.pages_manager import PagesManager
 
 from frontend.client import ACTIVE, ApiClient, ApiError
 
@@ -61,8 +62,22 @@ def analyses() -> dict[str, dict]:
 # -- sidebar ----------------------------------------------------------------------------------
 
 
+def _leave_legacy_pages_mode() -> None:
+    """Make Streamlit use app.py's ``st.navigation`` even on a first visit to a page URL.
+
+    Streamlit treats a ``pages/`` folder beside the entry script as an old-style multipage
+    app until ``st.navigation`` has run once in the server; if the first visitor after a start
+    opens a page link (``/saliency?job=...``), it would run that page alone and keep the
+    old-style menu for everyone. Clearing the flag and rerunning goes through app.py instead.
+    """
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
 def begin_run() -> None:
     """Called by app.py at the top of every run so :func:`sidebar` renders once per run."""
+    _leave_legacy_pages_mode()
     st.session_state.pop(_SELECTION, None)
 
 
@@ -71,6 +86,7 @@ def sidebar() -> Selection:
 
     Pages may call it freely: later calls in the same run return the first call's result.
     """
+    _leave_legacy_pages_mode()
     if _SELECTION in st.session_state:
         return st.session_state[_SELECTION]
     with st.sidebar:

@@ -182,6 +182,10 @@ class Ui:
         )
         self.page.set_viewport_size({"width": size["width"], "height": max(height, size["height"])})
         self.wait_idle()
+        self.page.wait_for_function(  # plotly draws its charts after the run has finished
+            "() => [...document.querySelectorAll('[data-testid=\"stPlotlyChart\"]')]"
+            ".every(chart => chart.querySelector('.main-svg'))"
+        )
         self.page.screenshot(path=str(path))
         self.page.set_viewport_size(size)
         return path
