@@ -112,7 +112,7 @@ def smt_mask(
     if top_k < 1 or not 0 < threshold <= 2 or timeout_s <= 0 or solver not in SOLVERS:
         raise InvalidInputError(
             f"need top_k >= 1, 0 < threshold <= 2, timeout_s > 0 and solver in {SOLVERS}")
-    net = net.with_dtype(torch.float64).eval()
+    net = net.with_dtype(torch.float64).eval().requires_grad_(False)
     x = torch.as_tensor(x, dtype=torch.float64).reshape(net.input_shape)
     base = torch.full_like(x, float(baseline))
     relu = first_relu(net)
