@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -52,11 +52,36 @@ class AnalysisInfo(BaseModel):
     params_schema: dict[str, Any]
 
 
+class JobLimits(BaseModel):
+    """Per-job limits; the server's settings are the defaults and the maxima."""
+
+    time_s: float | None = Field(None, gt=0, le=86_400, description="wall-clock seconds")
+    memory_mb: float | None = Field(None, ge=16, le=1_048_576, description="address space MB")
+
+    def pair(self) -> tuple[float | None, float | None]:
+        return self.time_s, self.memory_mb
+
+
 class JobRequest(BaseModel):
     analysis: str = Field(max_length=100)
     model_id: str = Field(max_length=64)
     input_id: str | None = Field(None, max_length=80)
     params: dict[str, Any] = Field(default_factory=dict)
+    limits: JobLimits = Field(default_factory=JobLimits)
+
+
+MAX_BATCH = 10_000
+
+
+class BatchRequest(BaseModel):
+    """One analysis over every (model, input) pair of ``model_ids`` x ``input_ids``."""
+
+    analysis: str = Field(max_length=100)
+    model_ids: list[Annotated[str, Field(max_length=64)]] = Field(min_length=1, max_length=100)
+    input_ids: list[Annotated[str, Field(max_length=80)] | None] = Field(
+        default_factory=lambda: [None], min_length=1, max_length=MAX_BATCH)
+    params: dict[str, Any] = Field(default_factory=dict)
+    limits: JobLimits = Field(default_factory=JobLimits)
 
 
 class JobInfo(BaseModel):
@@ -72,3 +97,16 @@ class JobInfo(BaseModel):
     cached: bool = False
     created_at: datetime
     updated_at: datetime
+
+
+class BatchInfo(BaseModel):
+    id: str
+    analysis: str
+    params: dict[str, Any]
+    total: int
+    status: Literal["queued", "running", "finished"]
+    progress: float = Field(ge=0, le=1)
+    counts: dict[str, int] = Field(description="children per status")
+    message: str
+    created_at: datetime
+    children: list[JobInfo] | None = Field(None, description="child jobs, in request order")

@@ -14,6 +14,7 @@ import dask
 from distributed import Client, Future, LocalCluster
 
 from backend.config import Settings
+from backend.db import JobRecord
 from backend.jobs.store import JobStore
 from backend.jobs.worker import Preload, run_job
 
@@ -77,6 +78,21 @@ class JobRunner:
         with self._lock:
             self._futures[job_id] = future
         future.add_done_callback(lambda f: self._done(job_id, f))
+
+    def run_or_reuse(self, analysis: str, model_id: str, input_id: str | None, params: dict,
+                     limits: tuple[float | None, float | None] = (None, None),
+                     ) -> tuple[JobRecord, bool]:
+        """The cached or active job for this request, or a new one handed to Dask:
+        ``(job, reused)``. ``params`` must already be validated."""
+        job, reused = self.store.create_or_reuse(analysis, model_id, input_id, params, limits)
+        if reused:
+            return job, True
+        try:
+            self.submit(job.id)
+        except Exception as exc:  # noqa: BLE001 - the job must not stay queued forever
+            self.store.fail(job.id, f"could not submit the job: {exc}")
+            job = self.store.get(job.id)
+        return job, False
 
     def cancel(self, job_id: str) -> None:
         """Drop a queued task; a running one stops at its next progress report."""

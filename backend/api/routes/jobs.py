@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, Query, Response
 from fastapi.responses import FileResponse
 from pydantic import ValidationError
 
-from backend.analyses import REGISTRY
+from backend.analyses import REGISTRY, Analysis
 from backend.api.deps import ServicesDep
 from backend.api.errors import validation_message
 from backend.api.schemas import JobInfo, JobRequest
@@ -18,7 +18,7 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
-def _info(job: JobRecord, cached: bool = False) -> JobInfo:
+def job_info(job: JobRecord, cached: bool = False) -> JobInfo:
     return JobInfo.model_validate(job, from_attributes=True).model_copy(update={"cached": cached})
 
 
@@ -29,48 +29,59 @@ def _job(job_id: str, services: ServicesDep) -> JobRecord:
     return job
 
 
-@router.post("", response_model=JobInfo, status_code=201)
-def submit_job(req: JobRequest, services: ServicesDep, response: Response) -> JobInfo:
-    analysis = REGISTRY.get(req.analysis)
+def checked_analysis(name: str) -> Analysis:
+    analysis = REGISTRY.get(name)
     if analysis is None:
-        raise HTTPException(404, f"unknown analysis '{req.analysis}'; "
+        raise HTTPException(404, f"unknown analysis '{name}'; "
                                  f"available: {', '.join(sorted(REGISTRY))}")
-    model = services.storage.model(req.model_id)
-    if model is None:
-        raise HTTPException(404, f"unknown model '{req.model_id}'")
-    if req.input_id is not None:
-        try:
-            services.storage.load_input(model, req.input_id)
-        except KeyError:
-            raise HTTPException(404, f"unknown input '{req.input_id}' for this model") from None
-    elif analysis.needs_input:
-        raise HTTPException(422, f"analysis '{analysis.name}' needs an input_id")
+    return analysis
+
+
+def checked_params(analysis: Analysis, params: dict) -> dict:
+    """The request's params validated by the analysis' model, as canonical JSON data."""
     try:
-        params = analysis.params.model_validate(req.params).model_dump(mode="json")
+        return analysis.params.model_validate(params).model_dump(mode="json")
     except ValidationError as exc:
         raise HTTPException(422, f"invalid params for '{analysis.name}': "
                                  f"{validation_message(exc.errors())}") from exc
-    job, reused = services.store.create_or_reuse(analysis.name, model.id, req.input_id, params)
+
+
+def check_target(services: ServicesDep, analysis: Analysis, model_id: str,
+                 input_id: str | None) -> None:
+    """404/422 unless the model exists and the input exists for it (or is not needed)."""
+    model = services.storage.model(model_id)
+    if model is None:
+        raise HTTPException(404, f"unknown model '{model_id}'")
+    if input_id is not None:
+        try:
+            services.storage.load_input(model, input_id)
+        except KeyError:
+            raise HTTPException(404, f"unknown input '{input_id}' for model {model_id}") from None
+    elif analysis.needs_input:
+        raise HTTPException(422, f"analysis '{analysis.name}' needs an input_id")
+
+
+@router.post("", response_model=JobInfo, status_code=201)
+def submit_job(req: JobRequest, services: ServicesDep, response: Response) -> JobInfo:
+    analysis = checked_analysis(req.analysis)
+    check_target(services, analysis, req.model_id, req.input_id)
+    params = checked_params(analysis, req.params)
+    job, reused = services.runner.run_or_reuse(analysis.name, req.model_id, req.input_id,
+                                               params, req.limits.pair())
     if reused:
         response.status_code = 200
-        return _info(job, cached=job.status == "finished")
-    try:
-        services.runner.submit(job.id)
-    except Exception as exc:  # noqa: BLE001 - the job must not stay queued forever
-        services.store.fail(job.id, f"could not submit the job: {exc}")
-        job = services.store.get(job.id)
-    return _info(job)
+    return job_info(job, cached=reused and job.status == "finished")
 
 
 @router.get("", response_model=list[JobInfo])
 def list_jobs(services: ServicesDep, model_id: str | None = None,
               limit: int = Query(200, ge=1, le=1000)) -> list[JobInfo]:
-    return [_info(j) for j in services.store.list(limit, model_id)]
+    return [job_info(j) for j in services.store.list(limit, model_id)]
 
 
 @router.get("/{job_id}", response_model=JobInfo)
 def get_job(job_id: str, services: ServicesDep) -> JobInfo:
-    return _info(_job(job_id, services))
+    return job_info(_job(job_id, services))
 
 
 @router.post("/{job_id}/cancel", response_model=JobInfo)
@@ -78,7 +89,7 @@ def cancel_job(job_id: str, services: ServicesDep) -> JobInfo:
     _job(job_id, services)
     job = services.store.request_cancel(job_id)
     services.runner.cancel(job_id)
-    return _info(job)
+    return job_info(job)
 
 
 @router.get("/{job_id}/result", responses={200: {"content": {"application/json": {}}}})
