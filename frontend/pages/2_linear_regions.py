@@ -15,9 +15,12 @@ st.caption(
     "networks are reported to be more linear: compare the density of pieces along FGSM and "
     "random directions, and across models for the same input."
 )
-line_tab, plane_tab, ig_tab = st.tabs(["Along a line", "In a plane", "Exact IG"])
+# one job widget per run: the widgets share the URL's ``job`` parameter
+VIEWS = {"line": "Along a line", "plane": "In a plane", "ig": "Exact IG"}
+view = st.radio("View", list(VIEWS), format_func=VIEWS.get, horizontal=True, key="lr_view",
+                label_visibility="collapsed")
 
-with line_tab:
+if view == "line":
     cols = st.columns(4)
     mode = cols[0].radio("Segment", ["direction", "input"],
                          format_func={"direction": "input + direction",
@@ -59,7 +62,7 @@ with line_tab:
             st.caption("Run this tab on other models (sidebar) to add rows.")
             st.dataframe(pd.DataFrame(rows), hide_index=True)
 
-with plane_tab:
+elif view == "plane":
     cols = st.columns(4)
     plane_params = {
         "shape": cols[0].selectbox("Shape", ["parallelogram", "triangle"]),
@@ -71,7 +74,7 @@ with plane_tab:
     if result:
         ui.show_figure(figures.plane_map(result), "linear_regions_plane")
 
-with ig_tab:
+else:
     cols = st.columns(3)
     ig_params: dict = {
         "baseline": cols[0].selectbox("Baseline", ["zeros", "input"]),
