@@ -20,12 +20,29 @@ import torch
 from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, milp
 
+from app.bounds import analyze
 from app.errors import UnsupportedModelError
 from app.layers import Add, AffineLayer, Layer, MaxPool2d, ReLU
 from app.network import INPUT, Network
 
-# Phases fixed per ReLU node: node -> (indices that are on, indices that are off).
+# Fixed phases: ReLU node -> (indices that are on, indices that are off); MaxPool node ->
+# (winning flat input index of every output, []).
 Phases = dict[int, tuple[list[int], list[int]]]
+
+
+def satisfies(
+    net: Network, outs: list[torch.Tensor], x: torch.Tensor, phases: Phases
+) -> torch.Tensor:
+    """Which inputs of the batch ``x`` (with traced ``outs``) have the fixed phases."""
+    ok = torch.ones(x.shape[0], dtype=torch.bool)
+    for node, (first, second) in phases.items():
+        pre = net.node_inputs(outs, x, node)[0]
+        layer, flat = net.layers[node], pre.reshape(x.shape[0], -1)
+        if isinstance(layer, MaxPool2d):
+            ok &= (flat[:, first] >= layer(pre).reshape(x.shape[0], -1)).all(1)
+        else:
+            ok &= (flat[:, first] > 0).all(1) & (flat[:, second] <= 0).all(1)
+    return ok
 
 
 @dataclass
@@ -114,7 +131,8 @@ def encode(
     """Encode ``net`` (float64) on the box ``[lo, hi]`` with the given fixed ReLU phases.
 
     Big-M constants come from interval bounds clamped by the fixed phases; with ``tighten``
-    each undecided ReLU input is first bounded by two LPs over the relaxation built so far
+    they are intersected with CROWN bounds, and each ReLU input still undecided is bounded
+    by two LPs over the relaxation built so far
     (until ``deadline``, a ``time.perf_counter`` value), which makes the MILP far easier.
     ``margin > 0`` asks fixed-on inputs to be ``>= margin`` and fixed-off ones ``<= -margin``
     (to find counterexamples strictly inside a pattern).
@@ -123,11 +141,16 @@ def encode(
     bounds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {
         INPUT: (lo.reshape(shape).to(torch.float64), hi.reshape(shape).to(torch.float64))
     }
+    crown = analyze(net, *bounds[INPUT], "crown") if tighten else None
     prog = Program()
     nodes: dict[int, np.ndarray] = {INPUT: prog.variables(*_flat(bounds[INPUT]))}
     relus = set(net.relu_indices)
     for i, (layer, ins) in enumerate(zip(net.layers, net.inputs, strict=True)):
         if i in relus:
+            if crown is not None and ins[0] != INPUT:
+                c_lo, c_hi = crown.bounds(ins[0])
+                b_lo, b_hi = bounds[ins[0]]
+                bounds[ins[0]] = torch.maximum(b_lo, c_lo), torch.minimum(b_hi, c_hi)
             bounds[ins[0]] = _tightened(prog, nodes[ins[0]], bounds[ins[0]], phases.get(i),
                                         deadline if tighten else -math.inf)
         bounds[i] = layer.interval(*(bounds[j] for j in ins))
@@ -254,6 +277,14 @@ def _maxpool(prog, layer, in_shape, srcs, src_bounds, out_bounds, fixed, margin)
     y = prog.variables(*out_bounds)
     for o, win in enumerate(windows):
         win = win[np.isfinite(win)].astype(int)
+        if fixed is not None:  # a fixed winner: y = x_w >= every other input of the window
+            # (no margin: windows of switched-off ReLUs tie at exactly 0)
+            w, others = fixed[0][o], win[win != fixed[0][o]]
+            prog.add(sparse.csr_matrix([[1.0, -1.0]]), np.array([y[o], x[w]]), 0, 0)
+            k = len(others)
+            prog.add(sparse.hstack([np.ones((k, 1)), -_eye(k)]),
+                     np.concatenate([[x[w]], x[others]]), 0, math.inf)
+            continue
         top = ub[win].max()
         cand = win[ub[win] >= lb[win].max()]  # the others can never be the max
         if len(cand) == 1:

@@ -90,7 +90,8 @@ def input_property(
 def pattern_constraints(
     net64: Network, x64: Tensor, node: int
 ) -> tuple[np.ndarray, np.ndarray, Phases]:
-    """``(A, b, phases)``: inputs with ``x64``'s pattern at every ReLU up to ``node``."""
+    """``(A, b, phases)``: inputs with ``x64``'s pattern at every ReLU (and max-pool winners)
+    up to ``node``."""
     n_in = math.prod(net64.input_shape)
     with torch.no_grad():
         outs = net64.trace(x64)
@@ -178,7 +179,7 @@ def _maxpool(layer, in_shape, srcs, values):
     n_in = m.shape[1]
     return ((m[winners], c[winners]),
             (np.concatenate(ra) if ra else np.zeros((0, n_in)),
-             np.concatenate(rb) if rb else np.zeros(0)), None)
+             np.concatenate(rb) if rb else np.zeros(0)), (winners, []))
 
 
 def _ball_radius(slack: np.ndarray, norms: np.ndarray) -> float:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from app.analyses.patterns.milp import Phases, encode
+from app.analyses.patterns.milp import Phases, encode, satisfies
 from app.analyses.patterns.rules import Rule
 from app.errors import InvalidInputError
 from app.network import Network
@@ -131,7 +131,7 @@ def check_property(
            for j in rivals}
     open_rivals = sorted((j for j in rivals if gap[j] > TOLERANCE), key=lambda j: -gap[j])
     worst = max((gap[j] for j in rivals if j not in open_rivals), default=-math.inf)
-    timed_out = False
+    timed_out = unconfirmed = False
     for j in open_rivals:
         left = timeout - (time.perf_counter() - start)
         if left <= 0:
@@ -153,11 +153,15 @@ def check_property(
                 x, cls = found
                 return Verdict("counterexample", time.perf_counter() - start,
                                f"class {cls} wins instead of {target}", x, cls, float(res.fun))
+            unconfirmed = True
         if res.status != 0 or bound is None or bound > TOLERANCE:
             timed_out = True
             continue
         worst = max(worst, bound)
     seconds = time.perf_counter() - start
+    if unconfirmed:
+        return Verdict("unknown", seconds, "the solver's candidate counterexample did not survive "
+                       "a forward pass (numerically on a boundary)")
     if timed_out:
         return Verdict("unknown", seconds, f"solver stopped after {seconds:.1f}s without an answer")
     return Verdict("proven", seconds, "holds on every input of the domain satisfying the premise",
@@ -171,10 +175,7 @@ def _falsify(net, net64, phases, domain, target, lowest, samples: int = 2048):
     xs = domain.lo + (domain.hi - domain.lo) * u
     with torch.no_grad():
         outs = net64.trace(xs)
-    ok = torch.ones(samples, dtype=torch.bool)
-    for node, (on, off) in phases.items():
-        pre = net64.node_inputs(outs, xs, node)[0].reshape(samples, -1)
-        ok &= (pre[:, on] > 0).all(1) & (pre[:, off] <= 0).all(1)
+    ok = satisfies(net64, outs, xs, phases)
     y = outs[-1].reshape(samples, -1)
     ok &= (y.argmin(1) if lowest else y.argmax(1)) != target
     for k in torch.nonzero(ok).reshape(-1)[:5].tolist():
@@ -209,10 +210,8 @@ def _confirm(net, net64, x_flat, phases, target, lowest, domain) -> tuple[Tensor
         x = x64.to(model.dtype)
         with torch.no_grad():
             outs = model.trace(x)
-        for node, (on, off) in phases.items():
-            pre = model.node_inputs(outs, x, node)[0].reshape(-1)
-            if not (bool((pre[on] > 0).all()) and bool((pre[off] <= 0).all())):
-                return None
+        if not bool(satisfies(model, outs, x, phases)[0]):
+            return None
         y = outs[-1].reshape(-1)
         cls = int(y.argmin() if lowest else y.argmax())
         if cls == target:
