@@ -1,0 +1,119 @@
+"""Pattern rules: mining, verification and distillation on the sample models and ACAS Xu.
+
+For every sample digit model: mine rules at the last ReLU layer from the gallery, verify the
+top ``--rules`` on the L-inf ball (``--eps``) around an input each covers, and distil a rule
+list whose held-out agreement with the network is compared with the majority-class baseline.
+For the shared ACAS Xu network 1_1: mine "clear of conflict" (lowest score, index 0) rules on
+the normalized input box, verify them on the box around a covered input and, with a short
+time-out, on the whole box. Every counterexample is re-checked by a forward pass here.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_patterns.py [--rules 3 --timeout 30]
+
+Ends with ``RESULT rules=<n> proven=<p> median_verify_s=<x> distilled_fidelity=<f>``
+(rules verified, of them proven, median verification time, mean fidelity over sample models).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from app import load_network
+from app.analyses.patterns import InputDomain, distill, mine_rules, verify_rule
+
+ROOT = Path(__file__).resolve().parents[1]
+ACAS = ROOT.parent / "shared" / "data" / "vnncomp2021" / "acasxu" / "ACASXU_run2a_1_1_batch_2000.onnx"
+ACAS_LO = [-0.328422877, -0.5, -0.5, -0.5, -0.5]
+ACAS_HI = [0.679857769, 0.5, 0.5, 0.5, 0.5]
+
+
+def _check(net, rule, verdict) -> None:
+    """A counterexample must satisfy the premise and change the decision (forward pass)."""
+    if verdict.status != "counterexample":
+        return
+    x = verdict.counterexample.reshape(1, *net.input_shape)
+    assert bool(rule.fires(net, x)[0]), "counterexample outside the premise"
+    with torch.no_grad():
+        y = net(x)[0]
+    assert int(y.argmin() if rule.lowest else y.argmax()) != rule.target
+
+
+def _verify_top(net, mined, xs, rules: int, domain_of, timeout: float) -> list[tuple]:
+    held = xs[mined.heldout]
+    rows = []
+    for rule in mined.rules[:rules]:
+        start = held[rule.fires(net, held)][:1]
+        if not len(start):
+            continue
+        verdict = verify_rule(net, rule, domain_of(start[0]), timeout=timeout)
+        _check(net, rule, verdict)
+        rows.append((rule, verdict))
+        print(f"  {verdict.status:<15}{verdict.seconds:7.2f}s  {rule}")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rules", type=int, default=3, help="rules verified per model")
+    parser.add_argument("--eps", type=float, default=0.05, help="L-inf ball of the digit domains")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per verification")
+    parser.add_argument("--acas-radius", type=float, default=0.05)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    gallery = np.load(ROOT / "sample_models" / "gallery" / "digits.npz")
+    xs = torch.from_numpy(gallery["x"].astype(np.float32))
+    verdicts, fidelities = [], []
+    for path in sorted((ROOT / "sample_models").glob("digits_*.onnx")):
+        net = load_network(path)
+        t0 = time.perf_counter()
+        mined = mine_rules(net, xs, layer=-1, min_support=10)
+        mine_s = time.perf_counter() - t0
+        rule_list = distill(net, xs, layer=-1, max_depth=12)
+        with torch.no_grad():
+            decided = net(xs[rule_list.heldout]).argmax(1).numpy()
+        majority = np.bincount(decided).max() / len(decided)
+        fidelities.append(rule_list.fidelity)
+        print(f"{path.stem}: {len(mined.rules)} rules at L{mined.layer} in {mine_s:.2f}s; "
+              f"distilled fidelity {rule_list.fidelity:.3f} = {rule_list.fidelity / majority:.1f}x "
+              f"the majority baseline ({len(rule_list.rules)} rules)")
+        verdicts += _verify_top(net, mined, xs, args.rules,
+                                lambda x, net=net: InputDomain.linf_ball(net, x, args.eps),
+                                args.timeout)
+
+    if ACAS.exists():
+        net = load_network(ACAS)
+        lo, hi = torch.tensor(ACAS_LO).reshape(1, 1, 5), torch.tensor(ACAS_HI).reshape(1, 1, 5)
+        gen = torch.Generator().manual_seed(0)
+        xa = lo + (hi - lo) * torch.rand((5000, 1, 1, 5), generator=gen)
+        t0 = time.perf_counter()
+        mined = mine_rules(net, xa, layer=2, target=0, lowest=True, min_support=20, max_depth=10)
+        print(f"{ACAS.stem}: {len(mined.rules)} clear-of-conflict rules at L2 in "
+              f"{time.perf_counter() - t0:.2f}s; local boxes of radius {args.acas_radius}:")
+        r = args.acas_radius
+        verdicts += _verify_top(
+            net, mined, xa, args.rules,
+            lambda x: InputDomain.box(net, torch.max(x - r, lo[0]), torch.min(x + r, hi[0])),
+            args.timeout)
+        if mined.rules:
+            full = verify_rule(net, mined.rules[0], InputDomain.box(net, lo, hi),
+                               timeout=args.timeout)
+            _check(net, mined.rules[0], full)
+            print(f"  whole normalized box, first rule: {full.status} in {full.seconds:.2f}s")
+    else:
+        print("ACAS Xu network absent: skipped")
+
+    proven = sum(v.status == "proven" for _, v in verdicts)
+    median = statistics.median(v.seconds for _, v in verdicts) if verdicts else float("nan")
+    print(f"proven share {proven / max(1, len(verdicts)):.2f} of {len(verdicts)} verified rules")
+    print(f"RESULT rules={len(verdicts)} proven={proven} median_verify_s={median:.3f} "
+          f"distilled_fidelity={float(np.mean(fidelities)) if fidelities else float('nan'):.3f}")
+
+
+if __name__ == "__main__":
+    main()
