@@ -1,8 +1,8 @@
 """Widgets every page shares: the model/input sidebar, running a job, heatmaps, downloads.
 
 Pages call :func:`sidebar` for the current :class:`Selection` and :func:`run_job` to run an
-analysis on it. The model, input and job live in the URL's query parameters, so a copied link
-reopens the same result.
+analysis on it. The model, input and jobs live in the URL's query parameters, so a copied link
+reopens the same results.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from frontend.client import ACTIVE, ApiClient, ApiError
 _SELECTION = "_atlas_selection"
 _PENDING_INPUT = "_atlas_pending_input"
 _SIDEBAR_ERROR = "_atlas_sidebar_error"
+_PRIMARY_JOB = "_atlas_primary_job"
+_JOB_PARAM = "job"
 GALLERY_THUMBNAILS = 12
 POLL_SECONDS = 0.5
 
@@ -79,6 +81,7 @@ def begin_run() -> None:
     """Called by app.py at the top of every run so :func:`sidebar` renders once per run."""
     _leave_legacy_pages_mode()
     st.session_state.pop(_SELECTION, None)
+    st.session_state.pop(_PRIMARY_JOB, None)
 
 
 def sidebar() -> Selection:
@@ -130,10 +133,13 @@ def _render_sidebar() -> Selection:
 
 
 def _adopt_shared_job(api: ApiClient) -> None:
-    """A link with only ``?job=`` selects that job's model and input."""
-    job_id = st.query_params.get("job")
-    if not job_id or "model" in st.query_params or st.session_state.get("model"):
+    """A link with jobs but no model (``?job=``) selects the first job's model and input."""
+    if "model" in st.query_params or st.session_state.get("model"):
         return
+    params = sorted(k for k in st.query_params if k.partition(".")[0] == _JOB_PARAM)
+    if not params:
+        return
+    job_id = st.query_params[params[0]]  # plain ``job`` sorts first
     try:
         job = api.job(job_id)
     except ApiError:
@@ -349,10 +355,12 @@ def run_job(
     """Run ``analysis`` on the sidebar's selection; return its result once finished.
 
     Shows a Run button, then a live progress bar with a Cancel button while the job runs,
-    and the error if it failed. The job id goes into the URL (``?job=``); on load a ``job``
-    parameter for this analysis is shown again, so a shared link reopens the result.
+    and the error if it failed. Each widget keeps its job id in the URL, so a shared link
+    reopens every result on the page: the page's first widget in ``?job=`` (the form older
+    links and the Jobs page use), the others in ``?job.<key>=``.
     """
     key = key or analysis
+    url_param = _job_param(key)
     api = client()
     selection = sidebar()
     if selection.model is None:
@@ -365,13 +373,14 @@ def run_job(
             st.info("Choose, upload or draw an input in the sidebar.")
             return None
         state_key = f"_atlas_job_{key}"
-        job = _current_job(api, state_key, analysis, selection.model_id, input_id)
+        job = _current_job(api, state_key, url_param, analysis, selection.model_id, input_id)
         if st.button("Run", key=f"run_{key}", type="primary", icon=":material/play_arrow:"):
             job = api.submit(analysis, selection.model_id, input_id, params or {})
         if job is None:
             return None
         st.session_state[state_key] = job["id"]
-        st.query_params["job"] = job["id"]
+        if st.query_params.get(url_param) != job["id"]:
+            st.query_params[url_param] = job["id"]
         job = _follow(api, job, key)
         return _outcome(api, job, key)
     except ApiError as exc:
@@ -379,11 +388,21 @@ def run_job(
         return None
 
 
+def _job_param(key: str) -> str:
+    """The URL parameter that holds the job of widget ``key`` in this page run.
+
+    The first widget a run meets is the page's primary one and answers to plain ``job``.
+    """
+    primary = st.session_state.setdefault(_PRIMARY_JOB, key)
+    return _JOB_PARAM if key == primary else f"{_JOB_PARAM}.{key}"
+
+
 def _current_job(
-    api: ApiClient, state_key: str, analysis: str, model_id: str, input_id: str | None
+    api: ApiClient, state_key: str, url_param: str, analysis: str, model_id: str,
+    input_id: str | None,
 ) -> dict | None:
-    """The job this widget showed last, or the one in the URL, if it fits the selection."""
-    for job_id in (st.session_state.get(state_key), st.query_params.get("job")):
+    """The job this widget showed last, or its job in the URL, if it fits the selection."""
+    for job_id in (st.session_state.get(state_key), st.query_params.get(url_param)):
         if not job_id:
             continue
         try:
@@ -395,8 +414,7 @@ def _current_job(
         ):
             return job
     st.session_state.pop(state_key, None)
-    if "job" in st.query_params:
-        del st.query_params["job"]
+    st.query_params.pop(url_param, None)
     return None
 
 

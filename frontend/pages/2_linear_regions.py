@@ -15,12 +15,9 @@ st.caption(
     "networks are reported to be more linear: compare the density of pieces along FGSM and "
     "random directions, and across models for the same input."
 )
-# one job widget per run: the widgets share the URL's ``job`` parameter
-VIEWS = {"line": "Along a line", "plane": "In a plane", "ig": "Exact IG"}
-view = st.radio("View", list(VIEWS), format_func=VIEWS.get, horizontal=True, key="lr_view",
-                label_visibility="collapsed")
+line_tab, plane_tab, ig_tab = st.tabs(["Along a line", "In a plane", "Exact IG"])
 
-if view == "line":
+with line_tab:
     cols = st.columns(4)
     mode = cols[0].radio("Segment", ["direction", "input"],
                          format_func={"direction": "input + direction",
@@ -62,7 +59,7 @@ if view == "line":
             st.caption("Run this tab on other models (sidebar) to add rows.")
             st.dataframe(pd.DataFrame(rows), hide_index=True)
 
-elif view == "plane":
+with plane_tab:
     cols = st.columns(4)
     plane_params = {
         "shape": cols[0].selectbox("Shape", ["parallelogram", "triangle"]),
@@ -74,7 +71,7 @@ elif view == "plane":
     if result:
         ui.show_figure(figures.plane_map(result), "linear_regions_plane")
 
-else:
+with ig_tab:
     cols = st.columns(3)
     ig_params: dict = {
         "baseline": cols[0].selectbox("Baseline", ["zeros", "input"]),

@@ -74,13 +74,12 @@ if result:
                                    key=f"proof_grid_{model['id']}")
 
 st.divider()
-# run_job keeps one job in the URL, so these run only when asked for
-if st.toggle("Largest certified eps per method", key="proof_eps_on"):
-    found = ui.run_job("proof_eps", {}, key="proof_eps")
-    if found:
-        ui.show_figure(figures.largest_eps(found), "proof_largest_eps")
+st.subheader("Largest certified eps per method")
+found = ui.run_job("proof_eps", {}, key="proof_eps")
+if found:
+    ui.show_figure(figures.largest_eps(found), "proof_largest_eps")
 
-if st.toggle("Bound methods over the gallery", key="proof_compare_on"):
-    compared = ui.run_job("proof_compare", {"eps": eps}, key="proof_compare")
-    if compared:
-        st.dataframe(compared["rows"], hide_index=True)
+st.subheader("Bound methods over the gallery")
+compared = ui.run_job("proof_compare", {"eps": eps}, key="proof_compare")
+if compared:
+    st.dataframe(compared["rows"], hide_index=True)

@@ -6,6 +6,9 @@ from frontend import components as ui
 from frontend.catalog import page_for
 from frontend.client import ACTIVE, ApiError
 
+POLL_SECONDS = 1.0
+_LIVE = "_atlas_jobs_live"
+
 ui.sidebar()
 st.title("Jobs")
 st.caption("All analysis jobs, newest first. Running jobs update live; finished ones link to "
@@ -42,9 +45,11 @@ def _job_row(job: dict) -> None:
                          query_params=params)
 
 
-@st.fragment(run_every=1.0)
-def job_list() -> None:
-    """Redrawn every second, so progress bars move without reloading the page."""
+def job_list(live: bool) -> None:
+    """The jobs; while ``live`` the fragment redraws every second so progress bars move.
+
+    When the jobs go quiet (or one starts), a full rerun switches the polling off (or on).
+    """
     try:
         jobs = ui.client().jobs()
     except ApiError as exc:
@@ -52,10 +57,17 @@ def job_list() -> None:
         return
     jobs.sort(key=lambda j: j.get("created_at", ""), reverse=True)
     active = [j for j in jobs if j["status"] in ACTIVE]
-    st.markdown(f"{len(active)} running or queued, {len(jobs) - len(active)} done.")
+    cols = st.columns([5, 1])
+    cols[0].markdown(f"{len(active)} running or queued, {len(jobs) - len(active)} done.")
+    if not live:
+        cols[1].button("Refresh", icon=":material/refresh:", key="jobs_refresh")
     for job in jobs if show_done else active:
         with st.container(border=True, key=f"job_{job['id']}"):
             _job_row(job)
+    if bool(active) != live:
+        st.session_state[_LIVE] = bool(active)
+        st.rerun()
 
 
-job_list()
+live = st.session_state.get(_LIVE, False)
+st.fragment(job_list, run_every=POLL_SECONDS if live else None)(live)

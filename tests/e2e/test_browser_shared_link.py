@@ -1,0 +1,67 @@
+"""In the browser: a page with two job widgets keeps both jobs in its URL, so its link reopens both.
+
+Oracle: the API's own record of the jobs (their ids, analyses and results), and its job list,
+which must not grow when the link is reopened (the results come back, nothing reruns).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLE_MODEL = ROOT / "sample_models" / "digits_fc_pgd.onnx"
+INPUT = "gallery:digits:0"
+
+pytestmark = pytest.mark.browser
+
+
+def _finished(ui, job_id: str, timeout_ms: int = 180_000) -> None:
+    """Wait for a widget's "Job `<id>` finished" caption."""
+    ui.page.get_by_text(re.compile(rf"Job {job_id[:8]} finished")).wait_for(timeout=timeout_ms)
+    ui.wait_idle()
+
+
+def test_two_jobs_reopen_from_one_link(ui, atlas) -> None:
+    if not SAMPLE_MODEL.exists():
+        pytest.skip("sample models not built")
+    page = ui.page
+    model_id = hashlib.sha256(SAMPLE_MODEL.read_bytes()).hexdigest()
+    ui.open("proof_features", model=model_id, input=INPUT)
+
+    runs = page.get_by_role("button", name="Run")
+    runs.nth(0).click()  # proof features: the page's primary widget, in ?job=
+    page.wait_for_function("() => new URLSearchParams(location.search).has('job')")
+    proof_id = ui.query_params()["job"]
+    _finished(ui, proof_id)
+    runs.nth(1).click()  # largest certified eps, in ?job.proof_eps=
+    page.wait_for_function("() => new URLSearchParams(location.search).has('job.proof_eps')")
+    params = ui.query_params()
+    eps_id = params["job.proof_eps"]
+    _finished(ui, eps_id)
+    assert params["job"] == proof_id  # the second run kept the first job in the URL
+
+    with atlas.api() as api:
+        jobs = {j["id"]: j for j in api.get("/jobs").json()}
+        proof = api.get(f"/jobs/{proof_id}/result").json()
+    assert (jobs[proof_id]["analysis"], jobs[eps_id]["analysis"]) == ("proof_features",
+                                                                      "proof_eps")
+    assert {jobs[proof_id]["status"], jobs[eps_id]["status"]} == {"finished"}
+
+    shared = type(ui)(page.context.new_page(), atlas)  # a new tab is a new Streamlit session
+    shared.page.goto(page.url)
+    shared.wait_idle()
+    _finished(shared, proof_id, timeout_ms=60_000)
+    _finished(shared, eps_id, timeout_ms=60_000)
+    verdict = "Certified" if proof["certified"] else "Not certified"
+    shared.page.get_by_text(re.compile(
+        rf"^{verdict}: class {proof['predicted']} at eps {proof['eps']:.3f}")).wait_for()
+    shared.page.locator(".gtitle", has_text="Largest certified eps").wait_for()
+    assert shared.query_params() == params
+    shared.screenshot("shared_link_two_jobs")
+    with atlas.api() as api:
+        assert len(api.get("/jobs").json()) == len(jobs)  # reopened, not rerun
+    shared.page.close()
