@@ -1,13 +1,69 @@
-"""Pattern rules: placeholder until this analysis' page is built."""
+"""Pattern rules: on/off neuron patterns that imply a decision, mined, verified, applied."""
 
 import streamlit as st
 
 from frontend import components as ui
+from frontend.figures import patterns as figures
 
-ui.sidebar()
 st.title("Pattern rules")
-st.info(
-    "**Not built yet.** This page will show rules over activation patterns: which on/off "
-    "combinations of neurons imply a class, mined from the gallery and checked for how often "
-    "they hold."
+st.caption(
+    "Much of a ReLU network's logic lives in which neurons are on or off. A decision tree over "
+    "the on/off pattern at one layer (fitted on gallery inputs) yields rules such as *if L2.n17 "
+    "on and L2.n40 off then class 7*, scored on held-out inputs. Each rule is then checked with "
+    "a MILP over the whole network: proven for every input of the domain whose pattern "
+    "satisfies it, refuted by a counterexample that a forward pass confirms, or unknown at the "
+    "time-out (Gopinath et al., Property Inference for Deep Neural Networks)."
 )
+
+selection = ui.sidebar()
+c1, c2, c3, c4 = st.columns(4)
+layer = c1.number_input("ReLU layer (-1 = last)", -8, 8, -1, step=1)
+target_text = c2.text_input("Target class (empty = all)", "")
+domain = c3.radio("Domain", ["ball", "box"], horizontal=True,
+                  help="ball: eps-ball around an input the rule covers; box: the input range")
+eps = c4.number_input("eps", 0.005, 0.5, 0.05, step=0.005, format="%.3f")
+c5, c6, c7 = st.columns(3)
+verify = c5.slider("Rules to verify", 0, 20, 5)
+timeout = c6.slider("Seconds per rule", 2, 120, 20)
+min_precision = c7.slider("Min. leaf precision", 0.5, 1.0, 0.9, step=0.05)
+params = {"layer": int(layer), "domain": domain, "eps": float(eps), "verify": verify,
+          "timeout": float(timeout), "min_precision": float(min_precision)}
+if target_text.strip():
+    if target_text.strip().isdigit():
+        params["target"] = int(target_text)
+    else:
+        st.warning("The target class must be a whole number; mining for all classes.")
+
+result = ui.run_job("patterns", params, key="patterns")
+if result:
+    rules = result["rules"]
+    proven = sum(r["status"] == "proven" for r in rules)
+    st.subheader(f"{len(rules)} rules at L{result['layer']}, {proven} proven")
+    m = st.columns(3)
+    m[0].metric("Held-out inputs", result["num_heldout"])
+    m[1].metric("Neurons in the layer", result["num_neurons"])
+    m[2].metric("Rule-list fidelity", f"{result['fidelity']:.1%}",
+                help=f"a distilled list of {result['rule_list_size']} rules agrees with the "
+                     "network on this share of held-out inputs")
+    if rules:
+        st.dataframe(figures.rule_table(result), hide_index=True)
+        names = [f"{i}: {r['text']}" for i, r in enumerate(rules)]
+        chosen = st.selectbox("Rule", range(len(rules)), format_func=lambda i: names[i])
+        rule = rules[chosen]
+        st.markdown(f"**{rule['text']}** — {rule['status']}"
+                    + (f" ({rule['message']})" if rule["message"] else ""))
+        ui.show_figure(figures.rule_neurons(result, chosen), "pattern_rule_neurons")
+        ui.show_figure(figures.covered_inputs(result, chosen), "pattern_rule_inputs")
+    else:
+        st.info("No leaf was pure enough: lower the minimum precision or pick another layer.")
+    current = result.get("current")
+    if current:
+        st.subheader("The current input")
+        fired = [rules[i]["text"] for i in current["fired"]]
+        st.markdown(f"Decision: class {current['decision']}. Rules that fire: "
+                    + (", ".join(f"`{t}`" for t in fired) if fired else "none"))
+        st.markdown(
+            f"Robustness radius (its pattern polytope up to L{result['layer']}, "
+            f"{current['num_constraints']} constraints): L-inf {current['radius_linf']:.4f}, "
+            f"L2 {current['radius_l2']:.4f}. Decision on the polytope within the eps-ball: "
+            f"**{current['polytope_status']}**.")
