@@ -11,29 +11,20 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from sqlalchemy import create_engine, text
+from sqlalchemy.exc import OperationalError
 
 from tests.service import Server, mlp_onnx
-from tests.service.cluster import DaskCluster, PostgresDatabase, wait_for
+from tests.service.cluster import PostgresDatabase, scaled_deployment, wait_for
 
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory):
     try:
-        db = PostgresDatabase()
-    except Exception as exc:  # noqa: BLE001 - any connection failure means "not here"
+        PostgresDatabase().drop()
+    except OperationalError as exc:
         pytest.skip(f"PostgreSQL not reachable: {exc}")
-    root = tmp_path_factory.mktemp("scale")
-    cluster = server = None
-    try:
-        cluster = DaskCluster(root).start()
-        server = Server(root / "data", ATLAS_DASK_SCHEDULER_ADDRESS=cluster.address,
-                        ATLAS_DATABASE_URL=db.url, ATLAS_REGISTER_SAMPLES="false").start()
-        yield server, cluster, db
-    finally:
-        for part in (server, cluster):
-            if part is not None:
-                part.kill() if part is server else part.stop()
-        db.drop()
+    with scaled_deployment(tmp_path_factory.mktemp("scale")) as parts:
+        yield parts
 
 
 def _upload_model(server: Server, path: Path) -> str:

@@ -3,9 +3,10 @@
 The task gets only the job id and where the data lives; it loads the model and input
 itself, so any worker that shares the data dir and database can run any job.
 
-Each job runs in a child process forked from a forkserver that has torch and every analysis
-imported: a job that exceeds its time limit is killed, one that exceeds its memory limit
-(an address-space rlimit in the child) fails, and in both cases the Dask worker survives.
+Each job runs in a child process (forked from a forkserver that has torch and every analysis
+imported, and kept warm for the next job): a job that exceeds its time limit is killed with
+that process, one that exceeds its memory limit (an address-space rlimit in the child)
+fails, and in both cases the Dask worker survives.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import multiprocessing
 import resource
 import signal
+import threading
 import time
 from multiprocessing import forkserver
 from pathlib import Path
@@ -79,8 +81,8 @@ class Preload(WorkerPlugin):
 def run_job(job_id: str, data_dir: str, db_url: str, extra_analyses: str = "",
             attempt: str = "", time_limit_s: float = 3600,
             memory_limit_mb: float = 4096) -> str:
-    """Run job ``job_id`` to a final state in a child process; returns that state (or
-    "skipped" if another task has it or it was cancelled before it started).
+    """Run job ``job_id`` to a final state in this thread's job process; returns that state
+    (or "skipped" if another task has it or it was cancelled before it started).
 
     ``attempt`` names this task (a retry after a worker died has the same one); the limits
     are the defaults for jobs that do not set their own, and the maxima for those that do.
@@ -95,38 +97,88 @@ def run_job(job_id: str, data_dir: str, db_url: str, extra_analyses: str = "",
         store.fail(job_id, "this Dask worker runs as a daemon and cannot start job processes: "
                            "start workers with DASK_DISTRIBUTED__WORKER__DAEMON=False", attempt)
         return "failed"
-    child = CHILDREN.Process(target=_run_in_child, daemon=True, name=f"atlas-job-{job_id}",
-                             args=(job_id, data_dir, db_url, extra_analyses, attempt,
-                                   memory_limit))
-    child.start()
-    child.join(time_limit)
-    if child.is_alive():
-        child.kill()
-        child.join()
+    if not hasattr(_THREAD, "process"):
+        _THREAD.process = JobProcess()
+    outcome = _THREAD.process.run((job_id, data_dir, db_url, extra_analyses, attempt,
+                                   memory_limit), time_limit)
+    if outcome == "timeout":
         store.fail(job_id, f"the job exceeded its time limit of {time_limit:g} s", attempt)
-        return "failed"
-    job = store.get(job_id)
-    if job.status in ACTIVE:  # the child died without recording an end
-        store.fail(job_id, f"the analysis process died (exit code {child.exitcode}); it may "
-                           f"have exceeded the memory limit of {memory_limit:g} MB", attempt)
+    elif store.get(job_id).status in ACTIVE:  # the process died without recording an end
+        store.fail(job_id, f"the analysis process died ({outcome}); it may have exceeded "
+                           f"the memory limit of {memory_limit:g} MB", attempt)
     return store.get(job_id).status
 
 
+_THREAD = threading.local()
+
+
+class JobProcess:
+    """A child process that runs one job at a time and stays warm between jobs (imports,
+    database engine, loaded networks); replaced when it dies or is killed for a limit."""
+
+    def __init__(self) -> None:
+        self.proc: multiprocessing.process.BaseProcess | None = None
+        self.conn = None
+
+    def run(self, args: tuple, time_limit: float) -> str:
+        """Run one job: "done", "timeout" (the process was killed) or why it died."""
+        if self.proc is None or not self.proc.is_alive():
+            self.conn, child_end = CHILDREN.Pipe()
+            self.proc = CHILDREN.Process(target=_serve, args=(child_end,), daemon=True,
+                                         name="atlas-job-process")
+            self.proc.start()
+            child_end.close()
+        try:
+            self.conn.send(args)
+            if not self.conn.poll(time_limit):
+                self._discard()
+                return "timeout"
+            return self.conn.recv()
+        except (EOFError, OSError):
+            self.proc.join(5)
+            code = self.proc.exitcode
+            self._discard()
+            return f"exit code {code}"
+
+    def _discard(self) -> None:
+        self.proc.kill()
+        self.proc.join()
+        self.conn.close()
+        self.proc = self.conn = None
+
+
+def _serve(conn) -> None:  # noqa: ANN001 - multiprocessing Connection
+    """The job process: run the jobs the parent sends until the parent goes away."""
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # die with the worker
+    while True:
+        try:
+            args = conn.recv()
+        except EOFError:
+            return
+        unlimited = resource.getrlimit(resource.RLIMIT_AS)
+        _limit_memory(args[-1])
+        try:
+            _run_here(*args)
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, unlimited)
+        conn.send("done")
+
+
 def _limit_memory(limit_mb: float) -> None:
-    """Cap the address space at what the (preloaded) process uses now plus ``limit_mb``."""
+    """Cap the address space at what this process uses now plus ``limit_mb``."""
     status = Path("/proc/self/status").read_text()
     used_kb = int(status.split("VmSize:")[1].split()[0])
     cap = used_kb * 1024 + int(limit_mb * 1024 * 1024)
-    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    resource.setrlimit(resource.RLIMIT_AS, (cap if hard < 0 else min(cap, hard), hard))
 
 
-def _run_in_child(job_id: str, data_dir: str, db_url: str, extra_analyses: str,
-                  attempt: str, memory_limit_mb: float) -> None:
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # die with the worker
-    _limit_memory(memory_limit_mb)
+def _run_here(job_id: str, data_dir: str, db_url: str, extra_analyses: str,
+              attempt: str, memory_limit_mb: float) -> None:
     load_all(extra_analyses)
     store, storage = JobStore(db_url), Storage(Path(data_dir), db_url)
     job = store.get(job_id)
+    memory_error = f"the job exceeded its memory limit of {memory_limit_mb:g} MB"
     try:
         result = _execute(job, store, storage, attempt)
         text = json.dumps(jsonable(result), allow_nan=False)
@@ -134,16 +186,14 @@ def _run_in_child(job_id: str, data_dir: str, db_url: str, extra_analyses: str,
         store.mark_cancelled(job_id, attempt)
         return
     except MemoryError:
-        store.fail(job_id, f"the job exceeded its memory limit of {memory_limit_mb:g} MB",
-                   attempt)
+        store.fail(job_id, memory_error, attempt)
         return
     except (AtlasError, LookupError, ValueError) as exc:
         store.fail(job_id, str(exc) or type(exc).__name__, attempt)
         return
     except Exception as exc:  # noqa: BLE001 - every engine failure must end the job
         if "can't allocate memory" in str(exc):  # torch's allocator under the rlimit
-            store.fail(job_id, f"the job exceeded its memory limit of {memory_limit_mb:g} MB",
-                       attempt)
+            store.fail(job_id, memory_error, attempt)
             return
         log.exception("job %s failed", job_id)
         store.fail(job_id, f"{type(exc).__name__}: {exc}", attempt)

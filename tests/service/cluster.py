@@ -10,11 +10,13 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
-from tests.service import ROOT, free_port
+from tests.service import ROOT, Server, free_port
 
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 DASK = Path(sys.executable).with_name("dask")
@@ -105,3 +107,26 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1):  # noqa: 
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {predicate}")
+
+
+@contextmanager
+def scaled_deployment(root: Path, **env: str) -> Iterator[tuple[Server, DaskCluster,
+                                                                PostgresDatabase]]:
+    """API + ``dask scheduler`` + two ``dask worker`` + a fresh PostgreSQL database.
+
+    Raises whatever connecting to PostgreSQL raises when it is not reachable.
+    """
+    db = PostgresDatabase()
+    cluster = server = None
+    try:
+        cluster = DaskCluster(root).start()
+        server = Server(root / "data", ATLAS_DASK_SCHEDULER_ADDRESS=cluster.address,
+                        ATLAS_DATABASE_URL=db.url, ATLAS_REGISTER_SAMPLES="false",
+                        **env).start()
+        yield server, cluster, db
+    finally:
+        if server is not None:
+            server.kill()
+        if cluster is not None:
+            cluster.stop()
+        db.drop()

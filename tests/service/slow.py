@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 from pydantic import BaseModel, Field
 
 from backend.analyses.base import Analysis, JobContext, register
@@ -17,9 +18,11 @@ class Params(BaseModel):
     step_s: float = Field(0.1, ge=0, le=5)
     fail: bool = False
     tag: str = ""
+    allocate_mb: int = Field(0, ge=0, le=100_000, description="memory to fill (limit tests)")
 
 
 def run(ctx: JobContext, params: Params) -> dict:
+    ballast = np.ones(params.allocate_mb * 2**20, dtype=np.uint8)  # noqa: F841 - held
     for i in range(params.steps):
         ctx.progress(i / params.steps, f"step {i + 1} of {params.steps}")
         time.sleep(params.step_s)
