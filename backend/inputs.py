@@ -55,6 +55,7 @@ def _image(data: bytes, input_shape: tuple[int, ...],
 
 
 def _npy(data: bytes) -> np.ndarray:
+    _check_npy_header(data)
     try:
         x = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
@@ -62,6 +63,23 @@ def _npy(data: bytes) -> np.ndarray:
     if not isinstance(x, np.ndarray) or not np.issubdtype(x.dtype, np.number):
         raise InvalidInputError(f"the .npy array must be numeric, got {getattr(x, 'dtype', x)}")
     return x
+
+
+def _check_npy_header(data: bytes) -> None:
+    """Refuse a header that declares more data than the file holds (np.load would try to
+    allocate the declared size first: a 20-byte header can ask for terabytes)."""
+    f = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(f)
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read(f)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InvalidInputError(f"not a readable .npy array: {exc}") from exc
+    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if not dtype.hasobject and declared > len(data) - f.tell():
+        raise InvalidInputError(f"the .npy header declares shape {shape} ({declared} bytes) "
+                                f"but the file holds only {len(data) - f.tell()} bytes")
 
 
 def _csv(data: bytes) -> np.ndarray:
