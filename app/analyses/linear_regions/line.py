@@ -3,25 +3,29 @@
 Points along the segments are pushed through the graph layer by layer. Before a ReLU or
 MaxPool node, every segment on which the node stops being linear is cut where it does (the
 zero crossing, the arg-max switch); the new points' values at every live node are linear
-interpolations, exact because everything computed so far is affine on each segment. Many
-segments are processed together in one set of points, so small networks stay cheap.
+interpolations, exact because everything computed so far is affine on each segment, so no
+prefix of the network is ever recomputed. Many segments are processed together in one set of
+points, so small networks stay cheap.
+
+The bookkeeping (cuts, merges, re-indexing) is numpy: it is many small index operations,
+where numpy's per-call cost is several times lower than torch's. The layers themselves run in
+torch on the same memory (``torch.from_numpy`` shares it).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from app.analyses.linear_regions.rules import Cuts, envelope_cuts, rule_for, tolerance
+from app.analyses.linear_regions.rules import envelope_cuts, rule_for, tolerance
 from app.errors import InvalidInputError
 from app.network import INPUT, Network
 from app.progress import ProgressFn, report
 
 MAX_ROUNDS = 64  # arg-max tracing needs at most k - 1 rounds per window of k candidates
-
 
 @dataclass
 class ExactLine:
@@ -67,56 +71,68 @@ class ExactLine:
         return np.stack([np.interp(ts, self.ts, col) for col in self.logits.T], axis=-1)
 
 
-@dataclass
 class _Points:
-    """Points on one or more segments, sorted by (segment, t), with live node values."""
+    """Points on one or more segments, sorted by (segment, t), with live node values.
 
-    ts: Tensor  # [P] float64
-    line: Tensor  # [P] which segment each point is on
-    values: dict[int, Tensor]
-    codes: list[Tensor] = field(default_factory=list)  # per-segment codes, one per bending node
-    code_nodes: list[int] = field(default_factory=list)  # the node each code belongs to
-    min_gap: float = 0.0
+    ``codes[k]`` ``[S, ...]`` is the linear behaviour of node ``code_nodes[k]`` on each of the
+    ``S = P - 1`` segments between consecutive points (rows between two lines are unused).
+    """
 
-    @property
-    def valid(self) -> Tensor:
-        """Segment s (points s, s + 1) is a real piece of a line."""
-        return self.line[1:] == self.line[:-1]
+    def __init__(self, ts: np.ndarray, line: np.ndarray, values: dict[int, np.ndarray],
+                 min_gap: float) -> None:
+        self.ts = ts  # [P] float64
+        self.line = line  # [P] which segment each point is on
+        self.values = values
+        self.min_gap = min_gap
+        self.codes: list[np.ndarray] = []
+        self.code_nodes: list[int] = []
+        self.valid = line[1:] == line[:-1]  # segment s joins two points of the same line
 
-    def insert(self, seg: Tensor, ratio: Tensor) -> None:
-        """Add points at ``ratio`` along segments ``seg``, interpolating every live value."""
-        n_old = len(self.ts)
-        r64 = ratio.to(torch.float64)
-        seg_len = self.ts[seg + 1] - self.ts[seg]
-        t_new = self.ts[seg] + r64 * seg_len
-        # lexicographic sort by (segment, ratio); old point j sorts as (j, 0)
-        key_seg = torch.cat([torch.arange(n_old), seg])
-        key_r = torch.cat([torch.zeros(n_old, dtype=torch.float64), r64])
-        order = torch.sort(key_r, stable=True).indices
-        order = order[torch.sort(key_seg[order], stable=True).indices]
-        t_all = torch.cat([self.ts, t_new])[order]
-        is_new = order >= n_old
-        gap_prev = torch.diff(t_all, prepend=t_all[:1] - 1)
-        to_next_old = torch.cat([torch.full((n_old,), 1.0, dtype=torch.float64),
-                                 (1 - r64) * seg_len])[order]
-        keep = ~is_new | ((gap_prev >= self.min_gap) & (to_next_old >= self.min_gap))
-        idx = order[keep]
-        parent = torch.cumsum((~is_new)[keep].long(), 0)[:-1] - 1
-        self.ts = t_all[keep]
-        self.line = torch.cat([self.line, self.line[seg]])[idx]
+    def insert(self, seg: np.ndarray, ratio: np.ndarray) -> None:
+        """Add points at ``ratio`` along segments ``seg``, interpolating every live value.
+
+        New points closer than ``min_gap`` (in t) to their neighbours are dropped."""
+        order = np.lexsort((ratio, seg))
+        seg, ratio = seg[order], ratio[order].astype(np.float64)
+        t0 = self.ts[seg]
+        span = self.ts[seg + 1] - t0
+        t_new = t0 + ratio * span
+        first = np.ones(len(seg), dtype=bool)
+        first[1:] = seg[1:] != seg[:-1]
+        prev = np.empty_like(t_new)
+        prev[1:] = t_new[:-1]
+        prev[first] = t0[first]
+        keep = (t_new - prev >= self.min_gap) & (t0 + span - t_new >= self.min_gap)
+        if not keep.all():
+            seg, ratio, t_new = seg[keep], ratio[keep], t_new[keep]
+        if not len(seg):
+            return
+        n_old, k = len(self.ts), len(seg)
+        new_pos = seg + np.arange(1, k + 1)
+        old_pos = np.arange(n_old) + np.searchsorted(seg, np.arange(n_old))
+        self.ts = _merged(self.ts, old_pos, t_new, new_pos)
+        self.line = _merged(self.line, old_pos, self.line[seg], new_pos)
         for node, v in self.values.items():
-            va, vb = v[seg], v[seg + 1]
-            rv = ratio.to(v.dtype).reshape(-1, *([1] * (v.dim() - 1)))
-            self.values[node] = torch.cat([v, va + rv * (vb - va)])[idx]
-        self.codes = [c[parent] for c in self.codes]
+            va = v[seg]
+            r = ratio.astype(v.dtype).reshape(-1, *([1] * (v.ndim - 1)))
+            self.values[node] = _merged(v, old_pos, va + r * (v[seg + 1] - va), new_pos)
+        if self.codes:
+            is_old = np.ones(n_old + k, dtype=bool)
+            is_old[new_pos] = False
+            parent = np.cumsum(is_old)[:-1] - 1
+            self.codes = [c[parent] for c in self.codes]
+        self.valid = self.line[1:] == self.line[:-1]
 
-    def refine(self, cut: callable) -> None:
-        """Insert the cuts ``cut()`` proposes until it proposes none."""
-        for _ in range(MAX_ROUNDS):
-            cuts: Cuts | None = cut()
-            if cuts is None:
-                return
-            self.insert(*cuts)
+    def inputs(self, net: Network, i: int) -> list[np.ndarray]:
+        return [self.values[j] for j in net.inputs[i]]
+
+
+def _merged(old: np.ndarray, old_pos: np.ndarray, new: np.ndarray,
+            new_pos: np.ndarray) -> np.ndarray:
+    out = np.empty((len(old) + len(new), *old.shape[1:]), dtype=old.dtype)
+    out[old_pos] = old
+    out[new_pos] = new
+    return out
 
 
 def _as_batch(net: Network, x: Tensor | np.ndarray, dtype: torch.dtype) -> Tensor:
@@ -133,28 +149,27 @@ def _in_dtype(net: Network, dtype: torch.dtype) -> Network:
     return net if net.dtype == dtype else net.with_dtype(dtype)
 
 
-def _trace_line(net: Network, starts: Tensor, ends: Tensor,
-                progress: ProgressFn | None) -> _Points:
+def trace_segments(net: Network, starts: np.ndarray, ends: np.ndarray,
+                   progress: ProgressFn | None = None) -> _Points:
     """Push the segments through every node, cutting where a node bends."""
-    n = starts.shape[0]
-    ts = torch.tensor([0.0, 1.0], dtype=torch.float64).repeat(n)
-    line = torch.arange(n).repeat_interleave(2)
-    x = torch.stack([starts, ends], 1).reshape(2 * n, *starts.shape[1:])
-    pts = _Points(ts, line, {INPUT: x}, min_gap=8 * torch.finfo(starts.dtype).eps)
+    n = len(starts)
+    x = np.stack([starts, ends], 1).reshape(2 * n, *starts.shape[1:])
+    pts = _Points(np.tile([0.0, 1.0], n), np.repeat(np.arange(n), 2), {INPUT: x},
+                  min_gap=8 * float(np.finfo(starts.dtype).eps))
     last_use = {j: i for i, ins in enumerate(net.inputs) for j in ins}
     for i, layer in enumerate(net.layers):
         rule = rule_for(layer)
-
-        def ins(i: int = i) -> list[Tensor]:
-            return [pts.values[j] for j in net.inputs[i]]
-
-        pts.refine(lambda rule=rule, layer=layer, ins=ins: rule.line_cuts(layer, ins(), pts.valid))
-        code = rule.line_code(layer, ins())
+        for _ in range(rule.line_rounds):
+            cuts = rule.line_cuts(layer, pts.inputs(net, i), pts.valid)
+            if cuts is None:
+                break
+            pts.insert(*cuts)
+        ins = pts.inputs(net, i)
+        code = rule.line_code(layer, ins)
         if code is not None:
             pts.codes.append(code)
             pts.code_nodes.append(i)
-        with torch.no_grad():
-            pts.values[i] = layer(*ins())
+        pts.values[i] = rule.line_forward(layer, ins)
         for j in net.inputs[i]:
             if last_use[j] == i:
                 del pts.values[j]
@@ -167,54 +182,91 @@ def _merge_equal_neighbours(pts: _Points) -> None:
     """Drop breakpoints whose two sides have the same code (arg-max tracing can over-cut)."""
     if not pts.codes:
         return
-    codes = torch.cat([c.reshape(c.shape[0], -1).to(torch.int16) for c in pts.codes], 1)
-    same = pts.valid[:-1] & pts.valid[1:] & (codes[1:] == codes[:-1]).all(1)
-    if not bool(same.any()):
+    same = pts.valid[:-1] & pts.valid[1:]
+    for c in pts.codes:
+        same &= (c[1:] == c[:-1]).reshape(len(same), -1).all(1)
+    if not same.any():
         return
-    keep = torch.ones(len(pts.ts), dtype=torch.bool)
+    keep = np.ones(len(pts.ts), dtype=bool)
     keep[1:-1] = ~same
-    seg_keep = torch.cat([torch.ones(1, dtype=torch.bool), ~same])
+    seg_keep = np.concatenate([[True], ~same])
     pts.codes = [c[seg_keep] for c in pts.codes]
     pts.ts, pts.line = pts.ts[keep], pts.line[keep]
     pts.values = {k: v[keep] for k, v in pts.values.items()}
+    pts.valid = pts.line[1:] == pts.line[:-1]
 
 
-def _class_strips(ts: Tensor, line: Tensor, logits: Tensor) -> list[tuple[np.ndarray,
-                                                                           np.ndarray]]:
+def _class_strips(pts: _Points, logits: np.ndarray,
+                  n_lines: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per line, the exact points where the arg-max of the piecewise-linear logits changes
-    (with 0 and 1) and the class between them."""
-    pts = _Points(ts.clone(), line.clone(), {0: logits}, min_gap=8 * torch.finfo(logits.dtype).eps)
-    tol = tolerance(logits)
+    (with 0 and 1) and the class between them.
 
-    def cut() -> Cuts | None:
-        v = pts.values[0].unsqueeze(1)
-        return envelope_cuts(v[:-1], v[1:], pts.valid, tol)
+    Where one class wins at both ends of a piece it wins throughout (the logits are affine
+    there), so only the pieces whose winners differ are traced further, on their own."""
+    winner = logits.argmax(1)
+    seg_t, seg_line, labels = pts.ts[:-1], pts.line[:-1], winner[:-1]
+    keep = pts.valid.copy()
+    t_parts, label_parts, line_parts = [], [], []
+    split = np.flatnonzero(keep & (winner[:-1] != winner[1:]))
+    if len(split):
+        tol = tolerance(logits)
+        keep[split] = False
+        sub = _Points(np.stack([pts.ts[split], pts.ts[split + 1]], 1).ravel(),
+                      np.repeat(np.arange(len(split)), 2),
+                      {0: np.stack([logits[split], logits[split + 1]], 1).reshape(
+                          2 * len(split), -1)},
+                      min_gap=8 * float(np.finfo(logits.dtype).eps))
+        for _ in range(MAX_ROUNDS):
+            w = sub.values[0][:, None, :]
+            more = envelope_cuts(w[:-1], w[1:], sub.valid, tol)
+            if more is None:
+                break
+            sub.insert(*more)
+        sw = sub.values[0]
+        t_parts.append(sub.ts[:-1][sub.valid])
+        label_parts.append((sw[:-1] + sw[1:]).argmax(1)[sub.valid])
+        line_parts.append(seg_line[split][sub.line[:-1][sub.valid]])
+    t_parts.append(seg_t[keep])
+    label_parts.append(labels[keep])
+    line_parts.append(seg_line[keep])
+    t, lab, ln = (np.concatenate(x) for x in (t_parts, label_parts, line_parts))
+    order = np.lexsort((t, ln))
+    t, lab, ln = t[order], lab[order], ln[order]
+    start = np.ones(len(t), dtype=bool)
+    start[1:] = (lab[1:] != lab[:-1]) | (ln[1:] != ln[:-1])
+    t, lab, ln = t[start], lab[start], ln[start]
+    bounds = np.searchsorted(ln, np.arange(n_lines + 1))
+    ends = np.insert(t, bounds[1:], 1.0)  # each line's strip ends at t = 1
+    return [(ends[lo + k:hi + k + 1], lab[lo:hi])
+            for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))]
 
-    pts.refine(cut)
-    v = pts.values[0]
-    labels = (v[:-1] + v[1:]).argmax(1)
-    valid = pts.valid
-    change = valid & torch.cat([torch.ones(1, dtype=torch.bool),
-                                (labels[1:] != labels[:-1]) | ~valid[:-1]])
-    seg_line = pts.line[:-1]
-    out = []
-    for k in range(int(line.max()) + 1):
-        mine = change & (seg_line == k)
-        end = pts.ts[torch.searchsorted(pts.line, k, right=True) - 1].reshape(1)
-        out.append((torch.cat([pts.ts[:-1][mine], end]).numpy(), labels[mine].numpy()))
-    return out
 
-
-def _first_appearance_ids(codes: Tensor) -> np.ndarray:
-    """Integer ids of the rows of ``codes``, numbered in order of first appearance."""
-    if codes.shape[1] == 0:
-        return np.zeros(codes.shape[0], dtype=np.int64)
-    _, inverse = torch.unique(codes, dim=0, return_inverse=True)
-    inv = inverse.numpy()
-    _, first = np.unique(inv, return_index=True)
+def first_appearance_ids(codes: list[np.ndarray], n: int,
+                         groups: np.ndarray | None = None) -> np.ndarray:
+    """Integer ids of the ``n`` rows of the codes ``[n, ...]`` (together), numbered in order
+    of first appearance; with sorted ``groups`` ``[n]``, numbered from 0 within each group."""
+    if not codes:
+        return np.zeros(n, dtype=np.int64)
+    parts = [np.packbits(c.reshape(n, -1), axis=1) if c.dtype == bool
+             else np.ascontiguousarray(c.reshape(n, -1)).view(np.uint8) for c in codes]
+    if groups is not None:
+        parts.insert(0, np.ascontiguousarray(groups.astype("<i8").reshape(n, 1)).view(np.uint8))
+    width = sum(part.shape[1] for part in parts)
+    rows = np.zeros((n, -(-width // 8) * 8), dtype=np.uint8)
+    rows[:, :width] = np.concatenate(parts, 1)
+    words = rows.view(np.uint64)
+    order = np.lexsort(words.T[::-1])  # stable: equal rows keep their original order
+    ordered = words[order]
+    new = np.ones(n, dtype=bool)
+    new[1:] = (ordered[1:] != ordered[:-1]).any(1)
+    first = order[new]  # the first row of every distinct code
     rank = np.empty(len(first), dtype=np.int64)
     rank[np.argsort(first)] = np.arange(len(first))
-    return rank[inv]
+    ids = np.empty(n, dtype=np.int64)
+    ids[order] = rank[np.cumsum(new) - 1]
+    if groups is None:
+        return ids
+    return ids - ids[np.searchsorted(groups, groups)]
 
 
 def exact_lines(
@@ -231,31 +283,29 @@ def exact_lines(
     breakpoints. ``dtype`` float64 (default) keeps breakpoints exact to ~1e-12.
     """
     net = _in_dtype(net, dtype)
-    a, b = _as_batch(net, starts, dtype), _as_batch(net, ends, dtype)
+    a, b = _as_batch(net, starts, dtype).numpy(), _as_batch(net, ends, dtype).numpy()
     if a.shape != b.shape:
         raise InvalidInputError("starts and ends must have the same shape")
-    pts = _trace_line(net, a, b, progress)
+    pts = trace_segments(net, a, b, progress)
     _merge_equal_neighbours(pts)
+    n_seg = len(pts.ts) - 1
     relu_nodes = set(net.relu_indices)
-    relu_codes = [c for node, c in zip(pts.code_nodes, pts.codes, strict=True)
+    relu_codes = [c.reshape(n_seg, -1) for node, c in zip(pts.code_nodes, pts.codes, strict=True)
                   if node in relu_nodes]
-    all_codes = (torch.cat([c.reshape(c.shape[0], -1).to(torch.int16) for c in pts.codes], 1)
-                 if pts.codes else torch.zeros(len(pts.ts) - 1, 0, dtype=torch.int16))
-    relu_bits = (torch.cat([c.reshape(c.shape[0], -1) for c in relu_codes], 1) if relu_codes
-                 else torch.zeros(len(pts.ts) - 1, 0, dtype=torch.bool))
+    relu_bits = (np.concatenate(relu_codes, 1) if relu_codes
+                 else np.zeros((n_seg, 0), dtype=bool))
+    ids = first_appearance_ids(pts.codes, n_seg, pts.line[:-1])
     logits = pts.values[len(net.layers) - 1].reshape(len(pts.ts), -1)
-    bounds = torch.searchsorted(pts.line, torch.arange(a.shape[0] + 1))
-    strips = _class_strips(pts.ts, pts.line, logits)
+    classes = (logits[:-1] + logits[1:]).argmax(1)
+    bounds = np.searchsorted(pts.line, np.arange(len(a) + 1))
+    strips = _class_strips(pts, logits, len(a))
     results = []
     for k, (class_ts, class_labels) in enumerate(strips):
         lo, hi = int(bounds[k]), int(bounds[k + 1])
-        lg = logits[lo:hi]
         results.append(ExactLine(
-            start=a[k].numpy(), end=b[k].numpy(), ts=pts.ts[lo:hi].numpy(), logits=lg.numpy(),
-            pattern_ids=_first_appearance_ids(all_codes[lo:hi - 1]),
-            classes=(lg[:-1] + lg[1:]).argmax(1).numpy(),
-            relu_pattern=relu_bits[lo:hi - 1].numpy(),
-            class_ts=class_ts, class_labels=class_labels,
+            start=a[k], end=b[k], ts=pts.ts[lo:hi], logits=logits[lo:hi],
+            pattern_ids=ids[lo:hi - 1], classes=classes[lo:hi - 1],
+            relu_pattern=relu_bits[lo:hi - 1], class_ts=class_ts, class_labels=class_labels,
         ))
     return results
 

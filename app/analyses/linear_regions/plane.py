@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from app.analyses.linear_regions.line import _as_batch, _first_appearance_ids, _in_dtype
+from app.analyses.linear_regions.line import _as_batch, _in_dtype, first_appearance_ids
 from app.analyses.linear_regions.rules import (
     argmax_at,
     argmax_split_functions,
@@ -239,13 +239,11 @@ def exact_plane(
     relu = set(net.relu_indices)
     relu_codes = [c.reshape(len(c), -1) for n, c in zip(code_nodes, polys.codes,
                                                         strict=True) if n in relu]
-    all_codes = [c.reshape(len(c), -1).to(torch.int16) for c in polys.codes]
     q = len(polys.verts)
     return ExactPlane(
         p0=a.numpy(), p1=b.numpy(), p2=c.numpy(), shape=shape,
         polygons=[polys.verts[k, : int(polys.counts[k])].numpy() for k in range(q)],
-        pattern_ids=_first_appearance_ids(torch.cat(all_codes, 1) if all_codes
-                                          else torch.zeros(q, 0, dtype=torch.int16)),
+        pattern_ids=first_appearance_ids([c.reshape(q, -1).numpy() for c in polys.codes], q),
         classes=classes.numpy(),
         relu_pattern=(torch.cat(relu_codes, 1) if relu_codes
                       else torch.zeros(q, 0, dtype=torch.bool)).numpy(),

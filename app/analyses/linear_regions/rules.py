@@ -2,59 +2,81 @@
 
 A rule answers, for one layer, (1) where the layer's own linear behaviour changes inside the
 current pieces (cuts), (2) which linear behaviour a piece gets (its code: ReLU on/off bits,
-MaxPool arg-max), and (3) for planes, how the layer maps per-polygon affine coefficients.
+MaxPool arg-max), (3) for planes, how the layer maps per-polygon affine coefficients, and
+(4) for exact gradients along a line, the layer's transposed Jacobian on a piece with a code.
 Rules are looked up through the layer class' MRO, so every ``AffineLayer`` shares one rule.
 
-Lines carry values at points ``[P, *shape]``; segment ``s`` joins points ``s`` and ``s + 1``
-and ``valid[s]`` says whether both points lie on the same line. Planes carry per-polygon
-affine maps ``[3, Q, *shape]`` (offset, d/da, d/db) of the 2-D polygon coordinates.
+Lines carry values at points as numpy arrays ``[P, *shape]`` (their bookkeeping is many small
+index operations, where numpy's per-call cost is several times lower than torch's); segment
+``s`` joins points ``s`` and ``s + 1`` and ``valid[s]`` says whether both points lie on the
+same line. Planes carry per-polygon affine maps ``[3, Q, *shape]`` (offset, d/da, d/db) of the
+2-D polygon coordinates as torch tensors.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from app.errors import UnsupportedModelError
 from app.layers import Add, AffineLayer, Layer, MaxPool2d, ReLU
 
-Cuts = tuple[Tensor, Tensor]  # (segment index [K], ratio in (0, 1) along that segment [K])
+Cuts = tuple[np.ndarray, np.ndarray]  # (segment index [K], ratio in (0, 1) along it [K])
 
 
-def tolerance(values: Tensor) -> float:
+def tolerance(values: Tensor | np.ndarray) -> float:
     """Values this close to zero count as zero: a few ulps of the layer's magnitude."""
-    scale = float(values.abs().max()) if values.numel() else 1.0
-    return 16 * torch.finfo(values.dtype).eps * max(1.0, scale)
+    if isinstance(values, Tensor):
+        scale = float(values.abs().max()) if values.numel() else 1.0
+        eps = torch.finfo(values.dtype).eps
+    else:
+        scale = float(np.abs(values).max()) if values.size else 1.0
+        eps = float(np.finfo(values.dtype).eps)
+    return 16 * eps * max(1.0, scale)
 
 
-def envelope_cuts(wa: Tensor, wb: Tensor, valid: Tensor, tol: float) -> Cuts | None:
+def envelope_cuts(wa: np.ndarray, wb: np.ndarray, valid: np.ndarray, tol: float) -> Cuts | None:
     """Cuts where the arg-max of linear candidates ``[S, U, k]`` switches inside a segment.
 
     ``wa``/``wb`` hold the candidates at each segment's start and end. When the winner at the
     start also wins at the end (or vice versa) it wins throughout; otherwise cut where the two
     winners cross. Repeating until nothing is cut traces the upper envelope exactly.
     """
-    ma, j = wa.max(-1)
-    mb, k = wb.max(-1)
-    fj_b = wb.gather(-1, j.unsqueeze(-1)).squeeze(-1)
-    fk_a = wa.gather(-1, k.unsqueeze(-1)).squeeze(-1)
-    need = (fj_b < mb - tol) & (fk_a < ma - tol) & valid.unsqueeze(-1)
-    seg, u = need.nonzero(as_tuple=True)
-    if seg.numel() == 0:
+    units, k = wa.shape[1], wa.shape[2]
+    wa, wb = wa.reshape(-1, k), wb.reshape(-1, k)
+    rows = np.arange(len(wa))
+    win_a, win_b = wa.argmax(1), wb.argmax(1)
+    gap_a = wa[rows, win_a] - wa[rows, win_b]  # how far the end's winner trails at the start
+    gap_b = wb[rows, win_b] - wb[rows, win_a]
+    flat = np.flatnonzero((gap_a > tol) & (gap_b > tol))
+    flat = flat[valid[flat // units]]
+    if not len(flat):
         return None
-    gap_a = ma[seg, u] - fk_a[seg, u]
-    gap_b = mb[seg, u] - fj_b[seg, u]
-    return seg, gap_a / (gap_a + gap_b)
+    return flat // units, gap_a[flat] / (gap_a[flat] + gap_b[flat])
 
 
 class Rule:
     """Default rule: the layer is affine in its inputs, so it never bends anything."""
 
-    def line_cuts(self, layer: Layer, ins: list[Tensor], valid: Tensor) -> Cuts | None:
+    line_rounds = 0  # rounds of cuts until no segment bends (ReLU: one; arg-max: several)
+
+    def line_cuts(self, layer: Layer, ins: list[np.ndarray], valid: np.ndarray) -> Cuts | None:
         return None
 
-    def line_code(self, layer: Layer, ins: list[Tensor]) -> Tensor | None:
+    def line_code(self, layer: Layer, ins: list[np.ndarray]) -> np.ndarray | None:
         """Per-segment code ``[S, n]`` of the layer's linear behaviour (None: always the same)."""
+        return None
+
+    def line_forward(self, layer: Layer, ins: list[np.ndarray]) -> np.ndarray:
+        """The layer's output at the points (torch does the math, numpy shares the memory)."""
+        with torch.no_grad():
+            return layer(*(torch.from_numpy(v) for v in ins)).numpy()
+
+    def line_backward(self, layer: Layer, grad: Tensor, code: np.ndarray | None,
+                      in_shape: tuple[int, ...]) -> Tensor | None:
+        """``J^T grad`` for rows ``grad`` ``[G, *out_shape]`` on pieces with codes ``[G, n]``;
+        None where the rule has no closed form (callers fall back to autograd)."""
         return None
 
     def plane_split(self, layer: Layer, ins: list[Tensor], at: Tensor) -> Tensor | None:
@@ -72,6 +94,11 @@ class Rule:
 
 
 class AffineRule(Rule):
+    def line_backward(self, layer: Layer, grad: Tensor, code: np.ndarray | None,
+                      in_shape: tuple[int, ...]) -> Tensor:
+        assert isinstance(layer, AffineLayer)
+        return layer.transpose(grad, in_shape)
+
     def plane_forward(self, layer: Layer, ins: list[Tensor], code: Tensor | None) -> Tensor:
         assert isinstance(layer, AffineLayer)
         c = ins[0]
@@ -81,6 +108,9 @@ class AffineRule(Rule):
 
 
 class AddRule(Rule):
+    def line_forward(self, layer: Layer, ins: list[np.ndarray]) -> np.ndarray:
+        return ins[0] + ins[1]
+
     def plane_forward(self, layer: Layer, ins: list[Tensor], code: Tensor | None) -> Tensor:
         return ins[0] + ins[1]
 
@@ -88,20 +118,31 @@ class AddRule(Rule):
 class ReLURule(Rule):
     """Cuts at the zero crossings of every pre-activation; code = on/off bits."""
 
-    def line_cuts(self, layer: Layer, ins: list[Tensor], valid: Tensor) -> Cuts | None:
+    line_rounds = 1  # every zero crossing of an affine function is found at once
+
+    def line_cuts(self, layer: Layer, ins: list[np.ndarray], valid: np.ndarray) -> Cuts | None:
         pre = ins[0].reshape(ins[0].shape[0], -1)
         tol = tolerance(pre)
-        a, b = pre[:-1], pre[1:]
-        cross = ((a > tol) & (b < -tol)) | ((a < -tol) & (b > tol))
-        seg, n = (cross & valid.unsqueeze(1)).nonzero(as_tuple=True)
-        if seg.numel() == 0:
+        pos, neg = pre > tol, pre < -tol
+        seg, n = np.nonzero((pos[:-1] & neg[1:]) | (neg[:-1] & pos[1:]))
+        keep = valid[seg]
+        if not keep.any():
             return None
-        pa, pb = a[seg, n], b[seg, n]
+        seg, n = seg[keep], n[keep]
+        pa, pb = pre[seg, n], pre[seg + 1, n]
         return seg, pa / (pa - pb)
 
-    def line_code(self, layer: Layer, ins: list[Tensor]) -> Tensor:
+    def line_code(self, layer: Layer, ins: list[np.ndarray]) -> np.ndarray:
         pre = ins[0].reshape(ins[0].shape[0], -1)
         return (pre[:-1] + pre[1:]) > 0
+
+    def line_forward(self, layer: Layer, ins: list[np.ndarray]) -> np.ndarray:
+        return np.maximum(ins[0], 0)
+
+    def line_backward(self, layer: Layer, grad: Tensor, code: np.ndarray | None,
+                      in_shape: tuple[int, ...]) -> Tensor:
+        assert code is not None
+        return grad * torch.from_numpy(code).reshape(grad.shape).to(grad.dtype)
 
     def plane_split(self, layer: Layer, ins: list[Tensor], at: Tensor) -> Tensor:
         return ins[0].reshape(3, ins[0].shape[1], -1)
@@ -118,20 +159,22 @@ class ReLURule(Rule):
 class MaxPoolRule(Rule):
     """Cuts where a window's arg-max switches; code = the winning position per output."""
 
+    line_rounds = 64  # arg-max tracing needs at most k - 1 rounds per window of k candidates
+
     @staticmethod
     def _windows(layer: MaxPool2d, x: Tensor) -> Tensor:
         w = layer.windows(x)
         return w.reshape(w.shape[0], -1, w.shape[-1])
 
-    def line_cuts(self, layer: Layer, ins: list[Tensor], valid: Tensor) -> Cuts | None:
+    def line_cuts(self, layer: Layer, ins: list[np.ndarray], valid: np.ndarray) -> Cuts | None:
         assert isinstance(layer, MaxPool2d)
-        w = self._windows(layer, ins[0])
+        w = self._windows(layer, torch.from_numpy(ins[0])).numpy()
         return envelope_cuts(w[:-1], w[1:], valid, tolerance(ins[0]))
 
-    def line_code(self, layer: Layer, ins: list[Tensor]) -> Tensor:
+    def line_code(self, layer: Layer, ins: list[np.ndarray]) -> np.ndarray:
         assert isinstance(layer, MaxPool2d)
-        w = self._windows(layer, ins[0])
-        return (w[:-1] + w[1:]).argmax(-1).to(torch.int16)
+        w = self._windows(layer, torch.from_numpy(ins[0])).numpy()
+        return (w[:-1] + w[1:]).argmax(-1).astype(np.int16)
 
     def _coeff_windows(self, layer: MaxPool2d, c: Tensor) -> Tensor:
         """Window coefficients ``[3, Q, U, k]``; padding: offset -inf, slopes 0."""
