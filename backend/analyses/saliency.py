@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
@@ -14,9 +14,9 @@ class Params(BaseModel):
     top_k: int = Field(10, ge=1, le=100, description="first-layer neurons to keep (by IG)")
     threshold: float = Field(0.5, gt=0.0, le=2.0,
                              description="each kept neuron stays >= threshold x its value")
-    granularity: int | None = Field(
-        None, ge=1, le=16,
-        description="side of the square patches sharing a mask bit (empty: automatic)")
+    granularity: Annotated[int, Field(ge=1, le=16)] | Literal["superpixel"] | None = Field(
+        None, description="side of the square patches sharing a mask bit, or 'superpixel' "
+        "(SLIC regions of the input; empty: automatic)")
     timeout_s: float = Field(30.0, gt=0.0, le=600.0, description="solver time-out in seconds")
     target: int | None = Field(None, ge=0, description="class to explain (default: predicted)")
     baseline: float = Field(0.0, ge=-10.0, le=10.0, description="value of masked-out features")
@@ -42,6 +42,7 @@ def run(ctx: JobContext, params: Params) -> dict:
         "mask_size": res.mask_size,
         "num_groups": res.num_groups,
         "patch": res.patch,
+        "groups": res.groups,
         "threshold": res.threshold,
         "top_k": res.top_k,
         "mask": res.mask.astype(float),

@@ -21,8 +21,8 @@ params = {
     "top_k": cols[1].slider("Top-k neurons", 1, 50, 10),
     "timeout_s": cols[2].number_input("Solver time-out (s)", 1.0, 600.0, 30.0, step=5.0),
 }
-patch = cols[3].selectbox("Granularity", ["auto", 1, 2, 4],
-                          format_func=lambda p: p if p == "auto" else f"{p}x{p} patches")
+patch = cols[3].selectbox("Granularity", ["auto", 1, 2, 4, "superpixel"],
+                          format_func=lambda p: p if isinstance(p, str) else f"{p}x{p} patches")
 if patch != "auto":
     params["granularity"] = patch
 

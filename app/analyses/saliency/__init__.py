@@ -6,7 +6,8 @@ the smallest mask that keeps them.
    selected.
 2. z3 finds the smallest set of feature groups such that, with every other group replaced by
    the baseline, each selected neuron keeps ``>= threshold`` times its original pre-activation
-   (see :mod:`.solver`).
+   (see :mod:`.solver`). A group is one feature, a square patch, or a SLIC superpixel of
+   ``x`` (scikit-image; ``granularity="superpixel"``) so that the mask follows the image's edges.
 3. Ranking inside the mask: each kept group is scored by its *share of the constraints' need*,
    ``sum_k coeff[g, k] / (rhs_k - const_k)``, i.e. how much of the rise each selected neuron
    needs above its baseline value that group supplies alone; highest first. The same score
@@ -26,6 +27,7 @@ from torch import Tensor
 
 from app.analyses.saliency.attribution import input_ig, neuron_ig, smoothgrad
 from app.analyses.saliency.first_layer import (
+    SUPERPIXEL,
     auto_patch,
     feature_groups,
     first_relu,
@@ -33,6 +35,7 @@ from app.analyses.saliency.first_layer import (
     mask_coefficients,
     masked_input,
     pre_activations,
+    superpixel_groups,
 )
 from app.analyses.saliency.grading import Grade, grade
 from app.analyses.saliency.solver import (
@@ -65,7 +68,7 @@ class SaliencyResult:
     target: int
     threshold: float
     top_k: int
-    patch: int
+    patch: int | None  # side of the square groups; None for superpixels
     status: str  # "optimal", "best found at time-out" or "infeasible"
     solver: str
     iterations: int
@@ -96,7 +99,7 @@ def smt_mask(
     target: int | None = None,
     top_k: int = 10,
     threshold: float = 0.5,
-    granularity: int | None = None,
+    granularity: int | str | None = None,
     timeout_s: float = 30.0,
     baseline: float = 0.0,
     solver: str = DEFAULT_SOLVER,
@@ -106,7 +109,8 @@ def smt_mask(
     ``>= threshold`` of their value, ranked and graded against IG and SmoothGrad.
 
     ``granularity`` is the side of the square patches that share one mask bit (``None``:
-    single features up to MNIST size, patches giving at most 256 groups above it).
+    single features up to MNIST size, patches giving at most 256 groups above it), or
+    ``"superpixel"``: SLIC superpixels of ``x``, so the mask follows the image's edges.
     """
     start = time.monotonic()
     if top_k < 1 or not 0 < threshold <= 2 or timeout_s <= 0 or solver not in SOLVERS:
@@ -130,8 +134,13 @@ def smt_mask(
     timings = {"select_s": time.monotonic() - start}
     report(progress, 0.1, f"neurons selected: {chosen.numel()}")
 
-    patch = auto_patch(net.input_shape) if granularity is None else int(granularity)
-    groups = feature_groups(net.input_shape, patch)
+    if granularity == SUPERPIXEL:
+        patch, groups = None, superpixel_groups(x)
+    elif isinstance(granularity, str):
+        raise InvalidInputError(f"granularity must be a patch side or {SUPERPIXEL!r}")
+    else:
+        patch = auto_patch(net.input_shape) if granularity is None else int(granularity)
+        groups = feature_groups(net.input_shape, patch)
     coeff, const = mask_coefficients(net, relu, x, base, groups, chosen)
     problem = MaskProblem(coeff.numpy(), const.numpy(), threshold * pre[chosen].numpy())
     need = np.clip(problem.rhs - problem.const, 1e-12, None)
@@ -177,4 +186,4 @@ def smt_mask(
     )
 
 
-__all__ = ["INFEASIBLE", "OPTIMAL", "TIMEOUT", "Grade", "Neuron", "SaliencyResult", "smt_mask"]
+__all__ = ["INFEASIBLE", "OPTIMAL", "SUPERPIXEL", "TIMEOUT", "Grade", "Neuron", "SaliencyResult", "smt_mask"]

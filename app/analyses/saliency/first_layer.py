@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
+from skimage.segmentation import slic
 from torch import Tensor
 
 from app.errors import InvalidInputError, UnsupportedModelError
@@ -19,6 +21,8 @@ from app.network import INPUT, Network
 
 MNIST_FEATURES = 28 * 28
 MAX_PATCH_GROUPS = 256
+SUPERPIXEL = "superpixel"
+SLIC_COMPACTNESS = 0.1  # on intensities scaled to [0, 1]: boundaries follow edges, sizes even
 
 
 def first_relu(net: Network) -> int:
@@ -97,6 +101,25 @@ def feature_groups(input_shape: tuple[int, ...], patch: int) -> Tensor:
     cols = torch.arange(w) // patch
     ids = rows[:, None] * math.ceil(w / patch) + cols[None, :]
     return ids.expand(c, h, w).reshape(input_shape).contiguous()
+
+
+def superpixel_groups(x: Tensor) -> Tensor:
+    """Group id of every input element from SLIC superpixels of ``x`` itself (scikit-image),
+    all channels of a position together: one mask bit per region of similar intensity.
+
+    About four pixels per superpixel, at most 256; deterministic (SLIC starts on a grid).
+    """
+    shape = tuple(x.shape)
+    c, h, w = spatial_shape(shape)
+    image = x.detach().cpu().double().reshape(c, h, w).numpy()
+    span = image.max() - image.min()
+    image = (image - image.min()) / (span if span > 0 else 1.0)
+    segments = slic(image if c > 1 else image[0], n_segments=min(MAX_PATCH_GROUPS,
+                                                                 max(1, h * w // 4)),
+                    compactness=SLIC_COMPACTNESS, channel_axis=0 if c > 1 else None,
+                    convert2lab=False, start_label=0, enforce_connectivity=True)
+    ids = np.unique(segments, return_inverse=True)[1].reshape(h, w)
+    return torch.from_numpy(ids).expand(c, h, w).reshape(shape).contiguous()
 
 
 def group_sum(values: Tensor, groups: Tensor) -> Tensor:
