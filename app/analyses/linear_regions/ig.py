@@ -3,6 +3,14 @@
 On each linear piece of the path ``baseline -> x`` the gradient is constant, so the IG
 integral is a finite sum: ``(x - baseline) * sum_i (t_{i+1} - t_i) grad_i``. Completeness
 (attributions sum to ``F(x) - F(baseline)``) then holds up to rounding.
+
+The sum of gradients needs no forward pass at the pieces: the line walk already knows every
+piece's activation codes, so the sum is one backward sweep of transposed layers, masked per
+piece. Pieces that share the codes of all layers below a node share that part of the chain,
+so before each bending node (going backwards) the rows of pieces that only differ above it
+are added up: the sweep handles few rows near the input however many pieces the path has.
+Layer kinds without a closed-form backward (MaxPool) and graphs with branches use autograd at
+the piece midpoints instead.
 """
 
 from __future__ import annotations
@@ -13,12 +21,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from captum.attr import IntegratedGradients
+from torch import Tensor
 
-from app.analyses.linear_regions.line import _as_batch, _in_dtype, exact_line
+from app.analyses.linear_regions.line import (
+    _as_batch,
+    _in_dtype,
+    _merge_equal_neighbours,
+    _Points,
+    trace_segments,
+)
+from app.analyses.linear_regions.rules import rule_for
 from app.network import Network
 from app.progress import ProgressFn, report
 
-GRAD_CHUNK = 512  # piece midpoints per backward pass
+GRAD_CHUNK = 512  # piece midpoints per backward pass (autograd fallback)
 
 
 @dataclass
@@ -65,28 +81,74 @@ def exact_integrated_gradients(
     net = _in_dtype(net, dtype)
     xb = _as_batch(net, x, dtype)
     bb = torch.zeros_like(xb) if baseline is None else _as_batch(net, baseline, dtype)
-    with torch.no_grad():
-        logits = net(torch.cat([xb, bb]))
-    target = int(logits[0].argmax()) if target is None else int(target)
-    line = exact_line(net, bb, xb, dtype=dtype,
-                      progress=None if progress is None else lambda f, m: progress(0.8 * f, m))
-    ts = torch.from_numpy(line.ts)
-    mids, widths = (ts[:-1] + ts[1:]) / 2, torch.diff(ts)
-    avg_grad = torch.zeros_like(xb[0])
-    for lo in range(0, len(mids), GRAD_CHUNK):
-        pts = torch.from_numpy(line.points(mids[lo:lo + GRAD_CHUNK].numpy())).to(dtype)
-        pts.requires_grad_(True)
-        (grad,) = torch.autograd.grad(net(pts)[:, target].sum(), pts)
-        w = widths[lo:lo + GRAD_CHUNK].to(dtype).reshape(-1, *([1] * xb[0].dim()))
-        avg_grad += (w * grad).sum(0)
-        report(progress, 0.8 + 0.2 * (lo + GRAD_CHUNK) / len(mids), "gradients of the pieces")
-    attributions = ((xb[0] - bb[0]) * avg_grad).detach()
-    shape = tuple(np.shape(x))
+    pts = trace_segments(net, bb.numpy(), xb.numpy(),
+                         progress=None if progress is None else lambda f, m: progress(0.8 * f, m))
+    _merge_equal_neighbours(pts)
+    logits = pts.values[len(net.layers) - 1].reshape(len(pts.ts), -1)
+    target = int(logits[-1].argmax()) if target is None else int(target)
+    report(progress, 0.8, "gradients of the pieces")
+    avg_grad = _mean_gradient(net, pts, target)
+    if avg_grad is None:
+        avg_grad = _mean_gradient_autograd(net, pts, bb[0], xb[0], target, progress)
+    attributions = ((xb[0] - bb[0]) * avg_grad.reshape(xb[0].shape)).detach()
     return ExactIG(
-        attributions=attributions.reshape(shape).numpy(), target=target,
-        num_pieces=line.num_pieces, f_x=float(logits[0, target]),
-        f_baseline=float(logits[1, target]),
+        attributions=attributions.reshape(tuple(np.shape(x))).numpy(), target=target,
+        num_pieces=len(pts.ts) - 1, f_x=float(logits[-1, target]),
+        f_baseline=float(logits[0, target]),
     )
+
+
+def _mean_gradient(net: Network, pts: _Points, target: int) -> Tensor | None:
+    """``sum_i (t_{i+1} - t_i) grad_i`` of logit ``target`` over the pieces of one line, by a
+    backward sweep with each piece's codes; None when a layer has no closed-form backward."""
+    if not net.is_sequential:
+        return None
+    widths = np.diff(pts.ts)
+    n = len(widths)
+    codes = dict(zip(pts.code_nodes, pts.codes, strict=True))
+    # levels[node]: group id per piece; pieces in a group agree on every code up to ``node``
+    changed = np.zeros(max(n - 1, 0), dtype=bool)
+    levels: dict[int, np.ndarray] = {}
+    for node in pts.code_nodes:
+        diff = codes[node][1:] != codes[node][:-1]
+        changed |= diff.any(axis=tuple(range(1, diff.ndim)))
+        levels[node] = np.concatenate([[0], np.cumsum(changed)])
+    bends = sorted(levels)
+    group = levels[bends[-1]] if bends else np.zeros(n, dtype=np.int64)
+    weights = torch.from_numpy(np.bincount(group, widths))
+    grad = torch.zeros(len(weights), net.num_outputs, dtype=net.dtype)
+    grad[:, target] = weights.to(net.dtype)
+    grad = grad.reshape(len(weights), *net.shapes[-1])
+    for i in reversed(range(len(net.layers))):
+        code = None
+        if i in levels:
+            first = np.flatnonzero(np.concatenate([[True], np.diff(levels[i]) != 0]))
+            code = codes[i][first]
+        grad = rule_for(net.layers[i]).line_backward(net.layers[i], grad, code, net.in_shape(i))
+        if grad is None:
+            return None
+        if i in levels:  # add up the rows that agree on every code below node i
+            below = bends.index(i)
+            coarse = levels[bends[below - 1]][first] if below else np.zeros(len(first), int)
+            grad = torch.zeros((int(coarse.max()) + 1, *grad.shape[1:]), dtype=grad.dtype
+                               ).index_add_(0, torch.from_numpy(coarse), grad)
+    return grad[0]
+
+
+def _mean_gradient_autograd(net: Network, pts: _Points, start: Tensor, end: Tensor,
+                            target: int, progress: ProgressFn | None) -> Tensor:
+    """The same sum from autograd at the piece midpoints (any graph, any layer kind)."""
+    ts = torch.from_numpy(pts.ts)
+    mids, widths = (ts[:-1] + ts[1:]) / 2, torch.diff(ts)
+    shape = (-1, *([1] * start.dim()))
+    total = torch.zeros_like(start)
+    for lo in range(0, len(mids), GRAD_CHUNK):
+        t = mids[lo:lo + GRAD_CHUNK].to(start.dtype).reshape(shape)
+        points = (start + t * (end - start)).requires_grad_(True)
+        (grad,) = torch.autograd.grad(net(points)[:, target].sum(), points)
+        total += (widths[lo:lo + GRAD_CHUNK].to(start.dtype).reshape(shape) * grad).sum(0)
+        report(progress, 0.8 + 0.2 * (lo + GRAD_CHUNK) / len(mids), "gradients of the pieces")
+    return total
 
 
 def captum_integrated_gradients(

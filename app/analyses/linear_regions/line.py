@@ -184,7 +184,8 @@ def _merge_equal_neighbours(pts: _Points) -> None:
         return
     same = pts.valid[:-1] & pts.valid[1:]
     for c in pts.codes:
-        same &= (c[1:] == c[:-1]).reshape(len(same), -1).all(1)
+        equal = c[1:] == c[:-1]
+        same &= equal.all(axis=tuple(range(1, equal.ndim)))
     if not same.any():
         return
     keep = np.ones(len(pts.ts), dtype=bool)
