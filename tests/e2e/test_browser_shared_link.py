@@ -65,3 +65,40 @@ def test_two_jobs_reopen_from_one_link(ui, atlas) -> None:
     with atlas.api() as api:
         assert len(api.get("/jobs").json()) == len(jobs)  # reopened, not rerun
     shared.page.close()
+
+
+def test_jobs_page_polls_only_while_a_job_runs(ui, atlas) -> None:
+    """The Jobs page asks the app for no reruns while idle, and for some while a job runs.
+
+    Oracle: the messages the browser sends Streamlit (every fragment rerun is one) and the
+    API's job status.
+    """
+    if not SAMPLE_MODEL.exists():
+        pytest.skip("sample models not built")
+    page = ui.page
+    sent: list[object] = []
+    page.on("websocket", lambda ws: ws.on("framesent", lambda frame: sent.append(frame)))
+
+    def sent_during(ms: int) -> int:
+        before = len(sent)
+        page.wait_for_timeout(ms)
+        return len(sent) - before
+
+    model_id = hashlib.sha256(SAMPLE_MODEL.read_bytes()).hexdigest()
+    ui.open("jobs", model=model_id)
+    page.get_by_text(re.compile(r"^0 running or queued")).wait_for()
+    assert sent_during(3000) == 0
+
+    with atlas.api() as api:  # a gallery-wide proof comparison, cancelled below
+        job = api.post("/jobs", json={"analysis": "proof_compare", "model_id": model_id,
+                                      "input_id": None,
+                                      "params": {"eps": 0.0123, "n_inputs": 200}}).json()
+        page.get_by_role("button", name="Refresh").click()
+        page.get_by_text(re.compile(r"^1 running or queued")).wait_for()
+        assert sent_during(2500) > 0
+        assert api.get(f"/jobs/{job['id']}").json()["status"] in ("queued", "running")
+        api.post(f"/jobs/{job['id']}/cancel")
+    page.locator(f".st-key-job_{job['id']}").get_by_text("cancelled").wait_for()
+    page.get_by_text(re.compile(r"^0 running or queued")).wait_for()
+    ui.wait_idle()
+    assert sent_during(3000) == 0
