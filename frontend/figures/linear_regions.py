@@ -86,7 +86,20 @@ def ig_error(result: dict) -> go.Figure:
     fig = go.Figure(go.Scatter(
         x=[r["steps"] for r in table], y=[100 * r["relative_error"] for r in table],
         mode="lines+markers", name=result["method"]))
+    fig.update_xaxes(tickvals=[r["steps"] for r in table])
     fig.update_layout(title="Captum IG relative error (L1) vs exact", xaxis_type="log",
                       xaxis_title="steps", yaxis_title="error (%)", height=320,
                       margin={"t": 40, "b": 10})
+    return fig
+
+
+def density_comparison(rows: list[dict]) -> go.Figure:
+    """Pieces per unit length along FGSM and random directions, one bar pair per model."""
+    names = [r["model"] for r in rows]
+    fig = go.Figure([
+        go.Bar(x=names, y=[r["FGSM density"] for r in rows], name="FGSM direction"),
+        go.Bar(x=names, y=[r["random density"] for r in rows], name="random directions"),
+    ])
+    fig.update_layout(title="Linear pieces per unit length (L2), same input", barmode="group",
+                      yaxis_title="pieces / unit length", height=360, margin={"t": 40, "b": 10})
     return fig

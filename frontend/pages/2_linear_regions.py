@@ -1,11 +1,52 @@
-"""Linear regions: exact pieces along a line, a plane region map, and exact IG vs Captum."""
+"""Linear regions: exact pieces along a line, a plane region map, exact IG vs Captum, and the
+density of pieces across sibling models (standard vs adversarially/certifiably trained)."""
+
+import time
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 
 from frontend import components as ui
+from frontend.client import ApiError
 from frontend.figures import linear_regions as figures
+
+
+def _siblings(model: dict) -> list[dict]:
+    """Models trained on the same dataset with the same architecture (other methods)."""
+    card = model.get("card") or {}
+    if not card.get("dataset"):
+        return []
+    return [m for m in ui.client().models()
+            if (m.get("card") or {}).get("dataset") == card["dataset"]
+            and (m.get("card") or {}).get("architecture") == card.get("architecture")]
+
+
+def _density_rows(models: list[dict], input_id: str, params: dict) -> list[dict]:
+    """One line job per model (cached by the service), polled with one progress bar."""
+    api = ui.client()
+    bar = st.progress(0.0, text=f"linear regions on {len(models)} models")
+    jobs = [api.submit("linear_regions_line", m["id"], input_id, params) for m in models]
+    while any(j["status"] in ("queued", "running") for j in jobs):
+        bar.progress(float(np.mean([j.get("progress") or 0.0 for j in jobs])),
+                     text=f"linear regions on {len(models)} models")
+        time.sleep(0.5)
+        jobs = [api.job(j["id"]) if j["status"] in ("queued", "running") else j for j in jobs]
+    bar.empty()
+    rows = []
+    for model, job in zip(models, jobs, strict=True):
+        if job["status"] != "finished":
+            st.error(f"{model['name']}: {job.get('error') or job['status']}")
+            continue
+        lin = api.result(job["id"])["linearity"]
+        rows.append({"model": model["name"],
+                     "training": (model.get("card") or {}).get("training", ""),
+                     "FGSM density": lin["fgsm_density"],
+                     "random density": lin["random_density"],
+                     "FGSM / random": lin["density_ratio"],
+                     "FGSM pieces": lin["fgsm_pieces"]})
+    return rows
+
 
 selection = ui.sidebar()
 st.title("Linear regions")
@@ -15,7 +56,8 @@ st.caption(
     "networks are reported to be more linear: compare the density of pieces along FGSM and "
     "random directions, and across models for the same input."
 )
-line_tab, plane_tab, ig_tab = st.tabs(["Along a line", "In a plane", "Exact IG"])
+line_tab, plane_tab, ig_tab, robust_tab = st.tabs(
+    ["Along a line", "In a plane", "Exact IG", "Robust vs standard"])
 
 with line_tab:
     cols = st.columns(4)
@@ -47,17 +89,6 @@ with line_tab:
                 f"{lin['fgsm_relative_tangent_gap']:.3f}, random "
                 f"{lin['random_relative_tangent_gap']:.3f}.")
             ui.show_figure(figures.tangent_gap(result), "linear_regions_tangent")
-            key = f"density:{selection.model_id}:{selection.input_id}:{params.get('length')}"
-            st.session_state.setdefault("_lr_densities", {})[key] = (
-                selection.model["name"] if selection.model else "?", lin["fgsm_density"],
-                lin["random_density"])
-        rows = [{"model": name, "input": k.split(":", 2)[2].rsplit(":", 1)[0],
-                 "FGSM density": f, "random density": r}
-                for k, (name, f, r) in st.session_state.get("_lr_densities", {}).items()]
-        if len(rows) > 1:
-            st.subheader("Robust vs standard: density for the same input")
-            st.caption("Run this tab on other models (sidebar) to add rows.")
-            st.dataframe(pd.DataFrame(rows), hide_index=True)
 
 with plane_tab:
     cols = st.columns(4)
@@ -69,6 +100,10 @@ with plane_tab:
     }
     result = ui.run_job("linear_regions_plane", params=plane_params, key="lr_plane")
     if result:
+        m = st.columns(2)
+        m[0].metric("Linear regions", result["num_regions"])
+        m[1].metric("Polygons", result["num_polygons"],
+                    help="regions are also cut where the predicted class changes")
         ui.show_figure(figures.plane_map(result), "linear_regions_plane")
 
 with ig_tab:
@@ -103,3 +138,33 @@ with ig_tab:
                     np.asarray(result["captum"][steps]).reshape(shape).sum(0),
                     f"Captum IG, {steps} steps"), "ig_captum")
         ui.show_figure(figures.ig_error(result), "ig_error")
+
+
+with robust_tab:
+    st.caption("The same input on every model trained on this dataset with this architecture "
+               "(standard, PGD, IBP, ...): exact linear pieces per unit length along the FGSM "
+               "direction and along random sign directions of the same L-inf length.")
+    cols = st.columns(2)
+    robust_params = {
+        "mode": "direction", "direction": "fgsm",
+        "length": cols[0].number_input("Length (L-inf)", 0.01, 10.0, 0.3, step=0.05,
+                                       key="lr_robust_length"),
+        "random_directions": int(cols[1].number_input("Random lines", 1, 16, 4,
+                                                      key="lr_robust_random")),
+    }
+    siblings = _siblings(selection.model or {})
+    wanted = (selection.input_id, tuple(sorted(robust_params.items())))
+    if not siblings or selection.input_id is None:
+        st.info("Choose a model whose card names its dataset and architecture, and an input.")
+    elif st.button("Compare models", type="primary", key="lr_robust_run",
+                   icon=":material/play_arrow:"):
+        try:
+            st.session_state["lr_robust"] = (
+                wanted, _density_rows(siblings, selection.input_id, robust_params))
+        except ApiError as exc:
+            st.error(str(exc))
+    shown = st.session_state.get("lr_robust")
+    if shown and shown[0] == wanted and shown[1]:
+        st.subheader("Robust vs standard: density for the same input")
+        st.dataframe(pd.DataFrame(shown[1]), hide_index=True)
+        ui.show_figure(figures.density_comparison(shown[1]), "linear_regions_robust")

@@ -1,8 +1,9 @@
-"""In the browser: exact linear pieces along the FGSM direction of a sample model's input.
+"""In the browser: every view of the linear-regions page on a sample model's input.
 
-Oracle: the page's piece count is the job's result from the API, and the job's breakpoints
-give the logits an independent onnxruntime run on the uploaded file computes at the piece
-ends (so the exact curve drawn is the model's).
+Oracles: the numbers the page shows are the jobs' results from the API; the line's logits at
+its start and the exact IG's completeness (attributions sum to F(x) - F(0)) are checked
+against an independent onnxruntime run on the model file; the plane's polygons tile the
+parallelogram (shoelace areas sum to 1); the robustness chart names every sibling model.
 """
 
 from __future__ import annotations
@@ -50,3 +51,43 @@ def test_linear_regions_in_browser(ui, atlas) -> None:
     charts = page.locator(".js-plotly-plot")
     charts.nth(1).wait_for()
     assert charts.count() == 2  # logits with class strip, tangent gap
+
+    # plane: region map with its counts
+    page.get_by_role("tab", name="In a plane").click()
+    page.get_by_role("button", name="Run").click()
+    regions = page.get_by_test_id("stMetric").filter(has_text="Linear regions")
+    regions.wait_for(timeout=180_000)
+    ui.wait_idle()
+    with atlas.api() as api:
+        plane = api.get(f"/jobs/{ui.query_params()['job.lr_plane']}/result").json()
+    assert _metric(regions) == plane["num_regions"] >= 1
+    areas = [0.5 * abs(np.dot(p[:, 0], np.roll(p[:, 1], -1)) - np.dot(p[:, 1], np.roll(p[:, 0], -1)))
+             for p in map(np.asarray, plane["polygons"])]
+    assert abs(sum(areas) - 1.0) < 1e-9
+    ui.screenshot("linear_regions_plane")
+
+    # exact IG next to Captum's
+    page.get_by_role("tab", name="Exact IG").click()
+    page.get_by_role("button", name="Run").click()
+    page.get_by_text(re.compile(r"Exact IG for class")).wait_for(timeout=180_000)
+    ui.wait_idle()
+    with atlas.api() as api:
+        ig = api.get(f"/jobs/{ui.query_params()['job.lr_ig']}/result").json()
+    zero = sess.run(None, {name: np.zeros((1, 1, 8, 8), np.float32)})[0][0]
+    assert abs(np.sum(ig["exact"]) - (ref[ig["target"]] - zero[ig["target"]])) < 1e-4
+    assert page.get_by_text(f"{ig['num_pieces']}", exact=True).count() >= 1
+    ui.screenshot("linear_regions_ig")
+
+    # robust vs standard: one line job per sibling model, densities side by side
+    page.get_by_role("tab", name="Robust vs standard").click()
+    page.get_by_role("button", name="Compare models").click()
+    page.get_by_text("Robust vs standard: density for the same input").wait_for(timeout=180_000)
+    ui.wait_idle()
+    chart = page.get_by_test_id("stPlotlyChart").filter(has_text="pieces per unit length")
+    for sibling in ("digits_fc_standard", "digits_fc_pgd", "digits_fc_ibp"):
+        assert chart.get_by_text(sibling).count() >= 1
+    ui.screenshot("linear_regions_robust")
+
+
+def _metric(metric) -> int:
+    return int(re.search(r"(\d+)\s*$", metric.inner_text().strip()).group(1))
