@@ -112,6 +112,22 @@ class ApiClient:
         """Newest jobs first (the backend's default page size unless ``limit`` is given)."""
         return self._json("GET", "/jobs", params={"limit": limit} if limit else None)
 
+    def submit_batch(self, analysis: str, model_ids: list[str], input_ids: list[str | None],
+                     params: dict | None = None) -> dict:
+        """One analysis fanned out over ``model_ids`` x ``input_ids`` (one child job each)."""
+        body = {"analysis": analysis, "model_ids": model_ids, "input_ids": input_ids,
+                "params": params or {}}
+        return self._json("POST", "/batches", json=body)
+
+    def batch(self, batch_id: str) -> dict:
+        return self._json("GET", f"/batches/{batch_id}")
+
+    def batch_result(self, batch_id: str) -> dict:
+        return self._json("GET", f"/batches/{batch_id}/result")
+
+    def cancel_batch(self, batch_id: str) -> dict:
+        return self._json("POST", f"/batches/{batch_id}/cancel")
+
     def job(self, job_id: str) -> dict:
         return self._json("GET", f"/jobs/{job_id}")
 

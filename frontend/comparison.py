@@ -2,10 +2,10 @@
 
 Every cell (one model, one input, one analysis) is the job the analysis' own page would run
 with the same parameters, so a cell always equals the single-analysis result (and is served
-from the job cache when that result exists). Batches fan out as many jobs at once; the
-service's Dask workers run them in parallel and one poll of the job listing per round gives
-the overall progress. Nothing here imports Streamlit: the page, the tests and the benchmark
-all use it.
+from the job cache when that result exists). Each analysis fans out over models x inputs as
+one batch (``POST /api/batches``: one parent, one child job per pair, run in parallel by the
+service's Dask workers); polling the batches gives one overall progress and the children's
+results as they finish. Nothing here imports Streamlit: the page, tests and benchmark share it.
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from frontend.client import ACTIVE, ApiClient
+from frontend.client import ApiClient
 
-POLL_SECONDS = 0.3
+POLL_SECONDS = 0.5
 HTTP_THREADS = 8
-LISTING_LIMIT = 1000
 
 
 @dataclass(frozen=True)
@@ -34,6 +33,10 @@ class CompareParams:
     method: str = "crown"  # bound method of the proofs and of the certified-accuracy curve
     eps_max: float = 0.5  # largest certified eps: bisection range ...
     tol: float = 1e-3  # ... and tolerance
+    length: float = 0.3  # linear regions: L-inf length of the FGSM and random segments
+    random_directions: int = 4
+    top_k: int = 10  # saliency: first-layer neurons the SMT mask keeps
+    threshold: float = 0.5
 
     def query(self) -> dict[str, str]:
         return {f.name: str(getattr(self, f.name)) for f in fields(self)}
@@ -51,35 +54,43 @@ class CompareParams:
         return cls(**values)
 
 
-# analysis name -> the parameters its job gets: the same as its own page sends
+# analysis name -> the parameters its job gets: those its own page sends
 CELLS: dict[str, Callable[[CompareParams], dict]] = {
     "predict": lambda p: {},
     "proof_features": lambda p: {"eps": p.eps, "method": p.method},
     "proof_eps": lambda p: {"eps_max": p.eps_max, "tol": p.tol},
+    "linear_regions_line": lambda p: {"mode": "direction", "direction": "fgsm",
+                                      "length": p.length,
+                                      "random_directions": p.random_directions},
+    "saliency": lambda p: {"top_k": p.top_k, "threshold": p.threshold},
 }
+
+Cell = tuple[str, str, str]  # (model_id, input_id, analysis)
 
 
 @dataclass(frozen=True)
-class Task:
-    model_id: str
-    input_id: str
-    analysis: str
-    params: tuple[tuple[str, object], ...]  # sorted items, so a Task is hashable
+class Plan:
+    """Which models, inputs and analyses; each analysis becomes one batch."""
+
+    model_ids: tuple[str, ...]
+    input_ids: tuple[str, ...]
+    params: CompareParams
+    analyses: tuple[str, ...]
 
     @property
-    def body(self) -> dict:
-        return {"analysis": self.analysis, "model_id": self.model_id,
-                "input_id": self.input_id, "params": dict(self.params)}
+    def total(self) -> int:
+        return len(self.model_ids) * len(self.input_ids) * len(self.analyses)
+
+    def cells(self) -> list[Cell]:
+        return [(m, i, a) for a in self.analyses for m in self.model_ids for i in self.input_ids]
 
 
 def plan(model_ids: Iterable[str], input_ids: Iterable[str], params: CompareParams,
-         available: Iterable[str] | None = None) -> list[Task]:
-    """One task per model, input and cell analysis the service offers."""
+         available: Iterable[str] | None = None) -> Plan:
+    """The comparison of every model on every input, by every cell analysis the service has."""
     offered = set(CELLS if available is None else available)
-    input_ids = list(input_ids)
-    return [Task(m, i, name, tuple(sorted(make(params).items())))
-            for m in model_ids for i in input_ids
-            for name, make in CELLS.items() if name in offered]
+    return Plan(tuple(dict.fromkeys(model_ids)), tuple(dict.fromkeys(input_ids)), params,
+                tuple(a for a in CELLS if a in offered))
 
 
 @dataclass
@@ -88,8 +99,9 @@ class Cells:
 
     total: int
     results: dict[tuple[str, str], dict[str, dict]] = field(default_factory=dict)
-    job_ids: dict[Task, str] = field(default_factory=dict)
-    errors: dict[Task, str] = field(default_factory=dict)
+    job_ids: dict[Cell, str] = field(default_factory=dict)
+    errors: dict[Cell, str] = field(default_factory=dict)
+    batch_ids: list[str] = field(default_factory=list)
     progress: float = 0.0
 
     @property
@@ -99,68 +111,74 @@ class Cells:
     def get(self, model_id: str, input_id: str, analysis: str) -> dict | None:
         return self.results.get((model_id, input_id), {}).get(analysis)
 
+    def put(self, cell: Cell, result: dict) -> None:
+        self.results.setdefault(cell[:2], {})[cell[2]] = result
+
 
 class BatchRun:
-    """Submit every task as a job, then poll until each is finished, failed or cancelled."""
+    """Submit one batch per analysis, then poll them until every child job has ended."""
 
-    def __init__(self, api: ApiClient, tasks: list[Task]) -> None:
+    def __init__(self, api: ApiClient, comparison: Plan) -> None:
         self.api = api
-        self.tasks = tasks
-        self.cells = Cells(total=len(tasks))
-        self._jobs: dict[str, dict] = {}  # job id -> last JobInfo
-        self._task_of: dict[str, Task] = {}
+        self.plan = comparison
+        self.cells = Cells(total=comparison.total)
+        self._batches: dict[str, dict] = {}  # batch id -> last BatchInfo (with children)
 
     def submit(self) -> None:
-        with ThreadPoolExecutor(HTTP_THREADS) as pool:
-            jobs = list(pool.map(lambda t: self.api.submit(**t.body), self.tasks))
-        for task, job in zip(self.tasks, jobs, strict=True):
-            self.cells.job_ids[task] = job["id"]
-            self._jobs[job["id"]] = job
-            self._task_of[job["id"]] = task
+        p = self.plan
+        for analysis in p.analyses:
+            info = self.api.submit_batch(analysis, list(p.model_ids), list(p.input_ids),
+                                         CELLS[analysis](p.params))
+            self._batches[info["id"]] = info
+            self.cells.batch_ids.append(info["id"])
         self._collect()
 
     def poll(self) -> bool:
-        """Refresh the jobs' states and fetch new results; True while any job is active."""
-        active = {j for j, job in self._jobs.items() if job["status"] in ACTIVE}
-        if active:
-            listed = {j["id"]: j for j in self.api.jobs(limit=LISTING_LIMIT) if j["id"] in active}
-            missing = list(active - set(listed))
-            with ThreadPoolExecutor(HTTP_THREADS) as pool:
-                listed.update(zip(missing, pool.map(self.api.job, missing), strict=True))
-            self._jobs.update(listed)
+        """Refresh the active batches and fetch new results; True while any job is active."""
+        active = [b for b, info in self._batches.items() if info["status"] != "finished"]
+        with ThreadPoolExecutor(HTTP_THREADS) as pool:
+            self._batches.update(zip(active, pool.map(self.api.batch, active), strict=True))
         self._collect()
-        return any(job["status"] in ACTIVE for job in self._jobs.values())
+        return any(info["status"] != "finished" for info in self._batches.values())
 
     def cancel(self) -> None:
-        for job_id, job in self._jobs.items():
-            if job["status"] in ACTIVE:
-                self.api.cancel(job_id)
+        for batch_id, info in self._batches.items():
+            if info["status"] != "finished":
+                self.api.cancel_batch(batch_id)
 
     def _collect(self) -> None:
-        """Fetch the results of newly finished jobs; record failures; update progress."""
-        new = [j for j, job in self._jobs.items() if job["status"] == "finished"
-               and self.cells.get(*self._key(j)) is None]
+        """Fetch the results of newly finished children (a finished batch's all at once)."""
+        fetch: list[tuple[Cell, str]] = []
+        for batch_id, info in self._batches.items():
+            children = [(self._cell(info, job), job) for job in info["children"]]
+            new = [(cell, job) for cell, job in children if job["status"] == "finished"
+                   and self.cells.get(*cell) is None]
+            for cell, job in children:
+                self.cells.job_ids[cell] = job["id"]
+                if job["status"] in ("failed", "cancelled"):
+                    self.cells.errors[cell] = job.get("error") or job["status"]
+            if info["status"] == "finished" and new:
+                for item in self.api.batch_result(batch_id)["items"]:
+                    if item["status"] == "finished":
+                        self.cells.put(self._cell(info, item), item["result"])
+            else:
+                fetch += [(cell, job["id"]) for cell, job in new]
         with ThreadPoolExecutor(HTTP_THREADS) as pool:
-            for job_id, result in zip(new, pool.map(self.api.result, new), strict=True):
-                task = self._task_of[job_id]
-                self.cells.results.setdefault((task.model_id, task.input_id), {})[
-                    task.analysis] = result
-        for job_id, job in self._jobs.items():
-            if job["status"] in ("failed", "cancelled"):
-                self.cells.errors[self._task_of[job_id]] = job.get("error") or job["status"]
-        fractions = [1.0 if job["status"] not in ACTIVE else float(job.get("progress") or 0)
-                     for job in self._jobs.values()]
-        self.cells.progress = sum(fractions) / max(1, len(self.tasks))
+            results = pool.map(self.api.result, [job_id for _, job_id in fetch])
+            for (cell, _), result in zip(fetch, results, strict=True):
+                self.cells.put(cell, result)
+        done = sum(info["progress"] * info["total"] for info in self._batches.values())
+        self.cells.progress = done / max(1, self.cells.total)
 
-    def _key(self, job_id: str) -> tuple[str, str, str]:
-        task = self._task_of[job_id]
-        return task.model_id, task.input_id, task.analysis
+    @staticmethod
+    def _cell(info: dict, job: dict) -> Cell:
+        return job["model_id"], job["input_id"], info["analysis"]
 
 
-def run(api: ApiClient, tasks: list[Task], on_update: Callable[[Cells], None] | None = None,
+def run(api: ApiClient, comparison: Plan, on_update: Callable[[Cells], None] | None = None,
         poll_s: float = POLL_SECONDS) -> Cells:
-    """Run ``tasks`` to the end, calling ``on_update`` with the partial cells after each poll."""
-    batch = BatchRun(api, tasks)
+    """Run the comparison to the end, calling ``on_update`` with the cells after each poll."""
+    batch = BatchRun(api, comparison)
     batch.submit()
     while True:
         if on_update is not None:
@@ -203,6 +221,9 @@ class ModelSummary:
     certified_accuracy: list[float]  # correct and certified (bisection), per eps in the grid
     kept_counts: list[int]  # proof features kept, per input the proof certifies
     not_certified: int  # proof-feature cells whose ball is not certified
+    fgsm_density: list[float]  # linear pieces per unit length along FGSM, per input
+    random_density: list[float]  # ... and along random directions (mean of the directions)
+    sparsity: list[float]  # SMT mask size / feature groups, per input
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -210,7 +231,8 @@ class ModelSummary:
 
 def summarize(cells: Cells, model_ids: list[str], input_ids: list[str],
               params: CompareParams, grid_points: int = 51) -> list[ModelSummary]:
-    """Per model: accuracy, certified accuracy vs eps, proof-feature counts.
+    """Per model: accuracy, certified accuracy vs eps, proof-feature counts, region density
+    along FGSM and random directions, saliency sparsity.
 
     Certified accuracy at eps counts inputs predicted correctly whose largest certified eps
     (``params.method``, by bisection) is at least eps; an input without a known label counts
@@ -219,27 +241,28 @@ def summarize(cells: Cells, model_ids: list[str], input_ids: list[str],
     grid = np.linspace(0.0, params.eps_max, grid_points)
     out = []
     for model_id in model_ids:
-        correct, largest, kept, refused = [], [], [], 0
-        for input_id in input_ids:
-            predicted = cells.get(model_id, input_id, "predict")
-            if predicted is not None:
-                correct.append(predicted["correct"])
-            bisection = cells.get(model_id, input_id, "proof_eps")
-            if predicted is not None and bisection is not None:
-                ok = predicted["correct"] is not False
-                largest.append(bisection["largest_eps"][params.method] if ok else -1.0)
-            proof = cells.get(model_id, input_id, "proof_features")
-            if proof is not None:
-                if proof["certified"]:
-                    kept.append(int(proof["num_kept"]))
-                else:
-                    refused += 1
+        def column(analysis: str, model_id: str = model_id) -> list[tuple[str, dict]]:
+            found = ((i, cells.get(model_id, i, analysis)) for i in input_ids)
+            return [(i, r) for i, r in found if r is not None]
+
+        predictions = dict(column("predict"))
+        correct = [p["correct"] for p in predictions.values()]
+        largest = [r["largest_eps"][params.method] if predictions[i]["correct"] is not False
+                   else -1.0 for i, r in column("proof_eps") if i in predictions]
+        proofs = [r for _, r in column("proof_features")]
+        lines = [r["linearity"] for _, r in column("linear_regions_line") if r.get("linearity")]
         labelled = [c for c in correct if c is not None]
-        curve = [float(np.mean(np.asarray(largest) >= e)) if largest else 0.0 for e in grid]
         out.append(ModelSummary(
             model_id=model_id, inputs=len(correct),
             accuracy=statistics.mean(labelled) if labelled else None,
-            eps_grid=grid.tolist(), certified_accuracy=curve, kept_counts=kept,
-            not_certified=refused,
+            eps_grid=grid.tolist(),
+            certified_accuracy=[float(np.mean(np.asarray(largest) >= e)) if largest else 0.0
+                                for e in grid],
+            kept_counts=[int(r["num_kept"]) for r in proofs if r["certified"]],
+            not_certified=sum(not r["certified"] for r in proofs),
+            fgsm_density=[r["fgsm_density"] for r in lines],
+            random_density=[r["random_density"] for r in lines],
+            sparsity=[r["mask_size"] / r["num_groups"] for _, r in column("saliency")
+                      if r["mask_size"] is not None and r["num_groups"]],
         ))
     return out

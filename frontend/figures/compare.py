@@ -149,6 +149,90 @@ def kept_counts(labels: list[str], summaries: list[dict], eps: float) -> go.Figu
 
 
 
+
+def region_density(labels: list[str], lines: list[dict | None]) -> go.Figure:
+    """Linear pieces per unit length along the FGSM direction and random directions."""
+    fig = go.Figure()
+    for kind, color in (("fgsm", "#d62728"), ("random", "#7f7f7f")):
+        xs, ys = [], []
+        for label, line in zip(labels, lines, strict=True):
+            if line and line.get("linearity"):
+                xs.append(label)
+                ys.append(line["linearity"][f"{kind}_density"])
+        fig.add_trace(go.Bar(name="FGSM" if kind == "fgsm" else "random (mean)", x=xs, y=ys,
+                             marker_color=color,
+                             hovertemplate="%{x}<br>%{y:.2f} pieces per unit<extra></extra>"))
+    fig.update_layout(title="Linear-region density along FGSM and random directions",
+                      yaxis_title="pieces per unit length", barmode="group", height=320,
+                      margin={"t": 40, "b": 10}, legend={"orientation": "h", "y": -0.2})
+    return fig
+
+
+def saliency_masks(labels: list[str], masks: list[dict | None]) -> go.Figure:
+    """Per model: the SMT mask (kept features ranked, 1 = most important) above input IG."""
+    titles = [f"{label}<br>" + (f"SMT mask: {m['mask_size']} of {m['num_groups']} kept"
+                                if m and m["mask_size"] is not None else "SMT mask: none")
+              for label, m in zip(labels, masks, strict=True)]
+    titles += ["Integrated Gradients"] * len(labels)
+    fig = make_subplots(rows=2, cols=len(labels), subplot_titles=titles,
+                        horizontal_spacing=0.04, vertical_spacing=0.12)
+    for k, result in enumerate(masks):
+        if not result:
+            continue
+        mask = _image(result["mask"])
+        fig.add_trace(go.Heatmap(z=mask * _image(result["input"]), colorscale="Greys",
+                                 reversescale=True, showscale=False, zmin=0,
+                                 hovertemplate="row %{y}, col %{x}<br>kept input %{z:.3f}"
+                                               "<extra></extra>"), row=1, col=k + 1)
+        ig = _image(result["ig"])
+        bound = float(np.abs(ig).max()) or 1.0
+        fig.add_trace(go.Heatmap(z=ig, colorscale="RdBu", zmin=-bound, zmax=bound,
+                                 showscale=False,
+                                 hovertemplate="row %{y}, col %{x}<br>IG %{z:.4g}"
+                                               "<extra></extra>"), row=2, col=k + 1)
+    fig.update_yaxes(autorange="reversed", scaleanchor="x", showticklabels=False)
+    fig.update_xaxes(showticklabels=False)
+    fig.update_layout(title="SMT saliency mask (input kept by the mask) next to IG",
+                      height=520, margin={"t": 100, "b": 10})
+    return fig
+
+
+def _image(values: list) -> np.ndarray:
+    """An input-shaped array as one 2-D image (channels summed)."""
+    arr = np.asarray(values, dtype=float)
+    return arr.reshape(-1, *arr.shape[-2:]).sum(0) if arr.ndim >= 2 else arr[None]
+
+
+def density_summary(labels: list[str], summaries: list[dict]) -> go.Figure:
+    """Mean region density (with standard deviation) along FGSM vs random, per model."""
+    fig = go.Figure()
+    for kind, color, name in (("fgsm", "#d62728", "FGSM"),
+                              ("random", "#7f7f7f", "random (mean)")):
+        values = [summary[f"{kind}_density"] for summary in summaries]
+        fig.add_trace(go.Bar(
+            name=name, x=labels, y=[float(np.mean(v)) if v else None for v in values],
+            error_y={"type": "data", "array": [float(np.std(v)) if v else 0 for v in values]},
+            marker_color=color, customdata=[len(v) for v in values],
+            hovertemplate="%{x}<br>mean %{y:.2f} over %{customdata} inputs<extra></extra>"))
+    fig.update_layout(title="Mean linear-region density: adversarial vs random directions",
+                      yaxis_title="pieces per unit length", barmode="group", height=360,
+                      margin={"t": 40, "b": 10}, legend={"orientation": "h", "y": -0.2})
+    return fig
+
+
+def sparsity(labels: list[str], summaries: list[dict]) -> go.Figure:
+    """Distribution of SMT mask sparsity (fraction of feature groups kept) per model."""
+    fig = go.Figure()
+    for k, (label, summary) in enumerate(zip(labels, summaries, strict=True)):
+        fig.add_trace(go.Box(y=summary["sparsity"], name=label, boxpoints="all", jitter=0.4,
+                             pointpos=0, marker_color=COLORS[k % len(COLORS)],
+                             showlegend=False))
+    fig.update_layout(title="Saliency sparsity: fraction of the input the SMT mask keeps",
+                      yaxis_title="mask size / feature groups", yaxis_tickformat=".0%",
+                      height=360, margin={"t": 40, "b": 10})
+    return fig
+
+
 def one_input_figures(labels: list[str],
                       columns: list[dict[str, dict]]) -> list[tuple[str, go.Figure]]:
     """The one-input grid's figures, named for downloads and the report.
@@ -160,11 +244,15 @@ def one_input_figures(labels: list[str],
 
     return [("compare_prediction", class_scores(labels, cells("predict"))),
             ("compare_proof_features", proof_maps(labels, cells("proof_features"))),
-            ("compare_largest_eps", largest_eps(labels, cells("proof_eps")))]
+            ("compare_largest_eps", largest_eps(labels, cells("proof_eps"))),
+            ("compare_saliency", saliency_masks(labels, cells("saliency"))),
+            ("compare_region_density", region_density(labels, cells("linear_regions_line")))]
 
 
 def batch_figures(labels: list[str], summaries: list[dict], method: str,
                   eps: float) -> list[tuple[str, go.Figure]]:
     """The batch's aggregate figures, named for downloads and the report."""
     return [("compare_certified_accuracy", certified_accuracy(labels, summaries, method)),
-            ("compare_kept_features", kept_counts(labels, summaries, eps))]
+            ("compare_kept_features", kept_counts(labels, summaries, eps)),
+            ("compare_region_density", density_summary(labels, summaries)),
+            ("compare_sparsity", sparsity(labels, summaries))]

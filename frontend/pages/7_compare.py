@@ -4,6 +4,7 @@ Every cell is the ordinary single-analysis job (see frontend/comparison.py); the
 the models, inputs and parameters, so a copied link reopens the same comparison.
 """
 
+import statistics
 from datetime import UTC, datetime
 from urllib.parse import urlencode, urlsplit
 
@@ -103,7 +104,7 @@ else:
 ready = 2 <= len(chosen) <= MAX_MODELS and bool(input_ids)
 if len(chosen) < 2:
     st.info("Choose at least two models.")
-tasks = comparison.plan(chosen, input_ids, params, offered) if ready else []
+todo = comparison.plan(chosen, input_ids, params, offered)
 config = (tuple(chosen), tuple(input_ids), params)
 clicked = st.button("Compare", type="primary", disabled=not ready,
                     icon=":material/play_arrow:", key="cmp_run")
@@ -144,6 +145,8 @@ def _one_input_metrics(cells: comparison.Cells) -> None:
         prediction = cells.get(mid, input_ids[0], "predict")
         proof = cells.get(mid, input_ids[0], "proof_features")
         found = cells.get(mid, input_ids[0], "proof_eps")
+        mask = cells.get(mid, input_ids[0], "saliency")
+        line = cells.get(mid, input_ids[0], "linear_regions_line")
         with col:
             st.markdown(f"**{label}**")
             if prediction:
@@ -156,6 +159,21 @@ def _one_input_metrics(cells: comparison.Cells) -> None:
             if found:
                 st.metric(f"Largest certified eps ({params.method})",
                           f"{found['largest_eps'][params.method]:.3f}")
+            if mask:
+                st.metric("SMT mask", f"{mask['mask_size']} / {mask['num_groups']}",
+                          mask["status"], delta_color="off")
+            if line and line.get("linearity"):
+                st.metric("Region density FGSM / random",
+                          f"{line['linearity']['fgsm_density']:.1f} / "
+                          f"{line['linearity']['random_density']:.1f}")
+
+
+def _median(values: list) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _mean(values: list) -> float | None:
+    return round(statistics.mean(values), 2) if values else None
 
 
 def _batch_table(cells: comparison.Cells) -> None:
@@ -166,8 +184,10 @@ def _batch_table(cells: comparison.Cells) -> None:
         rows.append({"model": label, "inputs": s.inputs,
                      "accuracy": None if s.accuracy is None else round(s.accuracy, 3),
                      f"certified accuracy at {params.eps:g}": s.certified_accuracy[at_eps],
-                     "median features kept": (sorted(s.kept_counts)[len(s.kept_counts) // 2]
-                                              if s.kept_counts else None)})
+                     "median features kept": _median(s.kept_counts),
+                     "mean density FGSM": _mean(s.fgsm_density),
+                     "mean density random": _mean(s.random_density),
+                     "median sparsity": _median(s.sparsity)})
     st.dataframe(rows, hide_index=True)
 
 
@@ -185,7 +205,7 @@ def _render(cells: comparison.Cells, key: str) -> list:
 if mode == "One input" and input_ids[0].startswith("upload:"):
     comparison.share_input(api, anchor["id"], input_ids[0], chosen)
 
-bar = st.progress(0.0, text=f"{len(tasks)} cells")
+bar = st.progress(0.0, text=f"{todo.total} cells")
 cancel = st.empty()
 board = st.empty()
 state = {"drawn_at": 0.0, "round": 0, "done": -1}
@@ -193,7 +213,7 @@ state = {"drawn_at": 0.0, "round": 0, "done": -1}
 
 def _on_update(cells: comparison.Cells) -> None:
     """Overall progress every poll; the partial figures at most every few seconds."""
-    st.session_state["cmp_jobs"] = list(cells.job_ids.values())
+    st.session_state["cmp_batches"] = list(cells.batch_ids)
     bar.progress(min(1.0, cells.progress),
                  text=f"{cells.done} of {cells.total} cells done ({100 * cells.progress:.0f}%)")
     now = datetime.now(UTC).timestamp()
@@ -210,12 +230,12 @@ if cached and cached[0] == config:
 else:
     if cancel.button("Cancel", icon=":material/stop:", key="cmp_cancel"):
         st.session_state.pop("cmp_config", None)
-        for job_id in st.session_state.pop("cmp_jobs", []):
-            api.cancel(job_id)
+        for batch_id in st.session_state.pop("cmp_batches", []):
+            api.cancel_batch(batch_id)
         st.query_params.pop("run", None)
         st.rerun()
     try:
-        cells = comparison.run(api, tasks, _on_update)
+        cells = comparison.run(api, todo, _on_update)
     except ApiError as exc:
         st.error(str(exc))
         st.stop()
@@ -225,8 +245,8 @@ cancel.empty()
 bar.progress(1.0, text=f"{cells.done} of {cells.total} cells done")
 if cells.errors:
     st.warning(f"{len(cells.errors)} of {cells.total} cells failed; first: "
-               + "; ".join(f"{t.analysis} on {t.input_id}: {err}"
-                           for t, err in list(cells.errors.items())[:3]))
+               + "; ".join(f"{analysis} on {input_id}: {err}"
+                           for (_, input_id, analysis), err in list(cells.errors.items())[:3]))
 with board.container():
     drawn = _render(cells, "final")
 
@@ -239,10 +259,10 @@ report = build_report(ReportContent(
     models=[models[m] for m in chosen], params={**params.query(), "mode": mode},
     inputs=input_ids, figures=drawn,
     link=urlsplit(st.context.url)._replace(query=urlencode(st.query_params.to_dict())).geturl(),
-    jobs=[{"model": figures.model_label(models[t.model_id]), "input": t.input_id,
-           "analysis": t.analysis, "job_id": job_id,
-           "status": "failed" if t in cells.errors else "finished"}
-          for t, job_id in cells.job_ids.items()],
+    jobs=[{"model": figures.model_label(models[cell[0]]), "input": cell[1],
+           "analysis": cell[2], "job_id": job_id,
+           "status": "failed" if cell in cells.errors else "finished"}
+          for cell, job_id in cells.job_ids.items()],
     backend_version=backend_version, started_at=st.session_state.get("cmp_started"),
 ))
 cols = st.columns([1, 3])
