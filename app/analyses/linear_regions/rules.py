@@ -142,7 +142,7 @@ class ReLURule(Rule):
     def line_backward(self, layer: Layer, grad: Tensor, code: np.ndarray | None,
                       in_shape: tuple[int, ...]) -> Tensor:
         assert code is not None
-        return grad * torch.from_numpy(code).reshape(grad.shape).to(grad.dtype)
+        return grad.masked_fill_(~torch.from_numpy(code).reshape(grad.shape), 0.0)
 
     def plane_split(self, layer: Layer, ins: list[Tensor], at: Tensor) -> Tensor:
         return ins[0].reshape(3, ins[0].shape[1], -1)
