@@ -108,6 +108,7 @@ def run_plane(ctx: JobContext, params: PlaneParams) -> dict:
     plane = exact_plane(ctx.net, ctx.x, p1, p2, shape=params.shape, progress=ctx.progress)
     return jsonable({
         "shape": plane.shape, "axes": [params.first, params.second], "classes": _classes(ctx),
+        "corners": [ctx.x, p1, p2],  # the plane's origin and axis ends, in input space
         "polygons": plane.polygons, "pattern_ids": plane.pattern_ids,
         "polygon_classes": plane.classes, "num_polygons": plane.num_polygons,
         "num_regions": plane.num_regions,
