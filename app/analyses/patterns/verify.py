@@ -19,11 +19,14 @@ from torch import Tensor
 
 from app.analyses.patterns.milp import Phases, encode, satisfies
 from app.analyses.patterns.rules import Rule
+from app.analyses.patterns.split import split_check
 from app.errors import InvalidInputError
 from app.network import Network
 from app.progress import ProgressFn, report
 
 Status = Literal["proven", "counterexample", "unknown"]
+Method = Literal["auto", "milp", "split"]
+SPLIT_MAX_INPUTS = 16  # "auto" splits the input box up to this many input dimensions
 TOLERANCE = 1e-6  # objective values up to this count as "<= 0" (solver feasibility tolerance)
 MARGIN = 1e-4  # distance from pattern and decision boundaries asked of a repaired counterexample
 
@@ -78,11 +81,18 @@ def verify_rule(
     rule: Rule,
     input_domain: InputDomain | tuple[float | Tensor, float | Tensor],
     timeout: float = 30.0,
+    method: Method = "auto",
+    progress: ProgressFn | None = None,
 ) -> Verdict:
-    """Prove ``rule`` on ``input_domain``, refute it with a confirmed input, or say unknown."""
+    """Prove ``rule`` on ``input_domain``, refute it with a confirmed input, or say unknown.
+
+    ``method``: ``"milp"`` solves one MILP over the whole domain; ``"split"`` splits the
+    input box (branch and bound, MILP on small leaves), which wins on few inputs such as
+    ACAS Xu's; ``"auto"`` splits up to :data:`SPLIT_MAX_INPUTS` input dimensions.
+    """
     domain = _as_domain(net, input_domain)
     return check_property(net, {rule.node: (rule.on, rule.off)}, domain, rule.target,
-                          rule.lowest, timeout)
+                          rule.lowest, timeout, method=method, progress=progress)
 
 
 def verify_rules(
@@ -91,6 +101,7 @@ def verify_rules(
     input_domain: InputDomain | tuple[float | Tensor, float | Tensor],
     timeout: float = 30.0,
     progress: ProgressFn | None = None,
+    method: Method = "auto",
 ) -> list[Verdict]:
     """:func:`verify_rule` for each rule in turn, reporting progress between rules."""
     domain = _as_domain(net, input_domain)
@@ -99,7 +110,8 @@ def verify_rules(
     for k, rule in enumerate(rules):
         report(progress, k / max(1, len(rules)), f"verifying rule {k + 1} of {len(rules)}")
         verdicts.append(check_property(net, {rule.node: (rule.on, rule.off)}, domain,
-                                       rule.target, rule.lowest, timeout, net64=net64))
+                                       rule.target, rule.lowest, timeout, net64=net64,
+                                       method=method))
     report(progress, 1.0, f"verified {len(rules)} rules")
     return verdicts
 
@@ -112,12 +124,16 @@ def check_property(
     lowest: bool,
     timeout: float,
     net64: Network | None = None,
+    method: Method = "milp",
+    progress: ProgressFn | None = None,
 ) -> Verdict:
     """Does every input of ``domain`` with the fixed ``phases`` get decision ``target``?"""
     start = time.perf_counter()
     if not 0 <= target < net.num_outputs:
         raise InvalidInputError(f"target {target} is not a class of this {net.num_outputs}-way model")
     net64 = net64 if net64 is not None else net.with_dtype(torch.float64)
+    if method == "split" or (method == "auto" and math.prod(net.input_shape) <= SPLIT_MAX_INPUTS):
+        return _check_by_splitting(net, net64, phases, domain, target, lowest, timeout, progress)
     found = _falsify(net, net64, phases, domain, target, lowest)
     if found is not None:
         return Verdict("counterexample", time.perf_counter() - start,
@@ -166,6 +182,31 @@ def check_property(
         return Verdict("unknown", seconds, f"solver stopped after {seconds:.1f}s without an answer")
     return Verdict("proven", seconds, "holds on every input of the domain satisfying the premise",
                    worst_margin=float(worst))
+
+
+def _check_by_splitting(net, net64, phases, domain, target, lowest, timeout, progress) -> Verdict:
+    start = time.perf_counter()
+
+    def leaf_check(lo: Tensor, hi: Tensor, seconds: float):
+        leaf = InputDomain(lo.reshape(net.input_shape), hi.reshape(net.input_shape))
+        v = check_property(net, phases, leaf, target, lowest, seconds, net64=net64)
+        found = None if v.counterexample is None else (v.counterexample, v.counterexample_class)
+        return v.status, found
+
+    def confirm(x: np.ndarray, lo: Tensor, hi: Tensor):
+        box = InputDomain(lo.reshape(net.input_shape), hi.reshape(net.input_shape))
+        return _confirm(net, net64, x, phases, target, lowest, box)
+
+    status, message, found, worst = split_check(
+        net, net64, phases, domain.lo, domain.hi, target, lowest, timeout, leaf_check, confirm,
+        progress)
+    seconds = time.perf_counter() - start
+    if found is not None:
+        x, cls = found
+        return Verdict("counterexample", seconds, f"class {cls} wins instead of {target} "
+                       f"({message})", x, cls)
+    margin = None if worst is None or not math.isfinite(worst) else worst
+    return Verdict(status, seconds, message, worst_margin=margin)
 
 
 def _falsify(net, net64, phases, domain, target, lowest, samples: int = 2048):
