@@ -25,6 +25,7 @@ body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px;
 table { border-collapse: collapse; margin: 0.5rem 0 1.5rem; font-size: 0.9rem; }
 th, td { border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: left; vertical-align: top; }
 th { background: #f3f3f3; } code { font-size: 0.85rem; } section.figure { margin: 1.5rem 0; }
+a { word-break: break-all; }
 """
 
 

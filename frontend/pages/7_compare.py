@@ -247,8 +247,8 @@ if cells.errors:
     st.warning(f"{len(cells.errors)} of {cells.total} cells failed; first: "
                + "; ".join(f"{analysis} on {input_id}: {err}"
                            for (_, input_id, analysis), err in list(cells.errors.items())[:3]))
-with board.container():
-    drawn = _render(cells, "final")
+board.empty()  # the partial figures give way to the final ones
+drawn = _render(cells, "final")
 
 try:
     backend_version = api.health().get("version")

@@ -48,6 +48,7 @@ def test_compare_one_input_and_report(ui, atlas, browser, tmp_path: Path) -> Non
     assert values == sorted(expected)
     page.locator(".js-plotly-plot").nth(4).wait_for()
     drawn = page.locator(".js-plotly-plot").count()
+    ui.screenshot("compare_one_input")
     assert drawn == 5
     query = ui.query_params()
     assert query["run"] == "1" and len(query["models"].split(",")) == len(MODELS)
