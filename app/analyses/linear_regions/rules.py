@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from app.errors import UnsupportedModelError
-from app.layers import Add, AffineLayer, Layer, MaxPool2d, ReLU
+from app.layers import Add, AffineLayer, Flatten, Layer, MaxPool2d, ReLU, Reshape
 
 Cuts = tuple[np.ndarray, np.ndarray]  # (segment index [K], ratio in (0, 1) along it [K])
 
@@ -94,6 +94,10 @@ class Rule:
 
 
 class AffineRule(Rule):
+    def line_forward(self, layer: Layer, ins: list[np.ndarray]) -> np.ndarray:
+        with torch.no_grad():  # ``forward`` itself: no module-call hooks on this hot path
+            return layer.forward(torch.from_numpy(ins[0])).numpy()
+
     def line_backward(self, layer: Layer, grad: Tensor, code: np.ndarray | None,
                       in_shape: tuple[int, ...]) -> Tensor:
         assert isinstance(layer, AffineLayer)
@@ -105,6 +109,14 @@ class AffineRule(Rule):
         offset = layer(c[0])
         lin = layer.linear(c[1:].reshape(-1, *c.shape[2:]))
         return torch.cat([offset.unsqueeze(0), lin.reshape(2, *offset.shape)])
+
+
+class ReshapeRule(AffineRule):
+    """Flatten/Reshape: a bias-free view change, so lines skip the module call."""
+
+    def line_forward(self, layer: Layer, ins: list[np.ndarray]) -> np.ndarray:
+        assert isinstance(layer, AffineLayer)
+        return layer.linear(torch.from_numpy(ins[0])).numpy()
 
 
 class AddRule(Rule):
@@ -217,6 +229,8 @@ def argmax_split_functions(w: Tensor, centre: Tensor) -> Tensor:
 
 _RULES: dict[type, Rule] = {
     AffineLayer: AffineRule(),
+    Flatten: ReshapeRule(),
+    Reshape: ReshapeRule(),
     Add: AddRule(),
     ReLU: ReLURule(),
     MaxPool2d: MaxPoolRule(),
