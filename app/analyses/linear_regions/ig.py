@@ -119,12 +119,12 @@ def _mean_gradient(net: Network, pts: _Points, target: int) -> Tensor | None:
     grad = torch.zeros(len(weights), net.num_outputs, dtype=net.dtype)
     grad[:, target] = weights.to(net.dtype)
     grad = grad.reshape(len(weights), *net.shapes[-1])
-    for i in reversed(range(len(net.layers))):
+    for i, layer in reversed(list(enumerate(net.layers))):
         code = None
         if i in levels:
             first = np.flatnonzero(np.concatenate([[True], np.diff(levels[i]) != 0]))
             code = codes[i][first]
-        grad = rule_for(net.layers[i]).line_backward(net.layers[i], grad, code, net.in_shape(i))
+        grad = rule_for(layer).line_backward(layer, grad, code, net.in_shape(i))
         if grad is None:
             return None
         if i in levels:  # add up the rows that agree on every code below node i
