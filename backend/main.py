@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, FastAPI
 from backend.analyses import load_all
 from backend.api.deps import Services, require_token
 from backend.api.errors import BodySizeLimit, install_error_handlers
-from backend.api.routes import analyses, batches, health, inputs, jobs, models
+from backend.api.routes import analyses, batches, health, inputs, jobs, models, patterns
 from backend.config import Settings
 from backend.jobs.runner import JobRunner
 from backend.jobs.store import JobStore
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 MULTIPART_SLACK_BYTES = 64 * 1024
 
 
-def _start(settings: Settings) -> Services:
+def _start(settings: Settings, owners: dict[str, str]) -> Services:
     """Blocking start-up work (seconds): storage, samples, Dask, re-queue."""
     load_all(settings.extra_analyses)
     store = JobStore(settings.db_url)
@@ -40,17 +40,19 @@ def _start(settings: Settings) -> Services:
         runner.submit(job_id)
     if requeued:
         log.info("re-queued %d interrupted jobs", len(requeued))
-    return Services(settings=settings, storage=storage, store=store, runner=runner)
+    return Services(settings=settings, storage=storage, store=store, runner=runner,
+                    owners=owners)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     settings.data_dir = settings.data_dir.resolve()
     settings.prepare()
+    owners = settings.token_owners()  # a malformed ATLAS_API_TOKENS fails here, not later
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        services = await asyncio.to_thread(_start, settings)
+        services = await asyncio.to_thread(_start, settings, owners)
         app.state.services = services
         try:
             yield
@@ -65,7 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(health.router, prefix="/api")
     api = APIRouter(prefix="/api", dependencies=[Depends(require_token)])
-    for module in (models, inputs, analyses, jobs, batches):
+    for module in (models, inputs, analyses, jobs, batches, patterns):
         api.include_router(module.router)
     app.include_router(api)
     install_error_handlers(app)

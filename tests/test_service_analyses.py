@@ -43,6 +43,8 @@ JOBS: dict[str, tuple[str, str, str | None, dict]] = {
     "proof_compare": (FC, "proof_compare", None, {"eps": 0.03, "n_inputs": 6}),
     "patterns": (FC, "patterns", X0, {"n_inputs": 200, "verify": 3, "timeout": 10,
                                       "thumbnails": 2}),
+    "patterns_verify": (FC, "patterns_verify", None, {"layer": 1, "on": [0], "target": 0,
+                                                      "timeout": 5}),
     "extraction": (FC, "extraction", None, {"budget": 20_000, "max_hidden_layers": 1}),
 }
 

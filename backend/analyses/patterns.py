@@ -1,20 +1,29 @@
-"""Pattern rules as a job: mine on/off rules from the gallery, verify them one by one, and
-explain the current input by the rules that fire on it and its pattern polytope's radius."""
+"""Pattern rules as jobs.
+
+* ``patterns``: mine on/off rules from the gallery, verify the first few one by one, and
+  explain the current input by the rules that fire on it and its pattern polytope's radius.
+* ``patterns_verify``: verify one rule. ``POST /api/patterns/verify`` fans many rules out as
+  one batch of these (one Dask task per rule, progress and cancel per rule).
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, Field
 
 from app.analyses.patterns import (
     InputDomain,
+    Rule,
     distill,
     input_property,
     mine_rules,
     rules_firing,
     verify_rule,
 )
+from app.analyses.patterns.rules import relu_node
 from backend.analyses.base import Analysis, JobContext, jsonable, register
 
 
@@ -31,6 +40,8 @@ class Params(BaseModel):
         "ball", description="ball: eps-ball around an input the rule covers; box: input range")
     eps: float = Field(0.05, gt=0.0, le=1.0, description="L-inf radius of the ball domains")
     timeout: float = Field(20.0, ge=1.0, le=300.0, description="seconds per verification")
+    method: Literal["auto", "milp", "split"] = Field(
+        "auto", description="one MILP, or input splitting (auto: for few input dimensions)")
     thumbnails: int = Field(6, ge=0, le=24, description="covered inputs shown per rule")
 
 
@@ -65,7 +76,8 @@ def run(ctx: JobContext, params: Params) -> dict:
                 domain = InputDomain.box(ctx.net, lo, hi)
             else:
                 domain = InputDomain.linf_ball(ctx.net, covered[0], params.eps, clip=(lo, hi))
-            verdict = verify_rule(ctx.net, rule, domain, timeout=params.timeout)
+            verdict = verify_rule(ctx.net, rule, domain, timeout=params.timeout,
+                                  method=params.method)
             row |= {"status": verdict.status, "seconds": verdict.seconds,
                     "message": verdict.message, "counterexample": verdict.counterexample,
                     "counterexample_class": verdict.counterexample_class}
@@ -94,6 +106,54 @@ def run(ctx: JobContext, params: Params) -> dict:
         "current": current,
     })
 
+
+class VerifyParams(BaseModel):
+    layer: int = Field(ge=-8, le=8, description="ReLU layer of the premise (1 = first)")
+    on: list[int] = Field(default_factory=list, max_length=4096)
+    off: list[int] = Field(default_factory=list, max_length=4096)
+    target: int = Field(ge=0, le=999)
+    lowest: bool = False
+    domain: Literal["ball", "box"] = "box"
+    center: list[float] | None = Field(None, max_length=200_000,
+                                       description="centre of the eps-ball (flat input)")
+    eps: float = Field(0.05, gt=0.0, le=1.0)
+    timeout: float = Field(20.0, ge=1.0, le=600.0)
+    method: Literal["auto", "milp", "split"] = "auto"
+
+
+def verify(ctx: JobContext, params: VerifyParams) -> dict:
+    net = ctx.net
+    ordinal, node = relu_node(net, params.layer)
+    width = math.prod(net.shapes[node])
+    if any(not 0 <= n < width for n in params.on + params.off):
+        raise ValueError(f"neurons of layer {ordinal} are numbered 0..{width - 1}")
+    literals = tuple((n, True) for n in params.on) + tuple((n, False) for n in params.off)
+    rule = Rule(ordinal, node, literals, params.target, params.lowest)
+    lo, hi = _range(ctx)
+    if params.domain == "box":
+        domain = InputDomain.box(net, lo, hi)
+    else:
+        if params.center is None or len(params.center) != math.prod(net.input_shape):
+            raise ValueError("a ball domain needs its centre: one value per input")
+        center = torch.tensor(params.center, dtype=net.dtype).reshape(net.input_shape)
+        domain = InputDomain.linf_ball(net, center, params.eps, clip=(lo, hi))
+    verdict = verify_rule(net, rule, domain, timeout=params.timeout, method=params.method,
+                          progress=ctx.progress)
+    return jsonable({
+        "rule": str(rule), "condition": rule.condition(), "status": verdict.status,
+        "seconds": verdict.seconds, "message": verdict.message,
+        "counterexample": verdict.counterexample,
+        "counterexample_class": verdict.counterexample_class,
+        "worst_margin": verdict.worst_margin, "input_shape": list(net.input_shape),
+    })
+
+
+register(Analysis(
+    name="patterns_verify", title="Verify a pattern rule",
+    description="Prove one on/off pattern rule on an input box or eps-ball, or find a "
+                "counterexample confirmed by a forward pass, or say unknown at time-out.",
+    params=VerifyParams, run=verify, needs_input=False,
+))
 
 register(Analysis(
     name="patterns", title="Pattern rules",
