@@ -1,5 +1,6 @@
 """Pattern rules: on/off neuron patterns that imply a decision, mined, verified, applied."""
 
+import numpy as np
 import streamlit as st
 
 from frontend import components as ui
@@ -10,10 +11,35 @@ st.caption(
     "Much of a ReLU network's logic lives in which neurons are on or off. A decision tree over "
     "the on/off pattern at one layer (fitted on gallery inputs) yields rules such as *if L2.n17 "
     "on and L2.n40 off then class 7*, scored on held-out inputs. Each rule is then checked with "
-    "a MILP over the whole network: proven for every input of the domain whose pattern "
+    "a MILP over the whole network (on few inputs, such as ACAS Xu's, by splitting the input "
+    "box and bounding each piece with CROWN): proven for every input of the domain whose pattern "
     "satisfies it, refuted by a counterexample that a forward pass confirms, or unknown at the "
     "time-out (Gopinath et al., Property Inference for Deep Neural Networks)."
 )
+
+
+
+def reverify(result: dict, rule: dict, index: int) -> None:
+    """Verify the chosen rule again as its own job (longer time-out, another verifier)."""
+    with st.expander("Re-verify this rule"):
+        r1, r2 = st.columns(2)
+        seconds = r1.slider("Seconds", 5, 600, 60, key="reverify_seconds")
+        how = r2.radio("Verifier", ["auto", "milp", "split"], horizontal=True,
+                       key="reverify_method")
+        ball = result["domain"] == "ball" and rule["covered"]
+        spec = {"layer": rule["layer"], "on": rule["on"], "off": rule["off"],
+                "target": rule["target"], "lowest": rule["lowest"],
+                "domain": "ball" if ball else "box", "eps": result["eps"],
+                "timeout": float(seconds), "method": how}
+        if ball:
+            spec["center"] = [float(v) for v in np.asarray(rule["covered"][0]).reshape(-1)]
+        verdict = ui.run_job("patterns_verify", spec, key=f"reverify{index}")
+        if verdict:
+            st.markdown(f"**{verdict['status']}** in {verdict['seconds']:.1f}s: "
+                        f"{verdict['message']}")
+            if verdict["counterexample"] is not None:
+                st.caption(f"counterexample: class {verdict['counterexample_class']} wins")
+
 
 selection = ui.sidebar()
 c1, c2, c3, c4 = st.columns(4)
@@ -22,12 +48,15 @@ target_text = c2.text_input("Target class (empty = all)", "")
 domain = c3.radio("Domain", ["ball", "box"], horizontal=True,
                   help="ball: eps-ball around an input the rule covers; box: the input range")
 eps = c4.number_input("eps", 0.005, 0.5, 0.05, step=0.005, format="%.3f")
-c5, c6, c7 = st.columns(3)
+c5, c6, c7, c8 = st.columns(4)
 verify = c5.slider("Rules to verify", 0, 20, 5)
 timeout = c6.slider("Seconds per rule", 2, 120, 20)
 min_precision = c7.slider("Min. leaf precision", 0.5, 1.0, 0.9, step=0.05)
+method = c8.radio("Verifier", ["auto", "milp", "split"], horizontal=True,
+                  help="milp: one MILP over the domain; split: branch and bound over the input "
+                       "box with CROWN, MILP on small pieces; auto: split for few inputs")
 params = {"layer": int(layer), "domain": domain, "eps": float(eps), "verify": verify,
-          "timeout": float(timeout), "min_precision": float(min_precision)}
+          "timeout": float(timeout), "min_precision": float(min_precision), "method": method}
 if target_text.strip():
     if target_text.strip().isdigit():
         params["target"] = int(target_text)
@@ -52,6 +81,7 @@ if result:
         rule = rules[chosen]
         st.markdown(f"**{rule['text']}** — {rule['status']}"
                     + (f" ({rule['message']})" if rule["message"] else ""))
+        reverify(result, rule, chosen)
         ui.show_figure(figures.rule_neurons(result, chosen), "pattern_rule_neurons")
         ui.show_figure(figures.covered_inputs(result, chosen), "pattern_rule_inputs")
     else:
