@@ -101,8 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = Settings(**overrides)
-    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_token:
-        parser.error(f"refusing to bind {settings.host} without ATLAS_API_TOKEN")
+    try:
+        tokens = settings.token_owners()
+    except ValueError as exc:
+        parser.error(str(exc))
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not tokens:
+        parser.error(f"refusing to bind {settings.host} without ATLAS_API_TOKEN "
+                     "or ATLAS_API_TOKENS")
     if args.command == "serve":
         serve(settings)
         return 0

@@ -6,10 +6,14 @@ SQLite, a local Dask cluster, bound to loopback.
 
 from __future__ import annotations
 
+import hashlib
+import re
 from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+OWNER_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 class Settings(BaseSettings):
@@ -22,7 +26,9 @@ class Settings(BaseSettings):
     max_upload_mb: float = Field(50, gt=0)
     dask_scheduler_address: str = Field("", description="empty = start a LocalCluster")
     dask_workers: int = Field(2, ge=1, description="LocalCluster worker processes")
-    api_token: str = ""
+    api_token: str = Field("", description="one token, for the default owner")
+    api_tokens: str = Field("", description="comma-separated 'name:token' pairs (or bare "
+                                            "tokens), each name one owner of uploads and jobs")
     job_time_limit_s: float = Field(3600, gt=0, description="default and maximum per job")
     job_memory_limit_mb: float = Field(4096, gt=0, description="default and maximum per job")
     register_samples: bool = True
@@ -32,6 +38,21 @@ class Settings(BaseSettings):
     def db_url(self) -> str:
         """The database URL actually used (SQLite file in the data dir by default)."""
         return self.database_url or f"sqlite:///{(self.data_dir / 'atlas.db').resolve()}"
+
+    def token_owners(self) -> dict[str, str]:
+        """Token -> owner name: ``ATLAS_API_TOKEN`` is the default owner ``""``; a bare token
+        in ``ATLAS_API_TOKENS`` is named after its hash. Empty: no token needed."""
+        owners = {self.api_token: ""} if self.api_token else {}
+        for k, entry in enumerate(e.strip() for e in self.api_tokens.split(",")):
+            name, sep, token = entry.partition(":")
+            if not sep:
+                name, token = f"token-{hashlib.sha256(entry.encode()).hexdigest()[:8]}", entry
+            if entry and (not token or not OWNER_NAME.match(name)):  # never echo a token
+                raise ValueError(f"ATLAS_API_TOKENS entry {k + 1} is not 'name:token' (name: "
+                                 "letters, digits, '_.-', at most 64) or a bare token")
+            if entry:
+                owners[token] = name
+        return owners
 
     @property
     def max_upload_bytes(self) -> int:

@@ -2,6 +2,11 @@
 
 The API process and every Dask worker open the same database, so any worker can report
 progress on any job and a restarted API finds every job it had.
+
+Owners: every upload, job and batch records the API token's owner that made it (``""`` is
+the default owner: no token, or ``ATLAS_API_TOKEN``); rows written before owners existed
+have NULL there and belong to the default owner. Models are stored once per content hash, so
+who may see an uploaded model is the ``model_owners`` table (sample models: everyone).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from functools import cache
 from sqlalchemy import (
     JSON,
     Boolean,
+    ColumnElement,
     DateTime,
     Engine,
     Float,
@@ -21,9 +27,10 @@ from sqlalchemy import (
     create_engine,
     event,
     inspect,
+    or_,
     text,
 )
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 
@@ -50,6 +57,15 @@ class ModelRecord(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class ModelOwner(Base):
+    """Who may see an uploaded model: one row per owner that uploaded the same file."""
+
+    __tablename__ = "model_owners"
+
+    model_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64), primary_key=True)
+
+
 class InputRecord(Base):
     __tablename__ = "inputs"
 
@@ -57,6 +73,7 @@ class InputRecord(Base):
     id: Mapped[str] = mapped_column(String(80), primary_key=True)  # upload:<sha256>
     label: Mapped[str] = mapped_column(String(200))
     filename: Mapped[str] = mapped_column(String(200))  # .npy under data_dir/inputs
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -83,6 +100,7 @@ class JobRecord(Base):
     attempt: Mapped[str | None] = mapped_column(String(100), nullable=True)
     time_limit_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     memory_limit_mb: Mapped[float | None] = mapped_column(Float, nullable=True)
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True, default="", index=True)
 
 
 class BatchRecord(Base):
@@ -95,6 +113,7 @@ class BatchRecord(Base):
     params: Mapped[dict] = mapped_column(JSON, default=dict)
     total: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True, default="")
 
 
 class BatchChild(Base):
@@ -107,11 +126,22 @@ class BatchChild(Base):
     job_id: Mapped[str] = mapped_column(String(32), index=True)
 
 
+def owned_by(column: ColumnElement, owner: str) -> ColumnElement[bool]:
+    """Rows of ``owner``; rows from before owners existed (NULL) are the default owner's."""
+    return column == owner if owner else or_(column == "", column.is_(None))
+
+
+# The API serves requests from up to 40 threads (anyio's default): connections beyond the
+# pool's size would be opened and closed per request, so the pool keeps that many open.
+POOL = {"pool_size": 20, "max_overflow": 30}
+
+
 @cache
 def engine_for(url: str) -> Engine:
     """One engine per URL and process; SQLite gets WAL and a busy timeout for many writers."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
+                               **POOL)
 
         @event.listens_for(engine, "connect")
         def _pragmas(conn, _record) -> None:  # noqa: ANN001 - DBAPI connection
@@ -120,10 +150,24 @@ def engine_for(url: str) -> Engine:
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
     else:
-        engine = create_engine(url, pool_pre_ping=True)
+        engine = create_engine(url, pool_pre_ping=True, **POOL)
+    had_owners = inspect(engine).has_table(ModelOwner.__tablename__)
     Base.metadata.create_all(engine)
     _add_missing_columns(engine)
+    if not had_owners:
+        _give_uploads_to_default_owner(engine)
     return engine
+
+
+def _give_uploads_to_default_owner(engine: Engine) -> None:
+    """Models uploaded before owners existed belong to the default owner (as their jobs)."""
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO model_owners (model_id, owner) SELECT id, '' "
+                              "FROM models WHERE source <> 'sample' AND id NOT IN "
+                              "(SELECT model_id FROM model_owners)"))
+    except IntegrityError:  # another process did it at the same time
+        pass
 
 
 def _add_missing_columns(engine: Engine) -> None:

@@ -2,6 +2,9 @@
 
 Files live under the data dir (``models/<sha256><suffix>``, ``inputs/<sha256>.npy``); their
 records live in SQL. The API and the workers both use this class, so they agree on paths.
+
+``owner`` arguments: a name restricts to what that API token's owner may see (its uploads and
+the sample models); None (workers, start-up) sees everything.
 """
 
 from __future__ import annotations
@@ -14,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, exists, select
 
 from app import InvalidInputError, Network, UnsupportedModelError, load_network
-from backend.db import InputRecord, ModelRecord, sessions_for, utcnow
+from backend.db import InputRecord, ModelOwner, ModelRecord, owned_by, sessions_for, utcnow
 
 log = logging.getLogger(__name__)
 MODEL_SUFFIXES = {".onnx": "onnx", ".pt2": "torch.export", ".pt": "torchscript",
@@ -58,8 +61,9 @@ class Storage:
     # -- models ---------------------------------------------------------------------------
 
     def add_model(self, tmp: Path, name: str, source: str = "upload", card: dict | None = None,
-                  input_shape: tuple[int, ...] | None = None) -> ModelRecord:
-        """Validate ``tmp`` with the engine's loader and store it under its sha256.
+                  input_shape: tuple[int, ...] | None = None, owner: str = "") -> ModelRecord:
+        """Validate ``tmp`` with the engine's loader and store it under its sha256, visible to
+        ``owner`` (an upload) or to everyone (``source="sample"``).
 
         ``tmp`` must carry the suffix of ``name`` (the loaders dispatch on it).
 
@@ -73,6 +77,8 @@ class Storage:
         digest = sha256_file(tmp)
         existing = self.model(digest)
         if existing is not None:
+            if existing.source != "sample":
+                self._grant(digest, owner)
             return existing
         try:
             net = load_network(tmp, input_shape)
@@ -87,8 +93,21 @@ class Storage:
             summary=net.summary(), source=source, created_at=utcnow())
         with self.sessions() as s:
             s.merge(record)
+            if source != "sample":
+                s.merge(ModelOwner(model_id=digest, owner=owner))
             s.commit()
         return record
+
+    def _grant(self, model_id: str, owner: str) -> None:
+        with self.sessions() as s:
+            s.merge(ModelOwner(model_id=model_id, owner=owner))
+            s.commit()
+
+    @staticmethod
+    def _visible(owner: str) -> ColumnElement[bool]:
+        """Models ``owner`` may see: the samples and the ones it uploaded."""
+        return (ModelRecord.source == "sample") | exists().where(
+            ModelOwner.model_id == ModelRecord.id, ModelOwner.owner == owner)
 
     def register_samples(self) -> int:
         """Register the packaged sample models (if the package and its files exist)."""
@@ -108,25 +127,41 @@ class Storage:
                 log.warning("sample model %s not registered: %s", path, exc)
         return count
 
-    def model(self, model_id: str) -> ModelRecord | None:
+    def model(self, model_id: str, owner: str | None = None) -> ModelRecord | None:
         with self.sessions() as s:
-            return s.get(ModelRecord, model_id)
+            if owner is None:
+                return s.get(ModelRecord, model_id)
+            return s.scalars(select(ModelRecord).where(ModelRecord.id == model_id,
+                                                       self._visible(owner))).first()
 
-    def models(self) -> list[ModelRecord]:
+    def models(self, owner: str | None = None) -> list[ModelRecord]:
+        q = select(ModelRecord).order_by(ModelRecord.source.desc(), ModelRecord.name)
+        if owner is not None:
+            q = q.where(self._visible(owner))
         with self.sessions() as s:
-            return list(s.scalars(select(ModelRecord).order_by(ModelRecord.source.desc(),
-                                                               ModelRecord.name)))
+            return list(s.scalars(q))
 
-    def delete_model(self, model_id: str) -> bool:
+    def delete_model(self, model_id: str, owner: str = "") -> bool:
+        """Withdraw ``owner``'s upload (and its inputs); the file and record go with the last
+        owner. Sample models are shared and stay."""
         with self.sessions() as s:
             record = s.get(ModelRecord, model_id)
-            if record is None:
+            if record is None or record.source == "sample":
                 return False
-            for inp in s.scalars(select(InputRecord).where(InputRecord.model_id == model_id)):
+            access = s.get(ModelOwner, (model_id, owner))
+            if access is None:
+                return False
+            s.delete(access)
+            for inp in s.scalars(select(InputRecord).where(InputRecord.model_id == model_id,
+                                                           owned_by(InputRecord.owner, owner))):
                 s.delete(inp)
-            s.delete(record)
+            s.flush()
+            last = not s.scalar(select(exists().where(ModelOwner.model_id == model_id)))
+            if last:
+                s.delete(record)
             s.commit()
-        (self.data_dir / "models" / record.filename).unlink(missing_ok=True)
+        if last:
+            (self.data_dir / "models" / record.filename).unlink(missing_ok=True)
         return True
 
     def network(self, record: ModelRecord) -> Network:
@@ -136,20 +171,24 @@ class Storage:
 
     # -- inputs ---------------------------------------------------------------------------
 
-    def add_input(self, model_id: str, x: np.ndarray, label: str) -> InputRecord:
+    def add_input(self, model_id: str, x: np.ndarray, label: str,
+                  owner: str = "") -> InputRecord:
+        """Store ``x`` under a content hash; a named owner's hash includes its name, so two
+        owners uploading the same array get different ids (ids are per owner)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        digest = hashlib.sha256(repr(x.shape).encode() + x.tobytes()).hexdigest()
+        salt = f"{owner}\0".encode() if owner else b""
+        digest = hashlib.sha256(salt + repr(x.shape).encode() + x.tobytes()).hexdigest()
         filename = f"{digest}.npy"
         np.save(self.data_dir / "inputs" / filename, x, allow_pickle=False)
         record = InputRecord(model_id=model_id, id=f"upload:{digest}", label=label[:200],
-                             filename=filename, created_at=utcnow())
+                             filename=filename, owner=owner, created_at=utcnow())
         with self.sessions() as s:
             s.merge(record)
             s.commit()
         return record
 
-    def inputs(self, model: ModelRecord) -> list[dict]:
-        """Gallery inputs of the model's dataset, then the model's uploaded inputs."""
+    def inputs(self, model: ModelRecord, owner: str = "") -> list[dict]:
+        """Gallery inputs of the model's dataset, then ``owner``'s uploads for the model."""
         out = []
         dataset = model.card.get("dataset")
         gallery = _gallery(dataset) if dataset else None
@@ -160,13 +199,16 @@ class Storage:
                 out.append({"id": f"gallery:{dataset}:{i}", "label": f"#{i}: {name}",
                             "source": "gallery", "target": int(y)})
         with self.sessions() as s:
-            for r in s.scalars(select(InputRecord).where(InputRecord.model_id == model.id)
+            for r in s.scalars(select(InputRecord).where(InputRecord.model_id == model.id,
+                                                         owned_by(InputRecord.owner, owner))
                                .order_by(InputRecord.created_at)):
                 out.append({"id": r.id, "label": r.label, "source": "upload", "target": None})
         return out
 
-    def load_input(self, model: ModelRecord, input_id: str) -> tuple[np.ndarray, int | None, str]:
-        """``(x, true label or None, display label)``; KeyError when unknown for the model."""
+    def load_input(self, model: ModelRecord, input_id: str, owner: str | None = None,
+                   ) -> tuple[np.ndarray, int | None, str]:
+        """``(x, true label or None, display label)``; KeyError when unknown for the model
+        (or not ``owner``'s upload)."""
         kind, _, rest = input_id.partition(":")
         if kind == "gallery":
             dataset, _, index = rest.rpartition(":")
@@ -179,7 +221,7 @@ class Storage:
             return gallery[0][i], int(gallery[1][i]), f"#{i}"
         with self.sessions() as s:
             record = s.get(InputRecord, (model.id, input_id))
-        if record is None:
+        if record is None or owner is not None and (record.owner or "") != owner:
             raise KeyError(input_id)
         x = np.load(self.data_dir / "inputs" / record.filename, allow_pickle=False)
         return x, None, record.label

@@ -23,14 +23,16 @@ Pair = tuple[str, str | None]
 
 
 def fanout(runner: JobRunner, analysis: str, params: dict, pairs: Iterable[Pair],
-           limits: tuple[float | None, float | None] = (None, None)) -> BatchRecord:
-    """Create (or reuse) one child job per ``(model_id, input_id)`` and the parent batch.
+           limits: tuple[float | None, float | None] = (None, None),
+           owner: str = "") -> BatchRecord:
+    """Create (or reuse) one child job per ``(model_id, input_id)`` and the parent batch,
+    all ``owner``'s.
 
     ``params`` must already be validated; the pairs must exist (the API checks both).
     """
-    job_ids = [runner.run_or_reuse(analysis, model_id, input_id, params, limits)[0].id
+    job_ids = [runner.run_or_reuse(analysis, model_id, input_id, params, limits, owner)[0].id
                for model_id, input_id in pairs]
-    return runner.store.create_batch(analysis, params, job_ids)
+    return runner.store.create_batch(analysis, params, job_ids, owner)
 
 
 def summary(batch: BatchRecord, children: list[JobRecord]) -> dict:

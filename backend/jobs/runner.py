@@ -81,10 +81,11 @@ class JobRunner:
 
     def run_or_reuse(self, analysis: str, model_id: str, input_id: str | None, params: dict,
                      limits: tuple[float | None, float | None] = (None, None),
-                     ) -> tuple[JobRecord, bool]:
-        """The cached or active job for this request, or a new one handed to Dask:
+                     owner: str = "") -> tuple[JobRecord, bool]:
+        """``owner``'s cached or active job for this request, or a new one handed to Dask:
         ``(job, reused)``. ``params`` must already be validated."""
-        job, reused = self.store.create_or_reuse(analysis, model_id, input_id, params, limits)
+        job, reused = self.store.create_or_reuse(analysis, model_id, input_id, params, limits,
+                                                 owner)
         if reused:
             return job, True
         try:

@@ -2,6 +2,11 @@
 
 Every state change is one short transaction, so the API process and any number of Dask
 workers can share the database. Status moves queued -> running -> finished|failed|cancelled.
+
+Owners: a job belongs to the API token's owner that asked for it, and its cache key includes
+that owner, so a cached job is only ever reused for the same owner (owners never see each
+other's job ids; the price is that two owners asking the same thing compute it twice).
+``owner=None`` in the read methods means every owner (workers, start-up).
 """
 
 from __future__ import annotations
@@ -13,17 +18,19 @@ import uuid
 
 from sqlalchemy import or_, select, update
 
-from backend.db import BatchChild, BatchRecord, JobRecord, sessions_for, utcnow
+from backend.db import BatchChild, BatchRecord, JobRecord, owned_by, sessions_for, utcnow
 
 FINAL = ("finished", "failed", "cancelled")
 ACTIVE = ("queued", "running")
 MAX_RESTARTS = 3
 
 
-def cache_key(analysis: str, model_id: str, input_id: str | None, params: dict) -> str:
-    """Hash of the canonical JSON of a request: equal requests, equal keys."""
-    canon = json.dumps([analysis, model_id, input_id, params], sort_keys=True,
-                       separators=(",", ":"))
+def cache_key(analysis: str, model_id: str, input_id: str | None, params: dict,
+              owner: str = "") -> str:
+    """Hash of the canonical JSON of a request and its owner: equal requests of one owner,
+    equal keys (the default owner's keys are those from before owners existed)."""
+    canon = json.dumps([analysis, model_id, input_id, params, *([owner] if owner else [])],
+                       sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canon.encode()).hexdigest()
 
 
@@ -34,43 +41,56 @@ class JobStore:
         self.sessions = sessions_for(url)
         self._create_lock = threading.Lock()
 
-    def get(self, job_id: str) -> JobRecord | None:
+    def get(self, job_id: str, owner: str | None = None) -> JobRecord | None:
         with self.sessions() as s:
-            return s.get(JobRecord, job_id)
+            job = s.get(JobRecord, job_id)
+        return job if job is None or owner is None or (job.owner or "") == owner else None
 
-    def list(self, limit: int = 200, model_id: str | None = None) -> list[JobRecord]:
+    def list(self, limit: int = 200, model_id: str | None = None,
+             owner: str | None = None) -> list[JobRecord]:
         q = select(JobRecord).order_by(JobRecord.created_at.desc()).limit(limit)
         if model_id:
             q = q.where(JobRecord.model_id == model_id)
+        if owner is not None:
+            q = q.where(owned_by(JobRecord.owner, owner))
         with self.sessions() as s:
             return list(s.scalars(q))
 
+    def reusable(self, key: str) -> JobRecord | None:
+        """The newest finished or active job with cache key ``key``: one indexed lookup."""
+        with self.sessions() as s:
+            return s.scalars(
+                select(JobRecord).where(JobRecord.cache_key == key,
+                                        JobRecord.status.in_(("finished", *ACTIVE)))
+                .order_by(JobRecord.created_at.desc()).limit(1)
+            ).first()
+
     def create_or_reuse(
         self, analysis: str, model_id: str, input_id: str | None, params: dict,
-        limits: tuple[float | None, float | None] = (None, None),
+        limits: tuple[float | None, float | None] = (None, None), owner: str = "",
     ) -> tuple[JobRecord, bool]:
-        """A new queued job, or the existing finished/active one for the same request.
+        """A new queued job, or ``owner``'s existing finished/active one for the same request.
 
         ``limits`` is ``(time_limit_s, memory_limit_mb)`` for a new job (None: the
         worker's default). Returns ``(job, reused)``; failed and cancelled jobs are not
         reused (a retry runs).
         """
-        key = cache_key(analysis, model_id, input_id, params)
-        with self._create_lock, self.sessions() as s:
-            existing = s.scalars(
-                select(JobRecord).where(JobRecord.cache_key == key,
-                                        JobRecord.status.in_(("finished", *ACTIVE)))
-                .order_by(JobRecord.created_at.desc()).limit(1)
-            ).first()
+        key = cache_key(analysis, model_id, input_id, params, owner)
+        existing = self.reusable(key)  # the common case under load, without the lock
+        if existing is not None:
+            return existing, True
+        with self._create_lock:
+            existing = self.reusable(key)
             if existing is not None:
                 return existing, True
             job = JobRecord(id=uuid.uuid4().hex, analysis=analysis, model_id=model_id,
                             input_id=input_id, params=params, cache_key=key, status="queued",
                             progress=0.0, message="queued", cancel_requested=False, restarts=0,
-                            time_limit_s=limits[0], memory_limit_mb=limits[1],
+                            time_limit_s=limits[0], memory_limit_mb=limits[1], owner=owner,
                             created_at=utcnow(), updated_at=utcnow())
-            s.add(job)
-            s.commit()
+            with self.sessions() as s:
+                s.add(job)
+                s.commit()
             return job, False
 
     def _update(self, job_id: str, *conds, **values) -> bool:
@@ -152,9 +172,10 @@ class JobStore:
 
     # -- batches: one parent record, children are ordinary (cacheable) jobs ------------------
 
-    def create_batch(self, analysis: str, params: dict, job_ids: list[str]) -> BatchRecord:
+    def create_batch(self, analysis: str, params: dict, job_ids: list[str],
+                     owner: str = "") -> BatchRecord:
         batch = BatchRecord(id=uuid.uuid4().hex, analysis=analysis, params=params,
-                            total=len(job_ids), created_at=utcnow())
+                            total=len(job_ids), owner=owner, created_at=utcnow())
         with self.sessions() as s:
             s.add(batch)
             s.add_all(BatchChild(batch_id=batch.id, position=i, job_id=job_id)
@@ -162,11 +183,13 @@ class JobStore:
             s.commit()
         return batch
 
-    def batch(self, batch_id: str) -> tuple[BatchRecord, list[JobRecord]] | None:
-        """The batch and its child jobs in submission order (None if unknown)."""
+    def batch(self, batch_id: str, owner: str | None = None,
+              ) -> tuple[BatchRecord, list[JobRecord]] | None:
+        """The batch and its child jobs in submission order (None if unknown or not
+        ``owner``'s)."""
         with self.sessions() as s:
             batch = s.get(BatchRecord, batch_id)
-            if batch is None:
+            if batch is None or owner is not None and (batch.owner or "") != owner:
                 return None
             rows = s.execute(select(BatchChild.position, JobRecord)
                              .join(JobRecord, JobRecord.id == BatchChild.job_id)
@@ -174,7 +197,9 @@ class JobStore:
                              .order_by(BatchChild.position)).all()
             return batch, [job for _, job in rows]
 
-    def batches(self, limit: int = 200) -> list[BatchRecord]:
+    def batches(self, limit: int = 200, owner: str | None = None) -> list[BatchRecord]:
+        q = select(BatchRecord).order_by(BatchRecord.created_at.desc()).limit(limit)
+        if owner is not None:
+            q = q.where(owned_by(BatchRecord.owner, owner))
         with self.sessions() as s:
-            return list(s.scalars(select(BatchRecord).order_by(BatchRecord.created_at.desc())
-                                  .limit(limit)))
+            return list(s.scalars(q))

@@ -69,13 +69,19 @@ class Preload(WorkerPlugin):
 
     name = "atlas-preload"
 
-    def __init__(self, extra_analyses: str = "") -> None:
-        self.extra_analyses = extra_analyses
+    def __init__(self, extra_analyses: str | None = None) -> None:
+        self.extra_analyses = extra_analyses  # None: ATLAS_EXTRA_ANALYSES
 
     def setup(self, worker) -> None:  # noqa: ANN001 - distributed.Worker
         load_all(self.extra_analyses)
         if not multiprocessing.current_process().daemon:
             start_job_processes()
+
+
+def dask_setup(worker) -> None:  # noqa: ANN001 - distributed.Worker
+    """``dask worker --preload backend.jobs.worker``: warm up before joining the scheduler
+    (the API's :class:`Preload` plugin does the same for workers that are already up)."""
+    Preload().setup(worker)
 
 
 def run_job(job_id: str, data_dir: str, db_url: str, extra_analyses: str = "",
@@ -216,7 +222,7 @@ def _execute(job, store: JobStore, storage: Storage, attempt: str) -> dict:  # n
 
     def load_input(input_id: str) -> tuple[torch.Tensor, int | None]:
         try:
-            x, label, _ = storage.load_input(model, input_id)
+            x, label, _ = storage.load_input(model, input_id, job.owner or "")
         except KeyError:
             raise LookupError(f"unknown input '{input_id}' for this model") from None
         return torch.as_tensor(x, dtype=net.dtype), label

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, HTTPException, UploadFile
 
 from app import InvalidInputError
-from backend.api.deps import ModelDep, ServicesDep
+from backend.api.deps import ModelDep, Owner, ServicesDep
 from backend.api.schemas import InputData, InputInfo
 from backend.inputs import decode_input
 
@@ -16,13 +16,14 @@ router = APIRouter(prefix="/models/{model_id}/inputs", tags=["inputs"])
 
 
 @router.get("", response_model=list[InputInfo])
-def list_inputs(model: ModelDep, services: ServicesDep) -> list[dict]:
-    return services.storage.inputs(model)
+def list_inputs(model: ModelDep, services: ServicesDep, owner: Owner) -> list[dict]:
+    """The gallery of the model's dataset and the caller's uploads for the model."""
+    return services.storage.inputs(model, owner)
 
 
 @router.post("", response_model=InputInfo, status_code=201)
 def upload_input(
-    model: ModelDep, services: ServicesDep,
+    model: ModelDep, services: ServicesDep, owner: Owner,
     file: Annotated[UploadFile, File(description="PNG/JPEG image, .npy array or .csv values")],
 ) -> InputInfo:
     name = Path(file.filename or "input").name
@@ -31,14 +32,15 @@ def upload_input(
         x = decode_input(name, file.file.read(), tuple(model.input_shape), input_range)
     except InvalidInputError as exc:
         raise HTTPException(422, str(exc)) from exc
-    record = services.storage.add_input(model.id, x, name)
+    record = services.storage.add_input(model.id, x, name, owner)
     return InputInfo(id=record.id, label=record.label, source="upload")
 
 
 @router.get("/{input_id}", response_model=InputData)
-def get_input(input_id: str, model: ModelDep, services: ServicesDep) -> InputData:
+def get_input(input_id: str, model: ModelDep, services: ServicesDep,
+              owner: Owner) -> InputData:
     try:
-        x, target, label = services.storage.load_input(model, input_id)
+        x, target, label = services.storage.load_input(model, input_id, owner)
     except KeyError:
         raise HTTPException(404, f"unknown input '{input_id}' for model {model.id}") from None
     return InputData(id=input_id, label=label, target=target, shape=list(x.shape),

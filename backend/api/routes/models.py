@@ -11,7 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 
 from app import UnsupportedModelError
-from backend.api.deps import ModelDep, ServicesDep
+from backend.api.deps import ModelDep, Owner, ServicesDep
 from backend.api.schemas import ModelInfo
 from backend.storage import MODEL_SUFFIXES
 
@@ -52,7 +52,7 @@ def _parse_card(text: str | None) -> dict | None:
 
 @router.post("", response_model=ModelInfo, status_code=201)
 def upload_model(
-    services: ServicesDep,
+    services: ServicesDep, owner: Owner,
     file: Annotated[UploadFile, File(description=".onnx, .pt2 (torch.export) or TorchScript")],
     input_shape: Annotated[str | None, Form(description="e.g. '1,8,8' (TorchScript)")] = None,
     card: Annotated[str | None, Form(description="model card JSON (dataset, input_range, "
@@ -69,7 +69,7 @@ def upload_model(
         with open(tmp, "wb") as out:
             shutil.copyfileobj(file.file, out, 1 << 20)
         record = services.storage.add_model(tmp, name, card=_parse_card(card),
-                                            input_shape=_parse_shape(input_shape))
+                                            input_shape=_parse_shape(input_shape), owner=owner)
     except UnsupportedModelError as exc:
         raise HTTPException(422, f"cannot load '{name}': {exc}") from exc
     finally:
@@ -78,8 +78,10 @@ def upload_model(
 
 
 @router.get("", response_model=list[ModelInfo])
-def list_models(services: ServicesDep) -> list[ModelInfo]:
-    return [ModelInfo.model_validate(r, from_attributes=True) for r in services.storage.models()]
+def list_models(services: ServicesDep, owner: Owner) -> list[ModelInfo]:
+    """The sample models and the caller's uploads."""
+    return [ModelInfo.model_validate(r, from_attributes=True)
+            for r in services.storage.models(owner)]
 
 
 @router.get("/{model_id}", response_model=ModelInfo)
@@ -88,5 +90,9 @@ def get_model(model: ModelDep) -> ModelInfo:
 
 
 @router.delete("/{model_id}", status_code=204)
-def delete_model(model: ModelDep, services: ServicesDep) -> None:
-    services.storage.delete_model(model.id)
+def delete_model(model: ModelDep, services: ServicesDep, owner: Owner) -> None:
+    """Withdraw the caller's upload (other owners of the same file keep theirs)."""
+    if model.source == "sample":
+        raise HTTPException(403, "sample models are shared by every user; they cannot be "
+                                 "deleted")
+    services.storage.delete_model(model.id, owner)
