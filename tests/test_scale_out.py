@@ -1,6 +1,7 @@
 """Scale-out: a real ``dask scheduler`` + two ``dask worker`` processes on loopback, the API
-(uvicorn) pointed at them with its job records in a fresh PostgreSQL database, and a
-fan-out batch run to completion. Results are checked against onnxruntime."""
+(uvicorn) pointed at them with its job records in a fresh PostgreSQL database (the session
+fixture ``scaled``, shared with tests/test_reliability.py), and a fan-out batch run to
+completion. Results are checked against onnxruntime."""
 
 from __future__ import annotations
 
@@ -11,20 +12,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from sqlalchemy import create_engine, text
-from sqlalchemy.exc import OperationalError
 
 from tests.service import Server, mlp_onnx
-from tests.service.cluster import PostgresDatabase, scaled_deployment, wait_for
+from tests.service.cluster import wait_for
 
 
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory):
-    try:
-        PostgresDatabase().drop()
-    except OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable: {exc}")
-    with scaled_deployment(tmp_path_factory.mktemp("scale")) as parts:
-        yield parts
+@pytest.fixture
+def deployment(scaled: dict) -> tuple:
+    return scaled["server"], scaled["cluster"], scaled["db"]
 
 
 def _upload_model(server: Server, path: Path) -> str:

@@ -21,6 +21,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parents[2]
 SLOW_ANALYSIS = "tests.service.slow"
+# API tokens of the session's scaled deployment (tests/conftest.py ``scaled``): ATLAS_API_TOKEN
+# is the default owner; ATLAS_API_TOKENS has a named one (alice) and a bare one (bob).
+TOKEN, ALICE, BOB = "test-token-default", "tok-alice-1", "tok-bob-2"
+TOKEN_ENV = {"ATLAS_API_TOKEN": TOKEN, "ATLAS_API_TOKENS": f"alice:{ALICE}, {BOB}"}
 
 
 def free_port() -> int:
@@ -32,8 +36,8 @@ def free_port() -> int:
 class Server:
     """A real API server process; ``client`` talks to it over loopback HTTP."""
 
-    def __init__(self, data_dir: Path, **env: str) -> None:
-        self.data_dir = data_dir
+    def __init__(self, data_dir: Path, token: str = "", **env: str) -> None:
+        self.data_dir, self.token = data_dir, token  # ``client`` sends ``token`` if given
         self.env = {"ATLAS_DATA_DIR": str(data_dir), "ATLAS_DASK_WORKERS": "1",
                     "ATLAS_EXTRA_ANALYSES": SLOW_ANALYSIS, "OMP_NUM_THREADS": "1", **env}
         self.proc: subprocess.Popen | None = None
@@ -48,7 +52,8 @@ class Server:
         self.proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve"], cwd=ROOT,
                                      env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        self.client = httpx.Client(base_url=self.url, timeout=60)
+        auth = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        self.client = httpx.Client(base_url=self.url, timeout=60, headers=auth)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -61,6 +66,11 @@ class Server:
             time.sleep(0.3)
         self.kill()
         raise RuntimeError(f"server did not start: {self.read_log()[-3000:]}")
+
+    def restarted(self) -> Server:
+        """A new server on the same data dir and settings (after this one was killed)."""
+        env = {k: v for k, v in self.env.items() if k != "ATLAS_DATA_DIR"}
+        return Server(self.data_dir, token=self.token, **env).start()
 
     def read_log(self) -> str:
         return Path(self.log.name).read_text(errors="replace")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
-from tests.service import ROOT, Server, free_port
+from tests.service import ROOT, SLOW_ANALYSIS, Server, free_port
 
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 DASK = Path(sys.executable).with_name("dask")
@@ -49,7 +49,8 @@ class DaskCluster:
         self.address = f"tcp://127.0.0.1:{self.port}"
         self.procs: list[subprocess.Popen] = []
         self.env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-                    "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+                    "DASK_DISTRIBUTED__WORKER__DAEMON": "False",
+                    "ATLAS_EXTRA_ANALYSES": SLOW_ANALYSIS}
 
     def _spawn(self, name: str, *args: str) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
@@ -58,15 +59,22 @@ class DaskCluster:
         self.procs.append(proc)
         return proc
 
-    def start(self, timeout: float = 90.0) -> DaskCluster:
-        from distributed import Client
-
+    def start(self, timeout: float = 90.0, wait: bool = True) -> DaskCluster:
+        """Spawn the processes; workers warm up (imports, job processes) before they join,
+        so ``wait=False`` lets them do that while the caller starts the API."""
         self._spawn("scheduler", "scheduler", "--host", "127.0.0.1", "--port", str(self.port),
                     "--no-dashboard")
         for k in range(self.n_workers):
             self._spawn(f"worker{k}", "worker", self.address, "--nthreads", "1",
                         "--nworkers", "1", "--no-dashboard", "--name", f"w{k}",
-                        "--host", "127.0.0.1", "--memory-limit", "0")
+                        "--host", "127.0.0.1", "--memory-limit", "0",
+                        "--preload", "backend.jobs.worker")
+        return self.wait(timeout) if wait else self
+
+    def wait(self, timeout: float = 90.0) -> DaskCluster:
+        """Block until every worker has joined the scheduler."""
+        from distributed import Client
+
         with Client(self.address, timeout=timeout) as client:
             client.wait_for_workers(self.n_workers, timeout=timeout)
         return self
@@ -110,20 +118,21 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1):  # noqa: 
 
 
 @contextmanager
-def scaled_deployment(root: Path, **env: str) -> Iterator[tuple[Server, DaskCluster,
-                                                                PostgresDatabase]]:
-    """API + ``dask scheduler`` + two ``dask worker`` + a fresh PostgreSQL database.
+def scaled_deployment(root: Path, token: str = "", **env: str) -> Iterator[
+        tuple[Server, DaskCluster, PostgresDatabase]]:
+    """API + ``dask scheduler`` + two ``dask worker`` + a fresh PostgreSQL database; ``env``
+    adds to or overrides the API's settings, ``token`` is what its client sends.
 
     Raises whatever connecting to PostgreSQL raises when it is not reachable.
     """
     db = PostgresDatabase()
     cluster = server = None
     try:
-        cluster = DaskCluster(root).start()
-        server = Server(root / "data", ATLAS_DASK_SCHEDULER_ADDRESS=cluster.address,
-                        ATLAS_DATABASE_URL=db.url, ATLAS_REGISTER_SAMPLES="false",
-                        **env).start()
-        yield server, cluster, db
+        cluster = DaskCluster(root).start(wait=False)
+        server = Server(root / "data", token, **{
+            "ATLAS_DASK_SCHEDULER_ADDRESS": cluster.address, "ATLAS_DATABASE_URL": db.url,
+            "ATLAS_REGISTER_SAMPLES": "false", **env}).start()
+        yield server, cluster.wait(), db
     finally:
         if server is not None:
             server.kill()
