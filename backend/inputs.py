@@ -25,7 +25,7 @@ def decode_input(filename: str, data: bytes, input_shape: tuple[int, ...],
     if suffix in IMAGE_SUFFIXES:
         x = _image(data, input_shape, input_range)
     elif suffix == ".npy":
-        x = _npy(data)
+        x = read_npy(data)
     elif suffix == ".csv":
         x = _csv(data)
     else:
@@ -40,21 +40,28 @@ def _image(data: bytes, input_shape: tuple[int, ...],
         raise InvalidInputError(
             f"an image needs a model with input shape (1 or 3, H, W); this one takes "
             f"{tuple(input_shape)}: upload .npy or .csv instead")
-    channels, height, width = input_shape
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
         with Image.open(io.BytesIO(data)) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
-            img = img.resize((width, height), Image.Resampling.BILINEAR)
-            pixels = np.asarray(img, dtype=np.float32) / 255.0
+            return image_to_input(img, input_shape, input_range)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
         raise InvalidInputError(f"not a readable image: {exc}") from exc
+
+
+def image_to_input(img: Image.Image, input_shape: tuple[int, ...],
+                   input_range: tuple[float, float]) -> np.ndarray:
+    """``img`` in the model's channels and HxW, scaled from [0, 255] to ``input_range``."""
+    channels, height, width = input_shape
+    img = img.convert("L" if channels == 1 else "RGB")
+    img = img.resize((width, height), Image.Resampling.BILINEAR)
+    pixels = np.asarray(img, dtype=np.float32) / 255.0
     pixels = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
     lo, hi = input_range
     return lo + (hi - lo) * pixels
 
 
-def _npy(data: bytes) -> np.ndarray:
+def read_npy(data: bytes) -> np.ndarray:
+    """A numeric array from .npy bytes; pickles and lying headers are refused."""
     _check_npy_header(data)
     try:
         x = np.load(io.BytesIO(data), allow_pickle=False)

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, FastAPI
 from backend.analyses import load_all
 from backend.api.deps import Services, require_token
 from backend.api.errors import BodySizeLimit, install_error_handlers
-from backend.api.routes import analyses, batches, health, inputs, jobs, models, patterns
+from backend.api.routes import analyses, batches, datasets, health, inputs, jobs, models, patterns
 from backend.config import Settings
 from backend.jobs.runner import JobRunner
 from backend.jobs.store import JobStore
@@ -67,7 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(health.router, prefix="/api")
     api = APIRouter(prefix="/api", dependencies=[Depends(require_token)])
-    for module in (models, inputs, analyses, jobs, batches, patterns):
+    for module in (models, inputs, datasets, analyses, jobs, batches, patterns):
         api.include_router(module.router)
     app.include_router(api)
     install_error_handlers(app)

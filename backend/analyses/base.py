@@ -82,6 +82,9 @@ class JobContext:
     _gallery: Callable[[int | None], tuple[torch.Tensor, torch.Tensor]] | None = field(
         default=None, repr=False
     )
+    _load_dataset: Callable[[str], tuple[torch.Tensor, torch.Tensor | None]] | None = field(
+        default=None, repr=False
+    )
 
     def load_input(self, input_id: str) -> tuple[torch.Tensor, int | None]:
         """Another input of this model by id: ``(x, label)``, ``x`` in the model's shape."""
@@ -97,6 +100,13 @@ class JobContext:
         if self._gallery is None:
             return torch.zeros((0, *self.net.input_shape)), torch.zeros(0, dtype=torch.long)
         return self._gallery(n)
+
+    def load_dataset(self, dataset_id: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """An uploaded dataset of this model by id: ``(x [N, *input_shape], labels or None)``;
+        LookupError when it is unknown (or another owner's)."""
+        if self._load_dataset is None:
+            raise LookupError("no dataset store in this context")
+        return self._load_dataset(dataset_id)
 
 
 def jsonable(obj: Any) -> Any:

@@ -1,7 +1,8 @@
 """Pattern rules as jobs.
 
-* ``patterns``: mine on/off rules from the gallery, verify the first few one by one, and
-  explain the current input by the rules that fire on it and its pattern polytope's radius.
+* ``patterns``: mine on/off rules from the gallery (or an uploaded dataset), verify the
+  first few one by one, and explain the current input by the rules that fire on it and its
+  pattern polytope's radius.
 * ``patterns_verify``: verify one rule. ``POST /api/patterns/verify`` fans many rules out as
   one batch of these (one Dask task per rule, progress and cancel per rule).
 """
@@ -32,6 +33,9 @@ class Params(BaseModel):
     target: int | None = Field(None, ge=0, le=999, description="class to mine rules for (all)")
     lowest: bool = Field(False, description="the decision is the lowest score (ACAS Xu)")
     n_inputs: int = Field(600, ge=20, le=5000, description="gallery inputs to mine from")
+    dataset_id: str | None = Field(
+        None, pattern=r"^dataset:[0-9a-f]{64}$",
+        description="mine from this uploaded dataset (all of it) instead of the gallery")
     min_support: int = Field(5, ge=1, le=1000)
     min_precision: float = Field(0.9, ge=0.5, le=1.0)
     max_depth: int = Field(8, ge=1, le=20, description="decision-tree depth")
@@ -53,9 +57,12 @@ def _range(ctx: JobContext) -> tuple[float, float]:
 def run(ctx: JobContext, params: Params) -> dict:
     if params.layer == 0:
         raise ValueError("layer counts ReLU layers from 1 (or from the end with -1)")
-    xs, _ = ctx.gallery(params.n_inputs)
+    # labels are not used: the rules explain the network's own decisions
+    xs = (ctx.load_dataset(params.dataset_id)[0] if params.dataset_id
+          else ctx.gallery(params.n_inputs)[0])
     if len(xs) < 10:
-        raise ValueError("mining needs a gallery of at least 10 inputs for this model")
+        source = "the dataset" if params.dataset_id else "this model's gallery"
+        raise ValueError(f"mining needs at least 10 inputs; {source} has {len(xs)}")
     xs = xs.to(ctx.net.dtype)
     lo, hi = _range(ctx)
     ctx.progress(0.02, "mining rules")
@@ -101,6 +108,8 @@ def run(ctx: JobContext, params: Params) -> dict:
     return jsonable({
         "layer": mined.layer, "node": mined.node, "num_neurons": mined.num_neurons,
         "num_train": mined.num_train, "num_heldout": int(len(mined.heldout)),
+        "source": params.dataset_id or "gallery", "num_inputs": len(xs),
+        "heldout": mined.heldout,
         "input_shape": list(ctx.net.input_shape), "domain": params.domain, "eps": params.eps,
         "rules": rows, "fidelity": rule_list.fidelity, "rule_list_size": len(rule_list.rules),
         "current": current,

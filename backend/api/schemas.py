@@ -36,6 +36,14 @@ class InputInfo(BaseModel):
     target: int | None = Field(None, description="true class, when known")
 
 
+class DatasetInfo(BaseModel):
+    id: str = Field(description="dataset:<sha256>")
+    name: str
+    n: int = Field(description="number of inputs")
+    shape: list[int] = Field(description="[n, *input_shape]")
+    has_labels: bool
+
+
 class InputData(BaseModel):
     id: str
     label: str

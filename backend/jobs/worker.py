@@ -28,6 +28,7 @@ from distributed import WorkerPlugin
 from app import AtlasError, Cancelled
 from backend.analyses import REGISTRY, load_all
 from backend.analyses.base import JobContext, jsonable
+from backend.datasets import DatasetStore
 from backend.jobs.store import ACTIVE, JobStore
 from backend.storage import Storage
 
@@ -227,6 +228,13 @@ def _execute(job, store: JobStore, storage: Storage, attempt: str) -> dict:  # n
             raise LookupError(f"unknown input '{input_id}' for this model") from None
         return torch.as_tensor(x, dtype=net.dtype), label
 
+    def load_dataset(dataset_id: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        try:
+            x, y = DatasetStore(storage.data_dir).load(model.id, dataset_id, job.owner or "")
+        except KeyError:
+            raise LookupError(f"unknown dataset '{dataset_id}' for this model") from None
+        return torch.as_tensor(x, dtype=net.dtype), None if y is None else torch.from_numpy(y)
+
     x, label = load_input(job.input_id) if job.input_id else (None, None)
     if analysis.needs_input and x is None:
         raise LookupError(f"analysis '{analysis.name}' needs an input_id")
@@ -237,6 +245,7 @@ def _execute(job, store: JobStore, storage: Storage, attempt: str) -> dict:  # n
         progress=Progress(store, job.id, attempt=attempt), model_id=model.id,
         input_id=job.input_id, _load_input=load_input,
         _gallery=lambda n: storage.gallery(model, n),
+        _load_dataset=load_dataset,
     )
     ctx.progress(0.0, "started")
     result = analysis.run(ctx, params)
