@@ -99,6 +99,15 @@ class ApiClient:
     def upload_input(self, model_id: str, filename: str, data: bytes) -> dict:
         return self._json("POST", f"/models/{model_id}/inputs", files={"file": (filename, data)})
 
+    def upload_dataset(self, model_id: str, filename: str, data: bytes) -> dict:
+        """Many inputs in one file (.npz with x and optional y, .npy, .csv) for mining:
+        ``{id, name, n, shape, has_labels}``."""
+        return self._json("POST", f"/models/{model_id}/datasets",
+                          files={"file": (filename, data)})
+
+    def dataset(self, model_id: str, dataset_id: str) -> dict:
+        return self._json("GET", f"/models/{model_id}/datasets/{dataset_id}")
+
     # -- jobs ---------------------------------------------------------------------------------
 
     def submit(

@@ -4,17 +4,19 @@ import numpy as np
 import streamlit as st
 
 from frontend import components as ui
+from frontend.client import ApiError
 from frontend.figures import patterns as figures
 
 st.title("Pattern rules")
 st.caption(
     "Much of a ReLU network's logic lives in which neurons are on or off. A decision tree over "
-    "the on/off pattern at one layer (fitted on gallery inputs) yields rules such as *if L2.n17 "
-    "on and L2.n40 off then class 7*, scored on held-out inputs. Each rule is then checked with "
-    "a MILP over the whole network (on few inputs, such as ACAS Xu's, by splitting the input "
-    "box and bounding each piece with CROWN): proven for every input of the domain whose pattern "
-    "satisfies it, refuted by a counterexample that a forward pass confirms, or unknown at the "
-    "time-out (Gopinath et al., Property Inference for Deep Neural Networks)."
+    "the on/off pattern at one layer (fitted on gallery inputs or on a dataset you upload) "
+    "yields rules such as *if L2.n17 on and L2.n40 off then class 7*, scored on held-out "
+    "inputs. Each rule is then checked with a MILP over the whole network (on few inputs, such "
+    "as ACAS Xu's, by splitting the input box and bounding each piece with CROWN): proven for "
+    "every input of the domain whose pattern satisfies it, refuted by a counterexample that a "
+    "forward pass confirms, or unknown at the time-out (Gopinath et al., Property Inference "
+    "for Deep Neural Networks)."
 )
 
 
@@ -41,6 +43,34 @@ def reverify(result: dict, rule: dict, index: int) -> None:
                 st.caption(f"counterexample: class {verdict['counterexample_class']} wins")
 
 
+def dataset_source(model_id: str) -> tuple[bool, str | None]:
+    """Mining controls' source: ``(ready, dataset id or None for the gallery)``."""
+    source = st.radio("Mine from", ["gallery", "uploaded file"], horizontal=True,
+                      help="the model's gallery, or your own inputs: .npz (x, optional labels "
+                           "y), .npy of inputs, or .csv with one input per row (labels are "
+                           "not needed: rules explain the network's own decisions)")
+    if source == "gallery":
+        return True, None
+    upload = st.file_uploader("Dataset file", type=["npz", "npy", "csv"],
+                              key=f"pattern_dataset_{model_id}")
+    if upload is None:
+        st.info("Upload a dataset file to mine from.")
+        return False, None
+    uploaded = st.session_state.setdefault("_pattern_datasets", {})
+    key = (model_id, upload.file_id)
+    if key not in uploaded:
+        try:
+            uploaded[key] = ui.client().upload_dataset(model_id, upload.name,
+                                                          upload.getvalue())
+        except ApiError as exc:
+            st.error(f"Upload of {upload.name} failed: {exc}")
+            return False, None
+    info = uploaded[key]
+    st.caption(f"{info['n']} inputs of shape {tuple(info['shape'][1:])}"
+               + (", with labels" if info["has_labels"] else ""))
+    return True, info["id"]
+
+
 selection = ui.sidebar()
 c1, c2, c3, c4 = st.columns(4)
 layer = c1.number_input("ReLU layer (-1 = last)", -8, 8, -1, step=1)
@@ -63,7 +93,10 @@ if target_text.strip():
     else:
         st.warning("The target class must be a whole number; mining for all classes.")
 
-result = ui.run_job("patterns", params, key="patterns")
+ready, dataset_id = dataset_source(selection.model_id) if selection.model else (True, None)
+if dataset_id:
+    params["dataset_id"] = dataset_id
+result = ui.run_job("patterns", params, key="patterns") if ready else None
 if result:
     rules = result["rules"]
     proven = sum(r["status"] == "proven" for r in rules)
