@@ -52,9 +52,10 @@ def _siblings(model: dict) -> list[str]:
 
 
 candidates = [mid for mid, m in models.items() if m["input_shape"] == anchor["input_shape"]]
-if "cmp_models" not in st.session_state:
-    from_url = [m for m in query.get("models", "").split(",") if m in candidates]
-    st.session_state["cmp_models"] = (from_url or _siblings(anchor))[:MAX_MODELS]
+kept = [m for m in st.session_state.get("cmp_models", []) if m in candidates]
+if not kept:  # first visit, or the sidebar's model has another input shape
+    kept = [m for m in query.get("models", "").split(",") if m in candidates] or _siblings(anchor)
+st.session_state["cmp_models"] = kept[:MAX_MODELS]
 chosen = st.multiselect(
     f"Models (2 to {MAX_MODELS}, input shape "
     f"{'x'.join(map(str, anchor['input_shape']))})", candidates, key="cmp_models",
