@@ -7,6 +7,7 @@ the job's JSON from the API for the rule counts shown.
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 from pathlib import Path
 
@@ -49,3 +50,30 @@ def test_patterns_in_browser(ui, atlas) -> None:
     page.get_by_text(result["rules"][0]["text"]).first.wait_for()
     page.locator(".js-plotly-plot").first.wait_for()
     ui.screenshot("patterns")
+
+
+def test_patterns_mined_from_an_uploaded_dataset(ui, atlas) -> None:
+    if not SAMPLE_MODEL.exists():
+        pytest.skip("sample models not built")
+    page = ui.page
+    model_id = hashlib.sha256(SAMPLE_MODEL.read_bytes()).hexdigest()
+    with np.load(ROOT / "sample_models" / "gallery" / "digits.npz") as gallery:
+        x = gallery["x"][::-1][:120].astype(np.float32)
+    buf = io.BytesIO()
+    np.savez(buf, x=x)
+    ui.open("patterns", model=model_id, input="gallery:digits:0")
+    ui.wait_idle()
+    page.get_by_text("uploaded file").click()
+    uploader = page.get_by_test_id("stFileUploader").filter(has_text="Dataset file")
+    uploader.locator("input[type='file']").set_input_files(
+        {"name": "mine.npz", "mimeType": "application/octet-stream", "buffer": buf.getvalue()})
+    page.get_by_text("120 inputs of shape (1, 8, 8)").wait_for(timeout=60_000)
+    page.get_by_role("button", name="Run").first.click()
+    page.get_by_text(re.compile(r"^\d+ rules at L\d+, \d+ proven$")).wait_for(timeout=240_000)
+    ui.wait_idle()
+    with atlas.api() as api:
+        job = api.get(f"/jobs/{ui.query_params()['job']}").json()
+        result = api.get(f"/jobs/{job['id']}/result").json()
+    assert job["params"]["dataset_id"] == result["source"]
+    assert result["num_inputs"] == 120 and result["source"].startswith("dataset:")
+    ui.screenshot("patterns_dataset")
