@@ -140,7 +140,6 @@ def check_property(
                        f"class {found[1]} wins instead of {target} (found by sampling)", *found)
     enc = encode(net64, domain.lo, domain.hi, phases, deadline=start + timeout / 2)
     out_lo, out_hi = enc.output_bounds
-    sign = -1.0 if lowest else 1.0
     rivals = [j for j in range(net.num_outputs) if j != target]
     # rivals whose interval gap is already <= 0 need no MILP; hardest rivals first
     gap = {j: (out_hi[j] - out_lo[target]) if not lowest else (out_hi[target] - out_lo[j])
@@ -153,10 +152,7 @@ def check_property(
         if left <= 0:
             timed_out = True
             break
-        objective = np.zeros(enc.program.size)
-        objective[enc.nodes[-1][j]] += sign
-        objective[enc.nodes[-1][target]] -= sign
-        res = enc.program.solve(objective, left)
+        res = enc.program.solve(_objective(enc, j, target, lowest), left)
         if res.status == 2:
             return Verdict("proven", time.perf_counter() - start,
                            "no input in the domain satisfies the premise", worst_margin=None)
@@ -164,7 +160,7 @@ def check_property(
         if res.x is not None and res.fun is not None and res.fun > TOLERANCE:
             found = _confirm(net, net64, res.x[enc.input], phases, target, lowest, domain)
             if found is None:
-                found = _repair(net, net64, phases, domain, objective, target, lowest, left)
+                found = _repair(net, net64, phases, domain, j, target, lowest, left)
             if found is not None:
                 x, cls = found
                 return Verdict("counterexample", time.perf_counter() - start,
@@ -234,10 +230,22 @@ def _upper_bound(res) -> float | None:
     return float(res.fun) if res.status == 0 and res.fun is not None else None
 
 
-def _repair(net, net64, phases, domain, objective, target, lowest, left):
-    """Re-solve with margins so the candidate sits strictly inside the pattern and the flip."""
+def _objective(enc, rival: int, target: int, lowest: bool) -> np.ndarray:
+    """How far ``rival`` beats ``target`` (the reverse when the lowest score decides)."""
+    sign = -1.0 if lowest else 1.0
+    objective = np.zeros(enc.program.size)
+    objective[enc.nodes[-1][rival]] += sign
+    objective[enc.nodes[-1][target]] -= sign
+    return objective
+
+
+def _repair(net, net64, phases, domain, rival, target, lowest, left):
+    """Re-solve with margins so the candidate sits strictly inside the pattern and the flip.
+
+    The margin encoding has its own variables, so the objective is built on it afresh.
+    """
     enc = encode(net64, domain.lo, domain.hi, phases, margin=MARGIN, tighten=False)
-    res = enc.program.solve(objective, max(0.5, left))
+    res = enc.program.solve(_objective(enc, rival, target, lowest), max(0.5, left))
     if res.x is None or res.fun is None or res.fun <= MARGIN:
         return None
     return _confirm(net, net64, res.x[enc.input], phases, target, lowest, domain)
