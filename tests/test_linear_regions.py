@@ -2,7 +2,8 @@
 
 Oracles: forward passes of the network at densely sampled points (patterns and logits),
 a 10^5-point float32 grid along each segment (no missed boundary beyond rounding noise),
-point-in-polygon tests and the shoelace area for planes, and Captum's Integrated Gradients at 10^4 steps.
+point-in-polygon tests and the shoelace area for planes, and Captum's Integrated Gradients at
+10^4 steps.
 """
 
 from __future__ import annotations
