@@ -257,7 +257,7 @@ def test_line_oracles_on_cifar_conv() -> None:
     end = endpoint(net, img, "fgsm", 0.01)
     line = exact_line(net, img, end)
     assert line.num_pieces > 10
-    check_line(net, line, per_piece=50)
+    check_line(net, line)
 
 
 # -- directions and the linearity study ------------------------------------------------------
