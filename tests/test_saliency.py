@@ -16,8 +16,7 @@ from torch import nn
 from app import Cancelled, load_network
 from app.analyses.saliency import INFEASIBLE, OPTIMAL, TIMEOUT, smt_mask
 from tests.conftest import shared_path
-
-TOL = 1e-9
+from tests.saliency_oracle import TOL, first_pre, holds
 
 
 def _fc(seed: int, n_in: int = 64, hidden: int = 16) -> nn.Sequential:
@@ -32,33 +31,15 @@ def _conv(seed: int) -> nn.Sequential:
                          nn.Linear(4 * 7 * 7, 3)).double().eval()
 
 
-def _first_pre(model: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """The first ReLU's input, straight from the torch module (the oracle)."""
-    with torch.no_grad():
-        for layer in model:
-            if isinstance(layer, nn.ReLU):
-                return x.reshape(x.shape[0], -1)
-            x = layer(x)
-    raise AssertionError("no ReLU")
-
-
-def _holds(model: nn.Sequential, x: torch.Tensor, masks: torch.Tensor, res) -> torch.Tensor:
-    """Per mask (shaped like a batch of x): do all selected neurons stay >= threshold?"""
-    idx = [n.index for n in res.neurons]
-    orig = _first_pre(model, x[None])[0, idx]
-    pre = _first_pre(model, x[None] * masks.to(x.dtype))[:, idx]
-    return (pre >= res.threshold * orig - TOL * (1 + orig.abs())).all(1)
-
-
 def _check_mask(model: nn.Sequential, x: torch.Tensor, res) -> None:
     """Thresholds hold on the mask; an optimal mask loses a constraint without any kept group."""
     mask = torch.from_numpy(res.mask)
-    assert _holds(model, x, mask[None], res).item()
+    assert holds(model, x, mask[None], res).item()
     if res.status == OPTIMAL:
         groups = torch.from_numpy(res.groups)
         kept = np.flatnonzero(res.group_mask)
         drops = torch.stack([mask & (groups != g) for g in kept]) if len(kept) else mask[:0]
-        assert not _holds(model, x, drops, res).any()
+        assert not holds(model, x, drops, res).any()
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -72,7 +53,7 @@ def test_minimal_mask_size_equals_brute_force(seed: int, solver: str) -> None:
     for top_k, threshold in [(3, 0.5), (6, 0.9)]:
         res = smt_mask(net, x, top_k=top_k, threshold=threshold, solver=solver)
         assert res.status == OPTIMAL
-        ok = _holds(model, x, every, res)
+        ok = holds(model, x, every, res)
         assert res.mask_size == int(every[ok].sum(1).min())
         assert res.mask.shape == (12,)
         _check_mask(model, x, res)
@@ -86,7 +67,7 @@ def test_masks_on_digit_sized_inputs_keep_thresholds_and_are_minimal() -> None:
         res = smt_mask(net, x, top_k=5, threshold=0.6)
         assert res.status == OPTIMAL and res.patch == 1 and res.num_groups == 64
         assert 0 < len(res.neurons) <= 5
-        orig = _first_pre(model, x[None])[0]
+        orig = first_pre(model, x[None])[0]
         assert all(orig[n.index] > 0 for n in res.neurons)
         _check_mask(model, x, res)
         # the ranked map is positive exactly on the mask, largest on the first-ranked group
@@ -119,7 +100,7 @@ def test_infeasible_threshold_is_reported_and_confirmed_by_brute_force() -> None
     res = smt_mask(net, x, top_k=3, threshold=1.5)
     assert res.status == INFEASIBLE
     every = torch.tensor(list(itertools.product([0, 1], repeat=10)), dtype=torch.bool)
-    assert not _holds(model, x, every, res).any()
+    assert not holds(model, x, every, res).any()
     assert res.grades == {}
 
 

@@ -14,26 +14,7 @@ from torch import nn
 from app import load_network
 from app.analyses.saliency import OPTIMAL, SUPERPIXEL, smt_mask
 from tests.conftest import SAMPLE_MODELS
-
-TOL = 1e-9
-
-
-def _first_pre(model: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """The first ReLU's input, straight from the torch module."""
-    with torch.no_grad():
-        for layer in model:
-            if isinstance(layer, nn.ReLU):
-                return x.reshape(x.shape[0], -1)
-            x = layer(x)
-    raise AssertionError("no ReLU")
-
-
-def _holds(model: nn.Sequential, x: torch.Tensor, masks: torch.Tensor, res) -> torch.Tensor:
-    """Per input-shaped mask: do all selected neurons stay >= threshold (baseline 0)?"""
-    idx = [n.index for n in res.neurons]
-    orig = _first_pre(model, x[None])[0, idx]
-    pre = _first_pre(model, x[None] * masks.to(x.dtype))[:, idx]
-    return (pre >= res.threshold * orig - TOL * (1 + orig.abs())).all(1)
+from tests.saliency_oracle import holds
 
 
 def _check_regions(groups: np.ndarray) -> None:
@@ -73,10 +54,10 @@ def test_superpixels_follow_the_image_edges() -> None:
     _mask_follows_groups(res)
     assert res.status == OPTIMAL
     mask = torch.from_numpy(res.mask)
-    assert _holds(model, xt, mask[None], res).item()
+    assert holds(model, xt, mask[None], res).item()
     drops = torch.stack([mask & (torch.from_numpy(res.groups) != g)
                          for g in np.flatnonzero(res.group_mask)])
-    assert not _holds(model, xt, drops, res).any()
+    assert not holds(model, xt, drops, res).any()
 
 
 def test_superpixel_mask_on_a_digit_is_the_brute_force_minimum() -> None:
@@ -95,6 +76,6 @@ def test_superpixel_mask_on_a_digit_is_the_brute_force_minimum() -> None:
         every = torch.tensor(list(itertools.product([0, 1], repeat=res.num_groups)),
                              dtype=torch.bool)
         masks = every[:, groups]  # one input-shaped mask per superpixel subset
-        ok = _holds(model, x, masks, res)
+        ok = holds(model, x, masks, res)
         assert ok[every.tolist().index(res.group_mask.tolist())]
         assert res.mask_size == int(every[ok].sum(1).min())
