@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
 from app import load_network  # noqa: E402
 from app.analyses.extraction import QueryOracle, extract, grade  # noqa: E402
+from tests.seeded_mlp import mlp  # noqa: E402
 
 ONE_HIDDEN = [((2, 8, 1), 5.0), ((10, 20, 3), 1.0), ((64, 32, 10), 1.0), ((64, 128, 10), 1.0)]
 TWO_HIDDEN = [((64, 32, 16, 10), 1.0), ((64, 48, 24, 10), 1.0), ((20, 16, 8, 1), 1.0)]
@@ -31,18 +33,8 @@ EXPANSIVE = [((10, 20, 20, 1), 1.0)]
 LARGE = [((784, 32, 1), 1.0), ((784, 128, 10), 1.0), ((100, 64, 32, 10), 1.0)]
 
 
-def _net(sizes: tuple[int, ...], seed: int):
-    torch.manual_seed(seed)
-    mods: list[nn.Module] = []
-    for i in range(len(sizes) - 1):
-        mods.append(nn.Linear(sizes[i], sizes[i + 1]))
-        if i < len(sizes) - 2:
-            mods.append(nn.ReLU())
-    return load_network(nn.Sequential(*mods).double(), input_shape=(sizes[0],))
-
-
 def run(sizes: tuple[int, ...], box: float, seed: int, budget: int) -> dict:
-    net = _net(sizes, seed)
+    net = load_network(mlp(sizes, seed), input_shape=(sizes[0],))
     result = extract(QueryOracle(net), sizes[0], budget, lo=-box, hi=box, seed=seed)
     report = grade(net, result, -box, box)
     params = sum(p.numel() for p in net.parameters())

@@ -16,16 +16,7 @@ from app import Cancelled, load_network
 from app.analyses.extraction import QueryOracle, dense_layers, extract, grade
 from app.layers import Linear, ReLU
 from app.network import Network
-
-
-def _module(sizes: tuple[int, ...], seed: int) -> nn.Sequential:
-    torch.manual_seed(seed)
-    mods: list[nn.Module] = []
-    for i in range(len(sizes) - 1):
-        mods.append(nn.Linear(sizes[i], sizes[i + 1]))
-        if i < len(sizes) - 2:
-            mods.append(nn.ReLU())
-    return nn.Sequential(*mods).double().eval()
+from tests.seeded_mlp import mlp
 
 
 def _rows(module: nn.Sequential, i: int) -> np.ndarray:
@@ -54,7 +45,7 @@ def _logit_diff(module: nn.Sequential, net: Network, lo: float, hi: float) -> tu
 
 @pytest.mark.parametrize(("sizes", "box"), [((2, 8, 1), 5.0), ((64, 32, 10), 1.0)])
 def test_one_hidden_layer_recovered_to_high_precision(sizes: tuple[int, ...], box: float) -> None:
-    module = _module(sizes, seed=0)
+    module = mlp(sizes, seed=0)
     oracle = QueryOracle(load_network(module, input_shape=(sizes[0],)))
     result = extract(oracle, sizes[0], budget=50_000, lo=-box, hi=box)
     assert result.complete, result.notes
@@ -90,7 +81,7 @@ def test_two_hidden_layers_contractive_recovered() -> None:
     Measured: every layer to ~1e-8 relative error, all 32 + 16 neurons, ~20k queries.
     """
     sizes = (64, 32, 16, 10)
-    module = _module(sizes, seed=0)
+    module = mlp(sizes, seed=0)
     true_net = load_network(module, input_shape=(64,))
     oracle = QueryOracle(true_net)
     result = extract(oracle, 64, budget=100_000)
@@ -111,7 +102,7 @@ def test_two_hidden_layers_expansive_reports_its_limit() -> None:
     Measured: 20/20 first-layer hyperplanes to ~1e-9 up to sign; the result says it is partial.
     """
     sizes = (10, 20, 20, 1)
-    module = _module(sizes, seed=0)
+    module = mlp(sizes, seed=0)
     true_net = load_network(module, input_shape=(10,))
     result = extract(QueryOracle(true_net), 10, budget=50_000)
     assert not result.complete
@@ -122,7 +113,7 @@ def test_two_hidden_layers_expansive_reports_its_limit() -> None:
 
 
 def test_budget_is_respected_and_logged() -> None:
-    module = _module((64, 32, 10), seed=1)
+    module = mlp((64, 32, 10), seed=1)
     oracle = QueryOracle(load_network(module, input_shape=(64,)))
     result = extract(oracle, 64, budget=1_500)
     assert not result.complete and result.network is None
@@ -133,7 +124,7 @@ def test_budget_is_respected_and_logged() -> None:
 
 
 def test_progress_reports_and_cancels() -> None:
-    module = _module((10, 12, 3), seed=2)
+    module = mlp((10, 12, 3), seed=2)
     oracle = QueryOracle(load_network(module, input_shape=(10,)))
     seen: list[tuple[float, str]] = []
 
@@ -149,7 +140,7 @@ def test_progress_reports_and_cancels() -> None:
 
 def test_grade_undoes_permutation_and_positive_scaling() -> None:
     """A hand-made equivalent network grades as exact; a perturbed weight shows its error."""
-    module = _module((5, 7, 4, 3), seed=4)
+    module = mlp((5, 7, 4, 3), seed=4)
     true_net = load_network(module, input_shape=(5,))
     (w1, b1), (w2, b2), (w3, b3) = dense_layers(true_net)
     p1, s1 = np.random.default_rng(0).permutation(7), np.linspace(0.5, 3, 7)
@@ -181,7 +172,7 @@ def test_service_plugin_and_figures_on_a_2d_model(tmp_path) -> None:
     from backend.analyses.base import JobContext
     from frontend.figures import extraction as figures
 
-    module = _module((2, 8, 3), seed=0)
+    module = mlp((2, 8, 3), seed=0)
     net = load_network(module, input_shape=(2,))
     seen: list[str] = []
     ctx = JobContext(net=net, x=None, label=None, card={"input_range": [-2.0, 2.0]},
