@@ -75,7 +75,11 @@ def greedy_mask(problem: MaskProblem, order: np.ndarray) -> np.ndarray:
 
     Returns the drop order's survivors; every remaining group is needed by some constraint.
     """
-    mask = problem.coeff.max(axis=1) > 0
+    return _drop_in_order(problem, problem.coeff.max(axis=1) > 0, order)
+
+
+def _drop_in_order(problem: MaskProblem, mask: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Drop ``mask``'s groups in ``order`` wherever every constraint keeps non-negative slack."""
     slack = problem.slack(mask)
     for g in order:
         if mask[g] and np.all(slack - problem.coeff[g] >= 0):
@@ -91,12 +95,7 @@ def rounded_mask(problem: MaskProblem, lp_values: np.ndarray, order: np.ndarray)
         if problem.holds(mask):
             break
         mask[g] = True
-    slack = problem.slack(mask)
-    for g in order:
-        if mask[g] and np.all(slack - problem.coeff[g] >= 0):
-            mask[g] = False
-            slack = slack - problem.coeff[g]
-    return mask
+    return _drop_in_order(problem, mask, order)
 
 
 def solve_mask(
