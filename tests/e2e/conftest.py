@@ -8,6 +8,7 @@ per page needs only ``ui`` (and ``atlas`` for the API, as an oracle's data sourc
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
@@ -24,12 +25,24 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "tests" / "artifacts"
+SAMPLE_MODELS = ROOT / "sample_models"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--disable-sync",
 ]
 START_TIMEOUT_S = 180
+
+
+def sample_model(name: str) -> tuple[Path, str]:
+    """``(path, model id)`` of ``sample_models/<name>.onnx``; skips the test until it is built.
+
+    The id is the file's sha256, which is how the backend names an uploaded model.
+    """
+    path = SAMPLE_MODELS / f"{name}.onnx"
+    if not path.exists():
+        pytest.skip("sample models not built")
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -153,6 +166,12 @@ class Ui:
             url += "?" + urlencode(query)
         self.page.goto(url)
         self.wait_idle()
+
+    def open_sample(self, url_path: str, name: str, **query: str) -> tuple[Path, str]:
+        """Open a page on the sample model ``name`` (see ``sample_model``); its path and id."""
+        path, model_id = sample_model(name)
+        self.open(url_path, model=model_id, **query)
+        return path, model_id
 
     def wait_idle(self, timeout_ms: int = 60_000) -> None:
         """Wait until Streamlit has rendered and finished the current script run."""

@@ -6,7 +6,6 @@ in the same browser from disk, must draw every figure the page drew (plotly.js i
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 
@@ -14,21 +13,18 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from tests.e2e.conftest import ARTIFACTS
+from tests.e2e.conftest import ARTIFACTS, sample_model
 
-ROOT = Path(__file__).resolve().parents[2]
-MODELS = [ROOT / "sample_models" / f"digits_fc_{m}.onnx" for m in ("standard", "pgd", "ibp")]
+MODELS = [f"digits_fc_{m}" for m in ("standard", "pgd", "ibp")]
 INPUT = "gallery:digits:3"
 
 pytestmark = pytest.mark.browser
 
 
 def test_compare_one_input_and_report(ui, atlas, browser, tmp_path: Path) -> None:
-    if not all(p.exists() for p in MODELS):
-        pytest.skip("sample models not built")
+    paths = [sample_model(name)[0] for name in MODELS]
+    _, anchor = ui.open_sample("compare", MODELS[1], input=INPUT)
     page = ui.page
-    anchor = hashlib.sha256(MODELS[1].read_bytes()).hexdigest()
-    ui.open("compare", model=anchor, input=INPUT)
     page.get_by_role("button", name="Compare").click()
     report_button = page.get_by_role("button", name="HTML report")
     report_button.wait_for(timeout=180_000)
@@ -38,7 +34,7 @@ def test_compare_one_input_and_report(ui, atlas, browser, tmp_path: Path) -> Non
         served = api.get(f"/models/{anchor}/inputs/{INPUT}").json()
     x = np.asarray(served["values"], dtype=np.float32).reshape(1, *served["shape"])
     expected = []
-    for path in MODELS:
+    for path in paths:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         expected.append(int(np.argmax(session.run(None, {session.get_inputs()[0].name: x})[0])))
     shown = page.get_by_test_id("stMetric").filter(has_text="Prediction")

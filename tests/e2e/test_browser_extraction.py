@@ -6,26 +6,18 @@ first-layer weights (read from the ONNX file with onnx's numpy helper) for the n
 
 from __future__ import annotations
 
-import hashlib
 import re
-from pathlib import Path
 
 import onnx
 import pytest
 from onnx import numpy_helper
 
-ROOT = Path(__file__).resolve().parents[2]
-SAMPLE_MODEL = ROOT / "sample_models" / "digits_fc_standard.onnx"
-
 pytestmark = pytest.mark.browser
 
 
 def test_extraction_in_browser(ui, atlas) -> None:
-    if not SAMPLE_MODEL.exists():
-        pytest.skip("sample models not built")
+    model_path, _ = ui.open_sample("extraction", "digits_fc_standard")
     page = ui.page
-    model_id = hashlib.sha256(SAMPLE_MODEL.read_bytes()).hexdigest()
-    ui.open("extraction", model=model_id)
     page.get_by_label("Query budget").fill("60000")
     page.get_by_label("Query budget").press("Enter")
     ui.wait_idle()
@@ -36,7 +28,7 @@ def test_extraction_in_browser(ui, atlas) -> None:
     page.get_by_text("Grading against the true weights").wait_for()
     shown = int(re.search(r"layers: (\d+)", summary.inner_text()).group(1))
 
-    weights = [numpy_helper.to_array(t) for t in onnx.load(SAMPLE_MODEL).graph.initializer]
+    weights = [numpy_helper.to_array(t) for t in onnx.load(model_path).graph.initializer]
     first_layer_neurons = max(w.shape[0] for w in weights if w.ndim == 2 and 64 in w.shape)
     assert 0 < shown <= first_layer_neurons
     job_id = ui.query_params()["job"]

@@ -8,26 +8,19 @@ parallelogram (shoelace areas sum to 1); the robustness chart names every siblin
 
 from __future__ import annotations
 
-import hashlib
 import re
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-SAMPLE_MODEL = ROOT / "sample_models" / "digits_fc_pgd.onnx"
-
 pytestmark = pytest.mark.browser
 
 
 def test_linear_regions_in_browser(ui, atlas) -> None:
-    if not SAMPLE_MODEL.exists():
-        pytest.skip("sample models not built")
+    model_path, model_id = ui.open_sample("linear_regions", "digits_fc_pgd",
+                                          input="gallery:digits:3")
     page = ui.page
-    model_id = hashlib.sha256(SAMPLE_MODEL.read_bytes()).hexdigest()
-    ui.open("linear_regions", model=model_id, input="gallery:digits:3")
     page.get_by_role("button", name="Run").first.click()
     metric = page.get_by_test_id("stMetric").filter(has_text="Linear pieces")
     metric.wait_for(timeout=180_000)
@@ -44,7 +37,7 @@ def test_linear_regions_in_browser(ui, atlas) -> None:
     assert shown == line["num_pieces"] > 1
     # the far end is x + 0.3 * (unit L-inf FGSM direction); check logits at the breakpoints
     # for the segment's known start, where t = 0
-    sess = ort.InferenceSession(str(SAMPLE_MODEL), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     ref = sess.run(None, {name: x.reshape(1, 1, 8, 8).astype(np.float32)})[0][0]
     assert np.allclose(line["logits"][0], ref, atol=1e-4)

@@ -6,29 +6,21 @@ the job's JSON from the API for the rule counts shown.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import re
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-SAMPLE_MODEL = ROOT / "sample_models" / "digits_fc_ibp.onnx"
+from tests.e2e.conftest import SAMPLE_MODELS
 
 pytestmark = pytest.mark.browser
 
 
 def test_patterns_in_browser(ui, atlas) -> None:
-    if not SAMPLE_MODEL.exists():
-        pytest.skip("sample models not built")
+    model_path, model_id = ui.open_sample("patterns", "digits_fc_ibp", input="gallery:digits:0")
     page = ui.page
-    model_bytes = SAMPLE_MODEL.read_bytes()
-    model_id = hashlib.sha256(model_bytes).hexdigest()
-    ui.open("patterns", model=model_id, input="gallery:digits:0")
-    ui.wait_idle()
     page.get_by_role("button", name="Run").first.click()
     heading = page.get_by_text(re.compile(r"^\d+ rules at L\d+, \d+ proven$"))
     heading.wait_for(timeout=240_000)
@@ -43,7 +35,7 @@ def test_patterns_in_browser(ui, atlas) -> None:
     assert heading.inner_text() == f"{len(result['rules'])} rules at L{result['layer']}, {proven} proven"
     assert proven >= 1
     x = np.asarray(served["values"], dtype=np.float32).reshape(1, *served["shape"])
-    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     logits = session.run(None, {session.get_inputs()[0].name: x})[0].reshape(-1)
     page.get_by_text(f"Decision: class {int(np.argmax(logits))}.").wait_for()
     assert result["current"]["decision"] == int(np.argmax(logits))
@@ -53,16 +45,12 @@ def test_patterns_in_browser(ui, atlas) -> None:
 
 
 def test_patterns_mined_from_an_uploaded_dataset(ui, atlas) -> None:
-    if not SAMPLE_MODEL.exists():
-        pytest.skip("sample models not built")
+    ui.open_sample("patterns", "digits_fc_ibp", input="gallery:digits:0")
     page = ui.page
-    model_id = hashlib.sha256(SAMPLE_MODEL.read_bytes()).hexdigest()
-    with np.load(ROOT / "sample_models" / "gallery" / "digits.npz") as gallery:
+    with np.load(SAMPLE_MODELS / "gallery" / "digits.npz") as gallery:
         x = gallery["x"][::-1][:120].astype(np.float32)
     buf = io.BytesIO()
     np.savez(buf, x=x)
-    ui.open("patterns", model=model_id, input="gallery:digits:0")
-    ui.wait_idle()
     page.get_by_text("uploaded file").click()
     uploader = page.get_by_test_id("stFileUploader").filter(has_text="Dataset file")
     uploader.locator("input[type='file']").set_input_files(

@@ -18,8 +18,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from sklearn.datasets import load_digits
 
-ROOT = Path(__file__).resolve().parents[2]
-SAMPLE_MODEL = ROOT / "sample_models" / "digits_fc_standard.onnx"
+from tests.e2e.conftest import SAMPLE_MODELS
+
+SAMPLE_MODEL = SAMPLE_MODELS / "digits_fc_standard.onnx"
 
 pytestmark = pytest.mark.browser
 

@@ -6,28 +6,19 @@ JSON from the API for the feature counts shown.
 
 from __future__ import annotations
 
-import hashlib
 import re
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-SAMPLE_MODEL = ROOT / "sample_models" / "digits_conv_pgd.onnx"
-
 pytestmark = pytest.mark.browser
 
 
 def test_proof_features_in_browser(ui, atlas) -> None:
-    if not SAMPLE_MODEL.exists():
-        pytest.skip("sample models not built")
+    model_path, model_id = ui.open_sample("proof_features", "digits_conv_pgd",
+                                          input="gallery:digits:0")
     page = ui.page
-    model_bytes = SAMPLE_MODEL.read_bytes()
-    model_id = hashlib.sha256(model_bytes).hexdigest()
-    ui.open("proof_features", model=model_id, input="gallery:digits:0")
-    ui.wait_idle()
     page.get_by_role("button", name="Run").first.click()
     heading = page.get_by_text(re.compile(r"^(Not certified|Certified): class"))
     heading.wait_for(timeout=120_000)
@@ -41,7 +32,7 @@ def test_proof_features_in_browser(ui, atlas) -> None:
         result = api.get(f"/jobs/{job_id}/result").json()
         served = api.get(f"/models/{model_id}/inputs/gallery:digits:0").json()
     x = np.asarray(served["values"], dtype=np.float32).reshape(1, *served["shape"])
-    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     logits = session.run(None, {session.get_inputs()[0].name: x})[0].reshape(-1)
     assert int(shown.group(1)) == int(np.argmax(logits)) == result["predicted"]
     assert result["sufficient"] and 0 < result["num_kept"] <= result["num_nonzero"]

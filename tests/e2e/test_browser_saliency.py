@@ -6,7 +6,6 @@ reports, that every selected neuron stays at or above the threshold.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 
@@ -14,9 +13,6 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
-
-ROOT = Path(__file__).resolve().parents[2]
-SAMPLE_MODEL = ROOT / "sample_models" / "digits_fc_standard.onnx"
 
 pytestmark = pytest.mark.browser
 
@@ -32,12 +28,8 @@ def _first_layer(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_saliency_in_browser(ui, atlas) -> None:
-    if not SAMPLE_MODEL.exists():
-        pytest.skip("sample models not built")
+    model_path, _ = ui.open_sample("saliency", "digits_fc_standard", input="gallery:digits:0")
     page = ui.page
-    model_id = hashlib.sha256(SAMPLE_MODEL.read_bytes()).hexdigest()
-    ui.open("saliency", model=model_id, input="gallery:digits:0")
-    ui.wait_idle()
     page.get_by_role("button", name="Run").first.click()
     page.get_by_text("Grading at the same number of kept features").wait_for(timeout=120_000)
     ui.wait_idle()
@@ -50,7 +42,7 @@ def test_saliency_in_browser(ui, atlas) -> None:
     page.get_by_text(f"{result['mask_size']} of 64").wait_for()
     assert page.get_by_text(re.compile(r"^optimal$")).count() >= 1
 
-    w, b = _first_layer(SAMPLE_MODEL)
+    w, b = _first_layer(model_path)
     x = np.asarray(result["input"], dtype=np.float64).reshape(-1)
     mask = np.asarray(result["mask"], dtype=np.float64).reshape(-1)
     idx = [n["index"] for n in result["neurons"]]

@@ -6,14 +6,13 @@ which must not grow when the link is reopened (the results come back, nothing re
 
 from __future__ import annotations
 
-import hashlib
 import re
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-SAMPLE_MODEL = ROOT / "sample_models" / "digits_fc_pgd.onnx"
+from tests.e2e.conftest import sample_model
+
+MODEL = "digits_fc_pgd"
 INPUT = "gallery:digits:0"
 
 pytestmark = pytest.mark.browser
@@ -26,11 +25,8 @@ def _finished(ui, job_id: str, timeout_ms: int = 180_000) -> None:
 
 
 def test_two_jobs_reopen_from_one_link(ui, atlas) -> None:
-    if not SAMPLE_MODEL.exists():
-        pytest.skip("sample models not built")
+    ui.open_sample("proof_features", MODEL, input=INPUT)
     page = ui.page
-    model_id = hashlib.sha256(SAMPLE_MODEL.read_bytes()).hexdigest()
-    ui.open("proof_features", model=model_id, input=INPUT)
 
     runs = page.get_by_role("button", name="Run")
     runs.nth(0).click()  # proof features: the page's primary widget, in ?job=
@@ -73,8 +69,7 @@ def test_jobs_page_polls_only_while_a_job_runs(ui, atlas) -> None:
     Oracle: the messages the browser sends Streamlit (every fragment rerun is one) and the
     API's job status.
     """
-    if not SAMPLE_MODEL.exists():
-        pytest.skip("sample models not built")
+    _, model_id = sample_model(MODEL)
     page = ui.page
     sent: list[object] = []
     page.on("websocket", lambda ws: ws.on("framesent", lambda frame: sent.append(frame)))
@@ -84,7 +79,6 @@ def test_jobs_page_polls_only_while_a_job_runs(ui, atlas) -> None:
         page.wait_for_timeout(ms)
         return len(sent) - before
 
-    model_id = hashlib.sha256(SAMPLE_MODEL.read_bytes()).hexdigest()
     ui.open("jobs", model=model_id)
     page.get_by_text(re.compile(r"^0 running or queued")).wait_for()
     assert sent_during(3000) == 0
