@@ -124,11 +124,16 @@ def test_draw_an_input(ui, atlas) -> None:
     ui.open()
     page.get_by_role("tab", name="Draw").click()
     canvas = page.locator("canvas.upper-canvas")
+    canvas.wait_for(state="visible")
     canvas.scroll_into_view_if_needed()
-    canvas.hover(position={"x": 30, "y": 20})
+    # the canvas' own toolbar floats over its top strip once hovered: the stroke starts below it,
+    # in the second of the eight rows, as plain mouse moves inside the canvas' box
+    box = canvas.bounding_box()
+    assert box is not None
+    page.mouse.move(box["x"] + 30, box["y"] + 36)
     page.mouse.down()
-    for x, y in [(90, 20), (150, 20), (110, 90), (70, 160)]:  # top bar, then the diagonal
-        canvas.hover(position={"x": x, "y": y})
+    for x, y in [(90, 36), (150, 36), (110, 100), (70, 160)]:  # top bar, then the diagonal
+        page.mouse.move(box["x"] + x, box["y"] + y, steps=8)
     page.mouse.up()
     page.wait_for_timeout(1500)  # the canvas sends its strokes to the app on mouse-up
     ui.wait_idle()
