@@ -47,7 +47,7 @@ def class_scores(labels: list[str], predictions: list[dict | None]) -> go.Figure
                       row=1, col=k + 1)
     fig.update_xaxes(type="category")
     fig.update_yaxes(range=[0, 1.05])
-    fig.update_layout(title="Prediction and margin", height=300, margin={"t": 80, "b": 10})
+    fig.update_layout(title="Prediction and margin", height=330, margin={"t": 120, "b": 10})
     return fig
 
 
