@@ -137,6 +137,12 @@ class ApiClient:
     def cancel_batch(self, batch_id: str) -> dict:
         return self._json("POST", f"/batches/{batch_id}/cancel")
 
+    def verify_rules(self, model_id: str, rules: list[dict], **settings: Any) -> dict:
+        """Verify pattern rules in parallel as one batch (one ``patterns_verify`` job per rule);
+        ``settings`` are the shared domain, eps, timeout and method."""
+        return self._json("POST", "/patterns/verify",
+                          json={"model_id": model_id, "rules": rules, **settings})
+
     def job(self, job_id: str) -> dict:
         return self._json("GET", f"/jobs/{job_id}")
 

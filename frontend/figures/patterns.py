@@ -61,10 +61,19 @@ def covered_inputs(result: dict, index: int) -> go.Figure:
     return fig
 
 
-def rule_table(result: dict) -> list[dict]:
-    """Rows for the sortable rule table."""
-    return [{"rule": r["condition"], "class": r["target"], "support": r["support"],
-             "precision": round(r["precision"], 3), "recall": round(r["recall"], 3),
-             "status": r["status"],
-             "time_s": None if r["seconds"] is None else round(r["seconds"], 2)}
-            for r in result["rules"]]
+def rule_table(result: dict, verdicts: list[dict] | None = None) -> list[dict]:
+    """Rows for the sortable rule table; ``verdicts`` (a verification batch's result items, one
+    per rule) replace the mining job's status and time when given."""
+    rows = []
+    for k, r in enumerate(result["rules"]):
+        status, seconds = r["status"], r["seconds"]
+        item = verdicts[k] if verdicts else None
+        if item is not None:
+            verdict = item["result"] or {}
+            status = verdict.get("status", item["status"])
+            seconds = verdict.get("seconds")
+        rows.append({"rule": r["condition"], "class": r["target"], "support": r["support"],
+                     "precision": round(r["precision"], 3), "recall": round(r["recall"], 3),
+                     "status": status,
+                     "time_s": None if seconds is None else round(seconds, 2)})
+    return rows

@@ -1,5 +1,8 @@
 """Pattern rules: on/off neuron patterns that imply a decision, mined, verified, applied."""
 
+import time
+from collections import Counter
+
 import numpy as np
 import streamlit as st
 
@@ -41,6 +44,58 @@ def reverify(result: dict, rule: dict, index: int) -> None:
                         f"{verdict['message']}")
             if verdict["counterexample"] is not None:
                 st.caption(f"counterexample: class {verdict['counterexample_class']} wins")
+
+
+def _rule_spec(rule: dict, ball: bool) -> dict | None:
+    """The rule as ``POST /api/patterns/verify`` takes it; None if a ball has no centre."""
+    spec = {k: rule[k] for k in ("layer", "on", "off", "target", "lowest")}
+    if not ball:
+        return spec
+    if not rule["covered"]:
+        return None
+    return spec | {"center": [float(v) for v in np.asarray(rule["covered"][0]).reshape(-1)]}
+
+
+def verify_all(model_id: str, result: dict, settings: dict) -> list[dict | None] | None:
+    """Verify every rule as one batch of parallel jobs: a Verify button, then one progress bar
+    with a Cancel button; returns the batch's result items in rule order (None for a rule with
+    no covered input to centre its ball on), once the batch has finished."""
+    ball = result["domain"] == "ball"
+    specs = [_rule_spec(r, ball) for r in result["rules"]]
+    sent = [s for s in specs if s is not None]
+    shared = {"domain": result["domain"], "eps": result["eps"]} | settings
+    signature = repr((model_id, sent, shared))
+    state = st.session_state.get("_pattern_batch")
+    if state is not None and state["signature"] != signature:
+        state = None
+    api = ui.client()
+    if sent and st.button("Verify all rules in parallel", icon=":material/fact_check:",
+                          help=f"one verification job per rule ({len(sent)}), "
+                               f"{settings['timeout']:.0f} s each at most"):
+        state = {"signature": signature, "items": None,
+                 "id": api.verify_rules(model_id, sent, **shared)["id"]}
+        st.session_state["_pattern_batch"] = state
+    if len(sent) < len(specs):
+        st.caption(f"{len(specs) - len(sent)} rules cover no held-out input, so they have no "
+                   "ball to be verified in.")
+    if state is None:
+        return None
+    if state["items"] is None:
+        bar = st.progress(0.0)
+        cancel_slot = st.empty()
+        if cancel_slot.button("Cancel", key="cancel_verify_all", icon=":material/stop:"):
+            api.cancel_batch(state["id"])
+        batch = api.batch(state["id"])
+        while batch["status"] != "finished":
+            bar.progress(float(batch["progress"]),
+                         text=f"Verifying {batch['total']} rules: {batch['message']}")
+            time.sleep(ui.POLL_SECONDS)
+            batch = api.batch(state["id"])
+        bar.empty()
+        cancel_slot.empty()
+        state["items"] = api.batch_result(state["id"])["items"]
+    items = iter(state["items"])
+    return [None if s is None else next(items) for s in specs]
 
 
 def dataset_source(model_id: str) -> tuple[bool, str | None]:
@@ -108,7 +163,17 @@ if result:
                 help=f"a distilled list of {result['rule_list_size']} rules agrees with the "
                      "network on this share of held-out inputs")
     if rules:
-        st.dataframe(figures.rule_table(result), hide_index=True)
+        try:
+            verdicts = verify_all(selection.model_id, result,
+                                  {"timeout": float(timeout), "method": method})
+        except ApiError as exc:
+            st.error(str(exc))
+            verdicts = None
+        if verdicts:
+            counts = Counter(row["status"] for row in figures.rule_table(result, verdicts))
+            st.markdown("Verified in parallel: "
+                        + ", ".join(f"{n} {status}" for status, n in counts.most_common()))
+        st.dataframe(figures.rule_table(result, verdicts), hide_index=True)
         names = [f"{i}: {r['text']}" for i, r in enumerate(rules)]
         chosen = st.selectbox("Rule", range(len(rules)), format_func=lambda i: names[i])
         rule = rules[chosen]
