@@ -259,20 +259,26 @@ def test_mined_rules_are_readable_and_scored_on_heldout_inputs(digits_mlp) -> No
     assert sevens.rules and all(r.target == 7 for r in sevens.rules)
 
 
-def test_digits_rules_verified_on_balls_and_checked_by_oracles(digits_mlp) -> None:
-    net, x = digits_mlp
-    mined = mine_rules(net, x, layer=2, min_support=10, seed=1)
-    held = x[mined.heldout]
+def _verify_on_balls_and_check(net, rules, held, eps: float) -> list[str]:
+    """Verify each rule on the eps-ball around its first covered held-out input; every
+    counterexample and every proof is checked by the oracles. Returns the statuses."""
     statuses = []
-    for rule in mined.rules[:4]:
+    for rule in rules:
         start = held[_premise(net, rule, held)][:1]
-        domain = InputDomain.linf_ball(net, start[0], 0.04)
+        domain = InputDomain.linf_ball(net, start[0], eps)
         verdict = verify_rule(net, rule, domain, timeout=30)
         statuses.append(verdict.status)
         if verdict.status == "counterexample":
             _check_counterexample(net, rule, domain, verdict)
         elif verdict.status == "proven":
             _check_proven_by_sampling(net, rule, domain, start)
+    return statuses
+
+
+def test_digits_rules_verified_on_balls_and_checked_by_oracles(digits_mlp) -> None:
+    net, x = digits_mlp
+    mined = mine_rules(net, x, layer=2, min_support=10, seed=1)
+    statuses = _verify_on_balls_and_check(net, mined.rules[:4], x[mined.heldout], 0.04)
     assert "proven" in statuses
     # the whole pixel box: any verdict, but a counterexample must be real
     box = InputDomain.box(net, 0.0, 1.0)
@@ -285,17 +291,7 @@ def test_digits_rules_verified_on_balls_and_checked_by_oracles(digits_mlp) -> No
 def test_maxpool_network_verdicts_survive_oracles(digits_conv) -> None:
     net, x = digits_conv
     mined = mine_rules(net, x, layer=2, min_support=10, seed=0)
-    held = x[mined.heldout]
-    seen = []
-    for rule in mined.rules[:3]:
-        start = held[_premise(net, rule, held)][:1]
-        domain = InputDomain.linf_ball(net, start[0], 0.05)
-        verdict = verify_rule(net, rule, domain, timeout=30)
-        seen.append(verdict.status)
-        if verdict.status == "counterexample":
-            _check_counterexample(net, rule, domain, verdict)
-        elif verdict.status == "proven":
-            _check_proven_by_sampling(net, rule, domain, start)
+    seen = _verify_on_balls_and_check(net, mined.rules[:3], x[mined.heldout], 0.05)
     assert set(seen) & {"proven", "counterexample"}
 
 
