@@ -16,11 +16,14 @@ All layers are batched: the first dimension of every tensor is the batch.
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from collections.abc import Callable, Mapping
+from typing import ClassVar, Generic, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from app.errors import UnsupportedModelError
 
 
 class Layer(nn.Module):
@@ -336,6 +339,34 @@ class Add(Layer):
     def interval(self, *bounds: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         (la, ha), (lb, hb) = bounds
         return la + lb, ha + hb
+
+
+T = TypeVar("T")
+
+
+class KindTable(Generic[T]):
+    """What one analysis needs of each layer kind (auto_LiRPA's per-operator methods, kept
+    beside the analysis): found by the layer's class or its nearest registered base class, so
+    one ``AffineLayer`` entry serves every affine kind unless a subclass has its own."""
+
+    def __init__(self, missing: str, entries: Mapping[type[Layer], T] | None = None) -> None:
+        self.missing = missing  # the error's words before the kind, e.g. "no MILP encoding for"
+        self._entries: dict[type, T] = dict(entries or {})
+
+    def register(self, kind: type[Layer]) -> Callable[[T], T]:
+        """Decorator: ``value`` is the entry for ``kind``."""
+
+        def add(value: T) -> T:
+            self._entries[kind] = value
+            return value
+
+        return add
+
+    def __call__(self, layer: Layer) -> T:
+        for cls in type(layer).__mro__:
+            if cls in self._entries:
+                return self._entries[cls]
+        raise UnsupportedModelError(f"{self.missing} layer kind '{layer.kind}'")
 
 
 def _param(t: Tensor | None) -> nn.Parameter | None:

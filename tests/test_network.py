@@ -181,3 +181,17 @@ def test_pickled_checkpoint_is_refused(tmp_path) -> None:
     torch.save({"w": torch.zeros(3)}, str(path))
     with pytest.raises(UnsupportedModelError, match="pickle"):
         load_network(path, input_shape=(3,))
+
+
+def test_kind_table_finds_the_nearest_registered_class_and_names_missing_kinds() -> None:
+    from app.layers import AffineLayer, KindTable, Layer, Linear
+
+    class Odd(Layer):
+        kind = "odd"
+
+    table: KindTable[str] = KindTable("no test rule for", {AffineLayer: "affine"})
+    assert table(Linear(torch.zeros(2, 3))) == "affine"
+    table.register(Linear)("linear")
+    assert table(Linear(torch.zeros(2, 3))) == "linear"
+    with pytest.raises(UnsupportedModelError, match="no test rule for layer kind 'odd'"):
+        table(Odd())

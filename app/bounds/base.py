@@ -8,13 +8,10 @@ Everything else (certification, proof features) is built from those two question
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from app.layers import AffineLayer, Layer, MaxPool2d
+from app.layers import AffineLayer, MaxPool2d
 from app.network import INPUT, Network
 
 
@@ -76,14 +73,6 @@ def margin_spec(num_outputs: int, labels: Tensor, dtype: torch.dtype) -> Tensor:
         others = [j for j in range(num_outputs) if j != lab]
         rows.append(eye[lab].unsqueeze(0) - eye[others])
     return torch.stack(rows)
-
-
-def lookup(registry: dict[type, Callable[..., Any]], layer: Layer) -> Callable[..., Any]:
-    """The function registered for ``layer``'s class or its nearest base class."""
-    for cls in type(layer).__mro__:
-        if cls in registry:
-            return registry[cls]
-    raise NotImplementedError(f"no bound rule for layer kind {layer.kind!r}")
 
 
 def maxpool_choice(layer: MaxPool2d, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from app.bounds.base import BoundAnalysis, box_lower, lookup, maxpool_choice
-from app.layers import Add, AffineLayer, MaxPool2d, ReLU
+from app.bounds.base import BoundAnalysis, box_lower, maxpool_choice
+from app.layers import Add, AffineLayer, KindTable, MaxPool2d, ReLU
 from app.network import INPUT, Network
 
 Bounds = tuple[Tensor, Tensor]
@@ -111,7 +111,7 @@ class CrownAnalysis(BoundAnalysis):
                 continue
             a = coeffs.pop(i)
             layer, ins = net.layers[i], net.inputs[i]
-            rule = lookup(_BACKWARD, layer)
+            rule = _BACKWARD(layer)
             in_bounds = [self._relax[j] for j in ins] if _needs_input_bounds(layer) else []
             a_ins, c = rule(layer, a, [self.shape(j) for j in ins], in_bounds, net.shapes[i])
             const = const + c
@@ -173,4 +173,5 @@ def _add(_layer: Add, a: Tensor, _s: list, _b: list,
 
 
 _RELAXED = (ReLU, MaxPool2d)
-_BACKWARD = {AffineLayer: _affine, ReLU: _relu, MaxPool2d: _maxpool, Add: _add}
+_BACKWARD = KindTable("no bound rule for",
+                      {AffineLayer: _affine, ReLU: _relu, MaxPool2d: _maxpool, Add: _add})

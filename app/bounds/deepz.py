@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from app.bounds.base import BoundAnalysis, box_lower, lookup, maxpool_choice
-from app.layers import Add, AffineLayer, MaxPool2d, ReLU
+from app.bounds.base import BoundAnalysis, box_lower, maxpool_choice
+from app.layers import Add, AffineLayer, KindTable, MaxPool2d, ReLU
 from app.network import INPUT, Network
 
 Zonotope = tuple[Tensor, Tensor]  # center [B, *shape], generators [B, G, *shape]
@@ -32,7 +32,7 @@ class DeepZAnalysis(BoundAnalysis):
         upto = len(net.layers) - 1 if upto is None else upto
         for i in range(upto + 1):
             layer, ins = net.layers[i], net.inputs[i]
-            rule = lookup(_FORWARD, layer)
+            rule = _FORWARD(layer)
             self.zono[i] = rule(layer, [self.zono[j] for j in ins],
                                 [self._bounds[j] for j in ins])
             self._bounds[i] = self._concretize(i)
@@ -116,4 +116,5 @@ def _pad(g: Tensor, n: int) -> Tensor:
     return torch.cat([g, extra], 1)
 
 
-_FORWARD = {AffineLayer: _affine, ReLU: _relu, MaxPool2d: _maxpool, Add: _add}
+_FORWARD = KindTable("no bound rule for",
+                     {AffineLayer: _affine, ReLU: _relu, MaxPool2d: _maxpool, Add: _add})

@@ -19,8 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from app.errors import UnsupportedModelError
-from app.layers import Add, AffineLayer, Flatten, Layer, MaxPool2d, ReLU, Reshape
+from app.layers import Add, AffineLayer, Flatten, KindTable, Layer, MaxPool2d, ReLU, Reshape
 
 Cuts = tuple[np.ndarray, np.ndarray]  # (segment index [K], ratio in (0, 1) along it [K])
 
@@ -227,19 +226,12 @@ def argmax_split_functions(w: Tensor, centre: Tensor) -> Tensor:
     return diff.reshape(3, diff.shape[1], -1)
 
 
-_RULES: dict[type, Rule] = {
+rule_for: KindTable[Rule] = KindTable("linear regions: no rule for", {
     AffineLayer: AffineRule(),
     Flatten: ReshapeRule(),
     Reshape: ReshapeRule(),
     Add: AddRule(),
     ReLU: ReLURule(),
     MaxPool2d: MaxPoolRule(),
-}
+})
 
-
-def rule_for(layer: Layer) -> Rule:
-    """The rule of the nearest registered class in ``layer``'s MRO."""
-    for klass in type(layer).__mro__:
-        if klass in _RULES:
-            return _RULES[klass]
-    raise UnsupportedModelError(f"linear regions: no rule for layer kind '{layer.kind}'")

@@ -21,8 +21,7 @@ from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from app.bounds import analyze
-from app.errors import UnsupportedModelError
-from app.layers import Add, AffineLayer, Layer, MaxPool2d, ReLU
+from app.layers import Add, AffineLayer, KindTable, MaxPool2d, ReLU
 from app.network import INPUT, Network
 
 # Fixed phases: ReLU node -> (indices that are on, indices that are off); MaxPool node ->
@@ -154,7 +153,7 @@ def encode(
             bounds[ins[0]] = _tightened(prog, nodes[ins[0]], bounds[ins[0]], phases.get(i),
                                         deadline if tighten else -math.inf)
         bounds[i] = layer.interval(*(bounds[j] for j in ins))
-        encoder = _encoder_for(layer)
+        encoder = _ENCODERS(layer)
         nodes[i] = encoder(prog, layer, net.in_shape(i), [nodes[j] for j in ins],
                            [_flat(bounds[j]) for j in ins], _flat(bounds[i]), phases.get(i),
                            margin)
@@ -196,28 +195,14 @@ def _tightened(
 
 
 Encoder = Callable[..., np.ndarray]
-_ENCODERS: dict[type[Layer], Encoder] = {}
-
-
-def _registers(kind: type[Layer]) -> Callable[[Encoder], Encoder]:
-    def deco(fn: Encoder) -> Encoder:
-        _ENCODERS[kind] = fn
-        return fn
-    return deco
-
-
-def _encoder_for(layer: Layer) -> Encoder:
-    for cls in type(layer).__mro__:
-        if cls in _ENCODERS:
-            return _ENCODERS[cls]
-    raise UnsupportedModelError(f"no MILP encoding for layer kind '{layer.kind}'")
+_ENCODERS: KindTable[Encoder] = KindTable("no MILP encoding for")
 
 
 def _eye(n: int) -> sparse.csr_matrix:
     return sparse.identity(n, format="csr")
 
 
-@_registers(AffineLayer)
+@_ENCODERS.register(AffineLayer)
 def _affine(prog, layer, in_shape, srcs, src_bounds, out_bounds, fixed, margin):
     a, b = (t.detach().to(torch.float64).numpy() for t in layer.matrix(in_shape))
     if a.shape[0] == a.shape[1] and not b.any() and np.array_equal(a, np.eye(a.shape[0])):
@@ -228,7 +213,7 @@ def _affine(prog, layer, in_shape, srcs, src_bounds, out_bounds, fixed, margin):
     return y
 
 
-@_registers(Add)
+@_ENCODERS.register(Add)
 def _add(prog, layer, in_shape, srcs, src_bounds, out_bounds, fixed, margin):
     y = prog.variables(*out_bounds)
     n = len(y)
@@ -236,7 +221,7 @@ def _add(prog, layer, in_shape, srcs, src_bounds, out_bounds, fixed, margin):
     return y
 
 
-@_registers(ReLU)
+@_ENCODERS.register(ReLU)
 def _relu(prog, layer, in_shape, srcs, src_bounds, out_bounds, fixed, margin):
     pre, (lb, ub) = srcs[0], src_bounds[0]
     n = len(pre)
@@ -269,7 +254,7 @@ def _relu(prog, layer, in_shape, srcs, src_bounds, out_bounds, fixed, margin):
     return y
 
 
-@_registers(MaxPool2d)
+@_ENCODERS.register(MaxPool2d)
 def _maxpool(prog, layer, in_shape, srcs, src_bounds, out_bounds, fixed, margin):
     idx = torch.arange(math.prod(in_shape), dtype=torch.float64).reshape(1, *in_shape)
     windows = layer.windows(idx).reshape(-1, math.prod(layer.kernel_size)).numpy()

@@ -22,8 +22,8 @@ from torch import Tensor
 from app.analyses.patterns.milp import Phases
 from app.analyses.patterns.rules import decisions, relu_node
 from app.analyses.patterns.verify import InputDomain, Verdict, _as_domain, check_property
-from app.errors import InvalidInputError, UnsupportedModelError
-from app.layers import Add, AffineLayer, Layer, MaxPool2d, ReLU
+from app.errors import InvalidInputError
+from app.layers import Add, AffineLayer, KindTable, MaxPool2d, ReLU
 from app.network import INPUT, Network
 
 
@@ -104,7 +104,7 @@ def pattern_constraints(
             break
         srcs = [(np.eye(n_in), np.zeros(n_in)) if j == INPUT else maps[j] for j in ins]
         values = [t.reshape(-1).numpy() for t in net64.node_inputs(outs, x64, i)]
-        fn = _symbolic_for(layer)
+        fn = _SYMBOLIC(layer)
         (m, c), (ca, cb), phase = fn(layer, net64.in_shape(i), srcs, values)
         maps.append((m, c))
         rows_a.append(ca)
@@ -117,41 +117,27 @@ def pattern_constraints(
 
 
 Symbolic = Callable[..., tuple]
-_SYMBOLIC: dict[type[Layer], Symbolic] = {}
-
-
-def _registers(kind: type[Layer]) -> Callable[[Symbolic], Symbolic]:
-    def deco(fn: Symbolic) -> Symbolic:
-        _SYMBOLIC[kind] = fn
-        return fn
-    return deco
-
-
-def _symbolic_for(layer: Layer) -> Symbolic:
-    for cls in type(layer).__mro__:
-        if cls in _SYMBOLIC:
-            return _SYMBOLIC[cls]
-    raise UnsupportedModelError(f"no pattern polytope for layer kind '{layer.kind}'")
+_SYMBOLIC: KindTable[Symbolic] = KindTable("no pattern polytope for")
 
 
 def _none(n_in: int) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros((0, n_in)), np.zeros(0)
 
 
-@_registers(AffineLayer)
+@_SYMBOLIC.register(AffineLayer)
 def _affine(layer, in_shape, srcs, values):
     w, bias = (t.detach().to(torch.float64).numpy() for t in layer.matrix(in_shape))
     m, c = srcs[0]
     return (w @ m, w @ c + bias), _none(m.shape[1]), None
 
 
-@_registers(Add)
+@_SYMBOLIC.register(Add)
 def _add(layer, in_shape, srcs, values):
     (m1, c1), (m2, c2) = srcs
     return (m1 + m2, c1 + c2), _none(m1.shape[1]), None
 
 
-@_registers(ReLU)
+@_SYMBOLIC.register(ReLU)
 def _relu(layer, in_shape, srcs, values):
     m, c = srcs[0]
     on = values[0] > 0
@@ -162,7 +148,7 @@ def _relu(layer, in_shape, srcs, values):
     return (m * on[:, None], c * on), rows, phase
 
 
-@_registers(MaxPool2d)
+@_SYMBOLIC.register(MaxPool2d)
 def _maxpool(layer, in_shape, srcs, values):
     m, c = srcs[0]
     idx = torch.arange(math.prod(in_shape), dtype=torch.float64).reshape(1, *in_shape)
