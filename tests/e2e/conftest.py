@@ -173,6 +173,11 @@ class Ui:
         self.open(url_path, model=model_id, **query)
         return path, model_id
 
+    def click_run(self, key: str) -> None:
+        """Press the Run button of the job widget ``run_job(..., key=key)``, not whichever Run
+        button happens to render first on a page with several job widgets."""
+        self.page.locator(f".st-key-run_{key}").get_by_role("button", name="Run").click()
+
     def wait_idle(self, timeout_ms: int = 60_000) -> None:
         """Wait until Streamlit has rendered and finished the current script run."""
         self.page.wait_for_selector("[data-testid='stSidebar']", timeout=timeout_ms)

@@ -21,7 +21,7 @@ def test_linear_regions_in_browser(ui, atlas) -> None:
     model_path, model_id = ui.open_sample("linear_regions", "digits_fc_pgd",
                                           input="gallery:digits:3")
     page = ui.page
-    page.get_by_role("button", name="Run").first.click()
+    ui.click_run("lr_line")
     metric = page.get_by_test_id("stMetric").filter(has_text="Linear pieces")
     metric.wait_for(timeout=180_000)
     ui.wait_idle()

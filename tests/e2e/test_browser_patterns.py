@@ -22,7 +22,7 @@ pytestmark = pytest.mark.browser
 def test_patterns_in_browser(ui, atlas) -> None:
     model_path, model_id = ui.open_sample("patterns", "digits_fc_ibp", input="gallery:digits:0")
     page = ui.page
-    page.get_by_role("button", name="Run").first.click()
+    ui.click_run("patterns")
     heading = page.get_by_text(re.compile(r"^\d+ rules at L\d+, \d+ proven$"))
     heading.wait_for(timeout=240_000)
     ui.wait_idle()
@@ -79,7 +79,7 @@ def test_patterns_mined_from_an_uploaded_dataset(ui, atlas) -> None:
     uploader.locator("input[type='file']").set_input_files(
         {"name": "mine.npz", "mimeType": "application/octet-stream", "buffer": buf.getvalue()})
     page.get_by_text("120 inputs of shape (1, 8, 8)").wait_for(timeout=60_000)
-    page.get_by_role("button", name="Run").first.click()
+    ui.click_run("patterns")
     page.get_by_text(re.compile(r"^\d+ rules at L\d+, \d+ proven$")).wait_for(timeout=240_000)
     ui.wait_idle()
     with atlas.api() as api:

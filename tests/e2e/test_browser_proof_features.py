@@ -19,7 +19,7 @@ def test_proof_features_in_browser(ui, atlas) -> None:
     model_path, model_id = ui.open_sample("proof_features", "digits_conv_pgd",
                                           input="gallery:digits:0")
     page = ui.page
-    page.get_by_role("button", name="Run").first.click()
+    ui.click_run("proof_features")
     heading = page.get_by_text(re.compile(r"^(Not certified|Certified): class"))
     heading.wait_for(timeout=120_000)
     ui.wait_idle()

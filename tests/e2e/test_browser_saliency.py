@@ -30,7 +30,7 @@ def _first_layer(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def test_saliency_in_browser(ui, atlas) -> None:
     model_path, _ = ui.open_sample("saliency", "digits_fc_standard", input="gallery:digits:0")
     page = ui.page
-    page.get_by_role("button", name="Run").first.click()
+    ui.click_run("saliency")
     page.get_by_text("Grading at the same number of kept features").wait_for(timeout=120_000)
     ui.wait_idle()
 
