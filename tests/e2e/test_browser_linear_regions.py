@@ -47,7 +47,7 @@ def test_linear_regions_in_browser(ui, atlas) -> None:
 
     # plane: region map with its counts
     page.get_by_role("tab", name="In a plane").click()
-    page.get_by_role("button", name="Run").click()
+    ui.click_run("lr_plane")
     regions = page.get_by_test_id("stMetric").filter(has_text="Linear regions")
     regions.wait_for(timeout=180_000)
     ui.wait_idle()
@@ -61,7 +61,7 @@ def test_linear_regions_in_browser(ui, atlas) -> None:
 
     # exact IG next to Captum's
     page.get_by_role("tab", name="Exact IG").click()
-    page.get_by_role("button", name="Run").click()
+    ui.click_run("lr_ig")
     page.get_by_text(re.compile(r"Exact IG for class")).wait_for(timeout=180_000)
     ui.wait_idle()
     with atlas.api() as api:

@@ -28,12 +28,11 @@ def test_two_jobs_reopen_from_one_link(ui, atlas) -> None:
     ui.open_sample("proof_features", MODEL, input=INPUT)
     page = ui.page
 
-    runs = page.get_by_role("button", name="Run")
-    runs.nth(0).click()  # proof features: the page's primary widget, in ?job=
+    ui.click_run("proof_features")  # the page's primary widget, in ?job=
     page.wait_for_function("() => new URLSearchParams(location.search).has('job')")
     proof_id = ui.query_params()["job"]
     _finished(ui, proof_id)
-    runs.nth(1).click()  # largest certified eps, in ?job.proof_eps=
+    ui.click_run("proof_eps")  # largest certified eps, in ?job.proof_eps=
     page.wait_for_function("() => new URLSearchParams(location.search).has('job.proof_eps')")
     params = ui.query_params()
     eps_id = params["job.proof_eps"]
