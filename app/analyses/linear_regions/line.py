@@ -20,12 +20,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from app.analyses.linear_regions.rules import envelope_cuts, rule_for, tolerance
+from app.analyses.linear_regions.codes import first_appearance_ids, pack_codes
+from app.analyses.linear_regions.rules import rule_for
+from app.analyses.linear_regions.strips import class_strips
 from app.errors import InvalidInputError
 from app.network import INPUT, Network
 from app.progress import ProgressFn, report
 
-MAX_ROUNDS = 64  # arg-max tracing needs at most k - 1 rounds per window of k candidates
 
 @dataclass
 class ExactLine:
@@ -113,9 +114,11 @@ class _Points:
         self.ts = _merged(self.ts, old_pos, t_new, new_pos)
         self.line = _merged(self.line, old_pos, self.line[seg], new_pos)
         for node, v in self.values.items():
-            va = v[seg]
-            r = ratio.astype(v.dtype).reshape(-1, *([1] * (v.ndim - 1)))
-            self.values[node] = _merged(v, old_pos, va + r * (v[seg + 1] - va), new_pos)
+            va, vb = v[seg], v[seg + 1]
+            vb -= va  # in place: the interpolation allocates only the two gathers
+            vb *= ratio.astype(v.dtype).reshape(-1, *([1] * (v.ndim - 1)))
+            vb += va
+            self.values[node] = _merged(v, old_pos, vb, new_pos)
         if self.codes:
             is_old = np.ones(n_old + k, dtype=bool)
             is_old[new_pos] = False
@@ -173,21 +176,22 @@ def trace_segments(net: Network, starts: np.ndarray, ends: np.ndarray,
         for j in net.inputs[i]:
             if last_use[j] == i:
                 del pts.values[j]
-        report(progress, (i + 1) / len(net.layers),
-               f"layer {i + 1}/{len(net.layers)} ({layer.kind}): {len(pts.ts)} points")
+        if progress is not None:
+            report(progress, (i + 1) / len(net.layers),
+                   f"layer {i + 1}/{len(net.layers)} ({layer.kind}): {len(pts.ts)} points")
     return pts
 
 
-def _merge_equal_neighbours(pts: _Points) -> None:
-    """Drop breakpoints whose two sides have the same code (arg-max tracing can over-cut)."""
+def _merge_equal_neighbours(pts: _Points) -> np.ndarray:
+    """Drop breakpoints whose two sides have the same code (arg-max tracing can over-cut).
+
+    Returns the pieces' codes packed into byte rows (``pack_codes``), after the merge."""
+    rows = pack_codes(pts.codes, len(pts.ts) - 1)
     if not pts.codes:
-        return
-    same = pts.valid[:-1] & pts.valid[1:]
-    for c in pts.codes:
-        equal = c[1:] == c[:-1]
-        same &= equal.all(axis=tuple(range(1, equal.ndim)))
+        return rows
+    same = pts.valid[:-1] & pts.valid[1:] & (rows[1:] == rows[:-1]).all(1)
     if not same.any():
-        return
+        return rows
     keep = np.ones(len(pts.ts), dtype=bool)
     keep[1:-1] = ~same
     seg_keep = np.concatenate([[True], ~same])
@@ -195,79 +199,7 @@ def _merge_equal_neighbours(pts: _Points) -> None:
     pts.ts, pts.line = pts.ts[keep], pts.line[keep]
     pts.values = {k: v[keep] for k, v in pts.values.items()}
     pts.valid = pts.line[1:] == pts.line[:-1]
-
-
-def _class_strips(pts: _Points, logits: np.ndarray,
-                  n_lines: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per line, the exact points where the arg-max of the piecewise-linear logits changes
-    (with 0 and 1) and the class between them.
-
-    Where one class wins at both ends of a piece it wins throughout (the logits are affine
-    there), so only the pieces whose winners differ are traced further, on their own."""
-    winner = logits.argmax(1)
-    seg_t, seg_line, labels = pts.ts[:-1], pts.line[:-1], winner[:-1]
-    keep = pts.valid.copy()
-    t_parts, label_parts, line_parts = [], [], []
-    split = np.flatnonzero(keep & (winner[:-1] != winner[1:]))
-    if len(split):
-        tol = tolerance(logits)
-        keep[split] = False
-        sub = _Points(np.stack([pts.ts[split], pts.ts[split + 1]], 1).ravel(),
-                      np.repeat(np.arange(len(split)), 2),
-                      {0: np.stack([logits[split], logits[split + 1]], 1).reshape(
-                          2 * len(split), -1)},
-                      min_gap=8 * float(np.finfo(logits.dtype).eps))
-        for _ in range(MAX_ROUNDS):
-            w = sub.values[0][:, None, :]
-            more = envelope_cuts(w[:-1], w[1:], sub.valid, tol)
-            if more is None:
-                break
-            sub.insert(*more)
-        sw = sub.values[0]
-        t_parts.append(sub.ts[:-1][sub.valid])
-        label_parts.append((sw[:-1] + sw[1:]).argmax(1)[sub.valid])
-        line_parts.append(seg_line[split][sub.line[:-1][sub.valid]])
-    t_parts.append(seg_t[keep])
-    label_parts.append(labels[keep])
-    line_parts.append(seg_line[keep])
-    t, lab, ln = (np.concatenate(x) for x in (t_parts, label_parts, line_parts))
-    order = np.lexsort((t, ln))
-    t, lab, ln = t[order], lab[order], ln[order]
-    start = np.ones(len(t), dtype=bool)
-    start[1:] = (lab[1:] != lab[:-1]) | (ln[1:] != ln[:-1])
-    t, lab, ln = t[start], lab[start], ln[start]
-    bounds = np.searchsorted(ln, np.arange(n_lines + 1))
-    ends = np.insert(t, bounds[1:], 1.0)  # each line's strip ends at t = 1
-    return [(ends[lo + k:hi + k + 1], lab[lo:hi])
-            for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))]
-
-
-def first_appearance_ids(codes: list[np.ndarray], n: int,
-                         groups: np.ndarray | None = None) -> np.ndarray:
-    """Integer ids of the ``n`` rows of the codes ``[n, ...]`` (together), numbered in order
-    of first appearance; with sorted ``groups`` ``[n]``, numbered from 0 within each group."""
-    if not codes:
-        return np.zeros(n, dtype=np.int64)
-    parts = [np.packbits(c.reshape(n, -1), axis=1) if c.dtype == bool
-             else np.ascontiguousarray(c.reshape(n, -1)).view(np.uint8) for c in codes]
-    if groups is not None:
-        parts.insert(0, np.ascontiguousarray(groups.astype("<i8").reshape(n, 1)).view(np.uint8))
-    width = sum(part.shape[1] for part in parts)
-    rows = np.zeros((n, -(-width // 8) * 8), dtype=np.uint8)
-    rows[:, :width] = np.concatenate(parts, 1)
-    words = rows.view(np.uint64)
-    order = np.lexsort(words.T[::-1])  # stable: equal rows keep their original order
-    ordered = words[order]
-    new = np.ones(n, dtype=bool)
-    new[1:] = (ordered[1:] != ordered[:-1]).any(1)
-    first = order[new]  # the first row of every distinct code
-    rank = np.empty(len(first), dtype=np.int64)
-    rank[np.argsort(first)] = np.arange(len(first))
-    ids = np.empty(n, dtype=np.int64)
-    ids[order] = rank[np.cumsum(new) - 1]
-    if groups is None:
-        return ids
-    return ids - ids[np.searchsorted(groups, groups)]
+    return rows[seg_keep]
 
 
 def exact_lines(
@@ -288,27 +220,26 @@ def exact_lines(
     if a.shape != b.shape:
         raise InvalidInputError("starts and ends must have the same shape")
     pts = trace_segments(net, a, b, progress)
-    _merge_equal_neighbours(pts)
+    rows = _merge_equal_neighbours(pts)
     n_seg = len(pts.ts) - 1
     relu_nodes = set(net.relu_indices)
     relu_codes = [c.reshape(n_seg, -1) for node, c in zip(pts.code_nodes, pts.codes, strict=True)
                   if node in relu_nodes]
     relu_bits = (np.concatenate(relu_codes, 1) if relu_codes
                  else np.zeros((n_seg, 0), dtype=bool))
-    ids = first_appearance_ids(pts.codes, n_seg, pts.line[:-1])
+    ids = first_appearance_ids(rows, pts.line[:-1])
     logits = pts.values[len(net.layers) - 1].reshape(len(pts.ts), -1)
     classes = (logits[:-1] + logits[1:]).argmax(1)
-    bounds = np.searchsorted(pts.line, np.arange(len(a) + 1))
-    strips = _class_strips(pts, logits, len(a))
-    results = []
-    for k, (class_ts, class_labels) in enumerate(strips):
-        lo, hi = int(bounds[k]), int(bounds[k + 1])
-        results.append(ExactLine(
-            start=a[k], end=b[k], ts=pts.ts[lo:hi], logits=logits[lo:hi],
-            pattern_ids=ids[lo:hi - 1], classes=classes[lo:hi - 1],
-            relu_pattern=relu_bits[lo:hi - 1], class_ts=class_ts, class_labels=class_labels,
-        ))
-    return results
+    class_ts, class_labels, strip_bounds = class_strips(pts.ts, pts.line, pts.valid, logits,
+                                                        len(a), pts.min_gap)
+    bounds = np.searchsorted(pts.line, np.arange(len(a) + 1)).tolist()
+    sb = strip_bounds.tolist()
+    return [ExactLine(start=a[k], end=b[k], ts=pts.ts[lo:hi], logits=logits[lo:hi],
+                      pattern_ids=ids[lo:hi - 1], classes=classes[lo:hi - 1],
+                      relu_pattern=relu_bits[lo:hi - 1],
+                      class_ts=class_ts[sb[k] + k:sb[k + 1] + k + 1],
+                      class_labels=class_labels[sb[k]:sb[k + 1]])
+            for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))]
 
 
 def exact_line(

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from app.analyses.linear_regions.line import _as_batch, _in_dtype, first_appearance_ids
+from app.analyses.linear_regions.codes import first_appearance_ids, pack_codes
+from app.analyses.linear_regions.line import _as_batch, _in_dtype
 from app.analyses.linear_regions.rules import (
     argmax_at,
     argmax_split_functions,
@@ -243,7 +244,7 @@ def exact_plane(
     return ExactPlane(
         p0=a.numpy(), p1=b.numpy(), p2=c.numpy(), shape=shape,
         polygons=[polys.verts[k, : int(polys.counts[k])].numpy() for k in range(q)],
-        pattern_ids=first_appearance_ids([c.reshape(q, -1).numpy() for c in polys.codes], q),
+        pattern_ids=first_appearance_ids(pack_codes([c.numpy() for c in polys.codes], q)),
         classes=classes.numpy(),
         relu_pattern=(torch.cat(relu_codes, 1) if relu_codes
                       else torch.zeros(q, 0, dtype=torch.bool)).numpy(),
