@@ -384,6 +384,89 @@ def test_plane_on_acasxu() -> None:
     check_plane(net, plane)
 
 
+def _inside(points: np.ndarray, poly: np.ndarray, margin: float) -> np.ndarray:
+    """Which ``points`` lie inside the counter-clockwise ``poly`` by more than ``margin``."""
+    edge = np.roll(poly, -1, 0) - poly
+    length = np.linalg.norm(edge, axis=1)
+    rel = points[:, None, :] - poly[None]
+    dist = (edge[None, :, 0] * rel[..., 1] - edge[None, :, 1] * rel[..., 0]) / np.maximum(
+        length, 1e-300)[None]
+    return (dist[:, length > 0] > margin).all(1)
+
+
+def _plain_codes(net: Network, x: np.ndarray) -> tuple[np.ndarray, ...]:
+    """ReLU signs, MaxPool window winners and logits by a plain torch forward pass, with
+    whether each ReLU unit's sign is clear of rounding."""
+    with torch.inference_mode():
+        t = torch.from_numpy(x).to(net.dtype)
+        outs = net.trace(t)
+        pre = [net.node_inputs(outs, t, i)[0].reshape(len(t), -1) for i in net.relu_indices]
+        pool = [net.layers[i].windows(net.node_inputs(outs, t, i)[0]).argmax(-1)
+                .reshape(len(t), -1) for i in net.maxpool_indices]
+    z = torch.cat(pre, 1).numpy()
+    winners = (torch.cat(pool, 1) if pool else torch.zeros(len(t), 0)).numpy()
+    clear = np.abs(z) > 1e-12 * max(1.0, float(np.abs(z).max()))
+    return np.where(clear, z > 0, False), winners, outs[-1].reshape(len(t), -1).numpy(), clear
+
+
+def spurious_edges(net: Network, plane, delta: float = 1e-6) -> tuple[int, int]:
+    """(edges checked, edges with the same pattern and class on both sides).
+
+    Each drawn edge is probed at ``delta`` either side of its midpoint; where both probes lie
+    well inside two different polygons, a plain forward pass at the probes says whether any
+    ReLU sign, MaxPool winner or the predicted class differs across the edge."""
+    inner, outer = [], []
+    for poly in plane.polygons:
+        edge = np.roll(poly, -1, 0) - poly
+        length = np.linalg.norm(edge, axis=1)
+        real = length > 1e-9
+        normal = np.stack([edge[:, 1], -edge[:, 0]], 1)[real] / length[real, None]
+        mid = (poly + edge / 2)[real]
+        inner.append(mid - delta * normal)
+        outer.append(mid + delta * normal)
+    probes = np.concatenate(inner + outer)
+    inside = np.stack([_inside(probes, p, delta / 10) for p in plane.polygons], 1)
+    owner = np.where(inside.sum(1) == 1, inside.argmax(1), -1).reshape(2, -1)
+    ok = (owner >= 0).all(0) & (owner[0] != owner[1])
+    a, b = probes.reshape(2, -1, 2)[:, ok]
+    sa, wa, la, ca = _plain_codes(net, plane.points(a))
+    sb, wb, lb, cb = _plain_codes(net, plane.points(b))
+    relu_differs = ((sa != sb) & ca & cb).any(1)
+    pool_differs = (wa != wb).any(1)
+    class_differs = la.argmax(1) != lb.argmax(1)
+    return len(a), int((~(relu_differs | pool_differs | class_differs)).sum())
+
+
+def test_plane_draws_no_edge_inside_a_region(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Polygons with one pattern and one class are one polygon: no drawn edge has the same
+    pattern and class on both sides. Without the merge the cutting leaves such edges (the
+    class cuts of this plane over-split), so the probe is not vacuous."""
+    path = SAMPLE_MODELS / "digits_fc_standard.onnx"
+    if not path.exists():
+        pytest.skip("sample models not trained yet")
+    net = load_network(path).with_dtype(torch.float64)
+    xs = _gallery().astype(np.float64)
+    plane = exact_plane(net, xs[0], xs[1], xs[2])
+    checked, spurious = spurious_edges(net, plane)
+    assert checked >= 100 and spurious == 0
+    check_plane(net, plane)
+    for name, shape in [("conv_pool", "triangle"), ("residual", "parallelogram")]:
+        small = SMALL[name]()
+        g = torch.Generator().manual_seed(8)
+        p0 = torch.rand(small.input_shape, generator=g)
+        p1, p2 = (p0 + 2 * (torch.rand(small.input_shape, generator=g) - 0.5) for _ in range(2))
+        small_plane = exact_plane(small, p0, p1, p2, shape=shape)
+        checked, spurious = spurious_edges(small.with_dtype(torch.float64), small_plane)
+        assert checked >= 100 and spurious == 0
+    from app.analyses.linear_regions import plane as plane_module
+
+    monkeypatch.setattr(plane_module, "_merge_cells",
+                        lambda cells, ids, classes: (cells, np.arange(len(cells))))
+    raw = exact_plane(net, xs[0], xs[1], xs[2])
+    assert raw.num_polygons > plane.num_polygons
+    assert spurious_edges(net, raw)[1] > 0
+
+
 def test_bad_shapes_are_rejected() -> None:
     net = _fc()
     with pytest.raises(InvalidInputError):

@@ -40,9 +40,10 @@ SHAPES = {
 class ExactPlane:
     """Convex polygons (in ``(a, b)`` coordinates) on each of which the network is affine.
 
-    The input at ``(a, b)`` is ``p0 + a (p1 - p0) + b (p2 - p0)``. Every polygon has one
-    activation pattern and one predicted class (polygons are cut at class boundaries too, so
-    neighbours may share a pattern).
+    The input at ``(a, b)`` is ``p0 + a (p1 - p0) + b (p2 - p0)``. Every polygon is all of
+    the triangle's or parallelogram's points with one activation pattern and one predicted
+    class, so neighbours differ in pattern or class (and share a pattern only across a class
+    boundary).
     """
 
     p0: np.ndarray
@@ -241,11 +242,52 @@ def exact_plane(
     relu_codes = [c.reshape(len(c), -1) for n, c in zip(code_nodes, polys.codes,
                                                         strict=True) if n in relu]
     q = len(polys.verts)
+    pattern_ids = first_appearance_ids(pack_codes([c.numpy() for c in polys.codes], q))
+    cells = [polys.verts[k, : int(polys.counts[k])].numpy() for k in range(q)]
+    regions, first = _merge_cells(cells, pattern_ids, classes.numpy())
+    relu_pattern = (torch.cat(relu_codes, 1) if relu_codes
+                    else torch.zeros(q, 0, dtype=torch.bool)).numpy()
     return ExactPlane(
-        p0=a.numpy(), p1=b.numpy(), p2=c.numpy(), shape=shape,
-        polygons=[polys.verts[k, : int(polys.counts[k])].numpy() for k in range(q)],
-        pattern_ids=first_appearance_ids(pack_codes([c.numpy() for c in polys.codes], q)),
-        classes=classes.numpy(),
-        relu_pattern=(torch.cat(relu_codes, 1) if relu_codes
-                      else torch.zeros(q, 0, dtype=torch.bool)).numpy(),
+        p0=a.numpy(), p1=b.numpy(), p2=c.numpy(), shape=shape, polygons=regions,
+        pattern_ids=pattern_ids[first], classes=classes.numpy()[first],
+        relu_pattern=relu_pattern[first],
     )
+
+
+def _merge_cells(cells: list[np.ndarray], pattern_ids: np.ndarray,
+                 classes: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """One polygon per (pattern, class): the convex hull of its cells, and its first cell.
+
+    The cutting also splits regions along lines where nothing changes (an arg-max candidate
+    that loses on both sides), which would draw spurious edges. The points with one pattern
+    and one class form a convex set (linear inequalities), which its cells tile, so their
+    union is exactly their convex hull."""
+    key = pattern_ids * (int(classes.max()) + 1 if len(classes) else 1) + classes
+    _, first, group = np.unique(key, return_index=True, return_inverse=True)
+    order = np.argsort(first)  # regions in order of their first cell
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    members: list[list[np.ndarray]] = [[] for _ in order]
+    for cell, g in zip(cells, rank[group.ravel()], strict=True):
+        members[g].append(cell)
+    return [cells[first[g]] if len(m) == 1 else convex_hull(np.concatenate(m))
+            for g, m in zip(order, members, strict=True)], first[order]
+
+
+def convex_hull(points: np.ndarray) -> np.ndarray:
+    """Counter-clockwise convex hull of 2-D ``points`` ``[n, 2]`` (Andrew's monotone chain;
+    collinear and repeated points are dropped)."""
+    pts = sorted(set(map(tuple, points.tolist())))
+    if len(pts) < 3:
+        return np.asarray(pts, dtype=np.float64)
+
+    def half(seq: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        out: list[tuple[float, float]] = []
+        for p in seq:
+            while len(out) >= 2 and ((out[-1][0] - out[-2][0]) * (p[1] - out[-2][1])
+                                     - (out[-1][1] - out[-2][1]) * (p[0] - out[-2][0])) <= 0:
+                out.pop()
+            out.append(p)
+        return out[:-1]
+
+    return np.asarray(half(pts) + half(pts[::-1]), dtype=np.float64)
