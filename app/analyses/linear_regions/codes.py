@@ -2,7 +2,9 @@
 
 Lines and planes carry one code array per bending node (ReLU bits, MaxPool arg-max).
 Packing them once into ``[n, W]`` byte rows (padded to whole 64-bit words) makes the
-neighbour comparisons and the id sort a few operations on narrow arrays.
+neighbour comparisons and the id sort a few operations on narrow arrays. The rows are short
+(a few words), so the word loops below run over columns: numpy reductions along a short last
+axis cost several times more than one whole-column operation per word.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ _MIX = np.random.default_rng(0x5EED).integers(1, 2**63, 64, dtype=np.uint64) | n
 def pack_codes(codes: list[np.ndarray], n: int) -> np.ndarray:
     """The ``n`` rows of all ``codes`` (each ``[n, ...]``) side by side as bytes, zero-padded
     to a multiple of 8 bytes per row; bool codes take one bit per unit."""
-    parts = [np.packbits(c.reshape(n, -1), axis=1) if c.dtype == bool
+    parts = [_packed_bits(c.reshape(n, -1)) if c.dtype == bool
              else np.ascontiguousarray(c.reshape(n, -1)).view(np.uint8) for c in codes]
     width = sum(part.shape[1] for part in parts)
     rows = np.zeros((n, -(-width // 8) * 8), dtype=np.uint8)
@@ -26,24 +28,48 @@ def pack_codes(codes: list[np.ndarray], n: int) -> np.ndarray:
     return rows
 
 
+def _packed_bits(bits: np.ndarray) -> np.ndarray:
+    """``np.packbits(bits, axis=1)``; whole-byte rows are packed as one flat stream (the same
+    bytes, several times faster)."""
+    n, m = bits.shape
+    if m % 8 or not bits.flags.c_contiguous:
+        return np.packbits(bits, axis=1)
+    return np.packbits(bits.ravel()).reshape(n, m // 8)
+
+
+def rows_differ(words: np.ndarray) -> np.ndarray:
+    """``[n - 1]``: whether row ``i + 1`` of ``words`` ``[n, w]`` differs from row ``i``."""
+    out = np.zeros(max(len(words) - 1, 0), dtype=bool)
+    for col in words.T:
+        out |= col[1:] != col[:-1]
+    return out
+
+
+def _mix(words: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each row of ``words`` ``[n, w <= 64]``: equal rows, equal hashes."""
+    mix = words[:, 0] * _MIX[0]
+    for k in range(1, words.shape[1]):
+        mix += words[:, k] * _MIX[k]
+    return mix
+
+
 def _sorted_runs(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A stable order that makes equal rows of ``words`` ``[n, w]`` adjacent, and which sorted
     positions start a new run of equal rows.
 
     Rows are sorted by a 64-bit mix of their words (one argsort instead of a ``w``-key
-    lexsort); every run of equal mixes is then checked to hold equal rows, and on a
-    collision the rows are lexsorted instead, so the result is always exact."""
-    n, w = words.shape
-    if w <= len(_MIX):
-        mix = (words * _MIX[:w]).sum(1, dtype=np.uint64)
+    lexsort); the few pairs of neighbours with equal mixes are then checked to hold equal
+    rows, and on a collision the rows are lexsorted instead, so the result is always exact."""
+    if words.shape[1] <= len(_MIX):
+        mix = _mix(words)
         order = np.argsort(mix, kind="stable")
-        ordered = words[order]
-        same = mix[order][1:] == mix[order][:-1]
-        if (ordered[1:][same] == ordered[:-1][same]).all():
+        ordered = mix[order]
+        same = ordered[1:] == ordered[:-1]
+        at = np.flatnonzero(same)
+        if (words[order[at]] == words[order[at + 1]]).all():
             return order, np.concatenate([[True], ~same])
     order = np.lexsort(words.T[::-1])
-    ordered = words[order]
-    return order, np.concatenate([[True], (ordered[1:] != ordered[:-1]).any(1)])
+    return order, np.concatenate([[True], rows_differ(words[order])])
 
 
 def first_appearance_ids(rows: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
@@ -62,6 +88,11 @@ def first_appearance_ids(rows: np.ndarray, groups: np.ndarray | None = None) -> 
     rank = np.cumsum(is_first) - 1
     ids = np.empty(n, dtype=np.int64)
     ids[order] = rank[order[new]][np.cumsum(new) - 1]
-    if groups is None:
-        return ids
-    return ids - ids[np.searchsorted(groups, groups)]
+    return ids if groups is None else ids - ids[_group_starts(groups, n)]
+
+
+def _group_starts(groups: np.ndarray, n: int) -> np.ndarray:
+    """For each of the ``n`` rows, the index of the first row of its group."""
+    starts = np.zeros(n, dtype=np.int64)
+    starts[1:] = np.where(groups[1:] != groups[:-1], np.arange(1, n), 0)
+    return np.maximum.accumulate(starts)

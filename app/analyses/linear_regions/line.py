@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from app.analyses.linear_regions.codes import first_appearance_ids, pack_codes
+from app.analyses.linear_regions.codes import first_appearance_ids, pack_codes, rows_differ
 from app.analyses.linear_regions.rules import rule_for
 from app.analyses.linear_regions.strips import class_strips
 from app.errors import InvalidInputError
@@ -92,9 +92,11 @@ class _Points:
     def insert(self, seg: np.ndarray, ratio: np.ndarray) -> None:
         """Add points at ``ratio`` along segments ``seg``, interpolating every live value.
 
-        New points closer than ``min_gap`` (in t) to their neighbours are dropped."""
-        order = np.lexsort((ratio, seg))
-        seg, ratio = seg[order], ratio[order].astype(np.float64)
+        New points closer than ``min_gap`` (in t) to their neighbours are dropped. Every old
+        point is followed by the new points of its segment, so the merged arrays are the old
+        ones with each row repeated (1 + its segment's new points) times, then the new rows
+        written over the copies."""
+        seg, ratio = _sorted_cuts(seg, ratio.astype(np.float64, copy=False))
         t0 = self.ts[seg]
         span = self.ts[seg + 1] - t0
         t_new = t0 + ratio * span
@@ -108,34 +110,36 @@ class _Points:
             seg, ratio, t_new = seg[keep], ratio[keep], t_new[keep]
         if not len(seg):
             return
-        n_old, k = len(self.ts), len(seg)
-        new_pos = seg + np.arange(1, k + 1)
-        old_pos = np.arange(n_old) + np.searchsorted(seg, np.arange(n_old))
-        self.ts = _merged(self.ts, old_pos, t_new, new_pos)
-        self.line = _merged(self.line, old_pos, self.line[seg], new_pos)
+        reps = np.bincount(seg, minlength=len(self.ts)) + 1
+        new_pos = seg + np.arange(1, len(seg) + 1)
+        self.ts = np.repeat(self.ts, reps)
+        self.ts[new_pos] = t_new
+        self.line = np.repeat(self.line, reps)
         for node, v in self.values.items():
-            va, vb = v[seg], v[seg + 1]
+            va, vb = v.take(seg, 0), v.take(seg + 1, 0)
             vb -= va  # in place: the interpolation allocates only the two gathers
-            vb *= ratio.astype(v.dtype).reshape(-1, *([1] * (v.ndim - 1)))
+            vb *= ratio.astype(v.dtype, copy=False).reshape(-1, *([1] * (v.ndim - 1)))
             vb += va
-            self.values[node] = _merged(v, old_pos, vb, new_pos)
-        if self.codes:
-            is_old = np.ones(n_old + k, dtype=bool)
-            is_old[new_pos] = False
-            parent = np.cumsum(is_old)[:-1] - 1
-            self.codes = [c[parent] for c in self.codes]
-        self.valid = self.line[1:] == self.line[:-1]
+            out = np.repeat(v, reps, 0)
+            out[new_pos] = vb
+            self.values[node] = out
+        self.codes = [np.repeat(c, reps[:-1], 0) for c in self.codes]
+        self.valid = np.repeat(self.valid, reps[:-1])
 
     def inputs(self, net: Network, i: int) -> list[np.ndarray]:
         return [self.values[j] for j in net.inputs[i]]
 
 
-def _merged(old: np.ndarray, old_pos: np.ndarray, new: np.ndarray,
-            new_pos: np.ndarray) -> np.ndarray:
-    out = np.empty((len(old) + len(new), *old.shape[1:]), dtype=old.dtype)
-    out[old_pos] = old
-    out[new_pos] = new
-    return out
+def _sorted_cuts(seg: np.ndarray, ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``seg`` and ``ratio`` in ``np.lexsort((ratio, seg))`` order, found by one stable argsort
+    of ``seg + ratio`` (ratios lie in [0, 1)); the lexsort runs only where that order is
+    checked to be wrong (rounding merged two ratios, or a ratio rounded up to 1)."""
+    order = np.argsort(seg + ratio, kind="stable")
+    s, r = seg[order], ratio[order]
+    if ((s[1:] > s[:-1]) | ((s[1:] == s[:-1]) & (r[1:] >= r[:-1]))).all():
+        return s, r
+    order = np.lexsort((ratio, seg))
+    return seg[order], ratio[order]
 
 
 def _as_batch(net: Network, x: Tensor | np.ndarray, dtype: torch.dtype) -> Tensor:
@@ -189,7 +193,7 @@ def _merge_equal_neighbours(pts: _Points) -> np.ndarray:
     rows = pack_codes(pts.codes, len(pts.ts) - 1)
     if not pts.codes:
         return rows
-    same = pts.valid[:-1] & pts.valid[1:] & (rows[1:] == rows[:-1]).all(1)
+    same = pts.valid[:-1] & pts.valid[1:] & ~rows_differ(rows.view(np.uint64))
     if not same.any():
         return rows
     keep = np.ones(len(pts.ts), dtype=bool)
