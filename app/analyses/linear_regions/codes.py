@@ -39,37 +39,36 @@ def _packed_bits(bits: np.ndarray) -> np.ndarray:
 
 def rows_differ(words: np.ndarray) -> np.ndarray:
     """``[n - 1]``: whether row ``i + 1`` of ``words`` ``[n, w]`` differs from row ``i``."""
-    out = np.zeros(max(len(words) - 1, 0), dtype=bool)
-    for col in words.T:
+    return _differ(list(words.T))
+
+
+def _differ(cols: list[np.ndarray]) -> np.ndarray:
+    out = np.zeros(max(len(cols[0]) - 1, 0), dtype=bool)
+    for col in cols:
         out |= col[1:] != col[:-1]
     return out
 
 
-def _mix(words: np.ndarray) -> np.ndarray:
-    """A 64-bit hash of each row of ``words`` ``[n, w <= 64]``: equal rows, equal hashes."""
-    mix = words[:, 0] * _MIX[0]
-    for k in range(1, words.shape[1]):
-        mix += words[:, k] * _MIX[k]
-    return mix
-
-
-def _sorted_runs(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A stable order that makes equal rows of ``words`` ``[n, w]`` adjacent, and which sorted
-    positions start a new run of equal rows.
+def _sorted_runs(cols: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """An order that makes equal rows of the word columns ``cols`` (``w`` arrays ``[n]``)
+    adjacent, and which sorted positions start a new run of equal rows.
 
     Rows are sorted by a 64-bit mix of their words (one argsort instead of a ``w``-key
     lexsort); the few pairs of neighbours with equal mixes are then checked to hold equal
     rows, and on a collision the rows are lexsorted instead, so the result is always exact."""
-    if words.shape[1] <= len(_MIX):
-        mix = _mix(words)
-        order = np.argsort(mix, kind="stable")
+    if len(cols) <= len(_MIX):
+        mix = cols[0] * _MIX[0]
+        for k in range(1, len(cols)):
+            mix += cols[k] * _MIX[k]
+        order = np.argsort(mix)  # not stable (the faster sort): runs are ordered by the caller
         ordered = mix[order]
         same = ordered[1:] == ordered[:-1]
         at = np.flatnonzero(same)
-        if (words[order[at]] == words[order[at + 1]]).all():
+        a, b = order[at], order[at + 1]
+        if all((col[a] == col[b]).all() for col in cols):
             return order, np.concatenate([[True], ~same])
-    order = np.lexsort(words.T[::-1])
-    return order, np.concatenate([[True], rows_differ(words[order])])
+    order = np.lexsort(cols[::-1])
+    return order, np.concatenate([[True], _differ([col[order] for col in cols])])
 
 
 def first_appearance_ids(rows: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
@@ -79,15 +78,16 @@ def first_appearance_ids(rows: np.ndarray, groups: np.ndarray | None = None) -> 
     n = len(rows)
     if n == 0 or rows.shape[1] == 0:
         return np.zeros(n, dtype=np.int64)
-    words = rows.view(np.uint64)
+    cols = list(rows.view(np.uint64).T)
     if groups is not None:
-        words = np.concatenate([groups.astype(np.uint64).reshape(n, 1), words], 1)
-    order, new = _sorted_runs(words)
+        cols.insert(0, groups.astype(np.uint64))
+    order, new = _sorted_runs(cols)
+    first = np.minimum.reduceat(order, np.flatnonzero(new))  # each run's first appearance
     is_first = np.zeros(n, dtype=bool)
-    is_first[order[new]] = True  # stable sort: a run's first row is its first appearance
+    is_first[first] = True
     rank = np.cumsum(is_first) - 1
     ids = np.empty(n, dtype=np.int64)
-    ids[order] = rank[order[new]][np.cumsum(new) - 1]
+    ids[order] = rank[first][np.cumsum(new) - 1]
     return ids if groups is None else ids - ids[_group_starts(groups, n)]
 
 

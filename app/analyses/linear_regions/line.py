@@ -142,14 +142,21 @@ def _sorted_cuts(seg: np.ndarray, ratio: np.ndarray) -> tuple[np.ndarray, np.nda
     return seg[order], ratio[order]
 
 
-def _as_batch(net: Network, x: Tensor | np.ndarray, dtype: torch.dtype) -> Tensor:
-    t = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x).detach().to(dtype)
-    if tuple(t.shape) == net.input_shape:
-        t = t.unsqueeze(0)
-    if tuple(t.shape[1:]) != net.input_shape:
+def _as_array(net: Network, x: Tensor | np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """``x`` as a numpy batch ``[B, *input_shape]`` in ``dtype`` (numpy in, numpy out: no
+    tensor round trip on the line hot path)."""
+    a = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
+    a = a.astype(torch.empty(0, dtype=dtype).numpy().dtype, copy=False)
+    if a.shape == net.input_shape:
+        a = a[None]
+    if a.shape[1:] != net.input_shape:
         raise InvalidInputError(
-            f"input shape {tuple(t.shape)} does not match the model's {net.input_shape}")
-    return t
+            f"input shape {a.shape} does not match the model's {net.input_shape}")
+    return a
+
+
+def _as_batch(net: Network, x: Tensor | np.ndarray, dtype: torch.dtype) -> Tensor:
+    return torch.from_numpy(_as_array(net, x, dtype))
 
 
 def _in_dtype(net: Network, dtype: torch.dtype) -> Network:
@@ -160,8 +167,14 @@ def trace_segments(net: Network, starts: np.ndarray, ends: np.ndarray,
                    progress: ProgressFn | None = None) -> _Points:
     """Push the segments through every node, cutting where a node bends."""
     n = len(starts)
-    x = np.stack([starts, ends], 1).reshape(2 * n, *starts.shape[1:])
-    pts = _Points(np.tile([0.0, 1.0], n), np.repeat(np.arange(n), 2), {INPUT: x},
+    if starts.flags.c_contiguous and ends.flags.c_contiguous:  # np.stack's layout, cheaper
+        x = np.empty((2 * n, *starts.shape[1:]), dtype=starts.dtype)
+        x[0::2], x[1::2] = starts, ends
+    else:  # keep the inputs' memory layout: a conv's rounding depends on it
+        x = np.stack([starts, ends], 1).reshape(2 * n, *starts.shape[1:])
+    ts = np.zeros(2 * n)
+    ts[1::2] = 1.0
+    pts = _Points(ts, np.repeat(np.arange(n), 2), {INPUT: x},
                   min_gap=8 * float(np.finfo(starts.dtype).eps))
     last_use = {j: i for i, ins in enumerate(net.inputs) for j in ins}
     for i, layer in enumerate(net.layers):
@@ -220,7 +233,7 @@ def exact_lines(
     breakpoints. ``dtype`` float64 (default) keeps breakpoints exact to ~1e-12.
     """
     net = _in_dtype(net, dtype)
-    a, b = _as_batch(net, starts, dtype).numpy(), _as_batch(net, ends, dtype).numpy()
+    a, b = _as_array(net, starts, dtype), _as_array(net, ends, dtype)
     if a.shape != b.shape:
         raise InvalidInputError("starts and ends must have the same shape")
     pts = trace_segments(net, a, b, progress)
@@ -236,14 +249,18 @@ def exact_lines(
     classes = (logits[:-1] + logits[1:]).argmax(1)
     class_ts, class_labels, strip_bounds = class_strips(pts.ts, pts.line, pts.valid, logits,
                                                         len(a), pts.min_gap)
-    bounds = np.searchsorted(pts.line, np.arange(len(a) + 1)).tolist()
-    sb = strip_bounds.tolist()
-    return [ExactLine(start=a[k], end=b[k], ts=pts.ts[lo:hi], logits=logits[lo:hi],
-                      pattern_ids=ids[lo:hi - 1], classes=classes[lo:hi - 1],
-                      relu_pattern=relu_bits[lo:hi - 1],
-                      class_ts=class_ts[sb[k] + k:sb[k + 1] + k + 1],
-                      class_labels=class_labels[sb[k]:sb[k + 1]])
-            for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))]
+    # one view per field and line: slices built once, applied by ``map`` (no per-line loop)
+    bounds = np.searchsorted(pts.line, np.arange(len(a) + 1))
+    lo, hi = bounds[:-1].tolist(), bounds[1:].tolist()
+    pieces, segs = list(map(slice, lo, hi)), list(map(slice, lo, (bounds[1:] - 1).tolist()))
+    sb = strip_bounds
+    strips = list(map(slice, sb[:-1].tolist(), sb[1:].tolist()))
+    k = np.arange(len(a))
+    strip_ts = list(map(slice, (sb[:-1] + k).tolist(), (sb[1:] + k + 1).tolist()))
+    return list(map(ExactLine, a, b, map(pts.ts.__getitem__, pieces),
+                    map(logits.__getitem__, pieces), map(ids.__getitem__, segs),
+                    map(classes.__getitem__, segs), map(relu_bits.__getitem__, segs),
+                    map(class_ts.__getitem__, strip_ts), map(class_labels.__getitem__, strips)))
 
 
 def exact_line(
@@ -255,5 +272,5 @@ def exact_line(
     progress: ProgressFn | None = None,
 ) -> ExactLine:
     """ExactLine of the segment ``start -> end`` (each shaped like one input)."""
-    return exact_lines(net, _as_batch(net, start, dtype), _as_batch(net, end, dtype),
+    return exact_lines(net, _as_array(net, start, dtype), _as_array(net, end, dtype),
                        dtype=dtype, progress=progress)[0]

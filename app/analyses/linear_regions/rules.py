@@ -94,8 +94,11 @@ class Rule:
 
 class AffineRule(Rule):
     def line_forward(self, layer: Layer, ins: list[np.ndarray]) -> np.ndarray:
-        with torch.no_grad():  # ``forward`` itself: no module-call hooks on this hot path
-            return layer.forward(torch.from_numpy(ins[0])).numpy()
+        assert isinstance(layer, AffineLayer)
+        with torch.no_grad():  # ``A x + b`` as in ``forward``, the bias added in place
+            out = layer.linear(torch.from_numpy(ins[0]))  # a new tensor (reshapes: below)
+            out += layer.bias_map(tuple(out.shape[1:])).to(out.dtype)
+            return out.numpy()
 
     def line_backward(self, layer: Layer, grad: Tensor, code: np.ndarray | None,
                       in_shape: tuple[int, ...]) -> Tensor:
@@ -111,11 +114,11 @@ class AffineRule(Rule):
 
 
 class ReshapeRule(AffineRule):
-    """Flatten/Reshape: a bias-free view change, so lines skip the module call."""
+    """Flatten/Reshape: a bias-free row-major reshape, done by numpy on lines (no torch call)."""
 
     def line_forward(self, layer: Layer, ins: list[np.ndarray]) -> np.ndarray:
-        assert isinstance(layer, AffineLayer)
-        return layer.linear(torch.from_numpy(ins[0])).numpy()
+        x = ins[0]
+        return x.reshape(len(x), *(layer.shape if isinstance(layer, Reshape) else (-1,)))
 
 
 class AddRule(Rule):
