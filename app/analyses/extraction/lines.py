@@ -42,6 +42,8 @@ class Hyperplane:
     normal: np.ndarray
     offset: float
     points: list[np.ndarray] = field(default_factory=list)
+    jump: np.ndarray | None = None  # Jacobian jump [k, d] across it at ``points[0]``
+    slope_jump: np.ndarray | None = None  # [k] jump of the slope along the line found on
 
     def value(self, x: np.ndarray) -> np.ndarray:
         return x @ self.normal + self.offset
@@ -164,5 +166,6 @@ def boundary_normals(f: Oracle, kinks: list[Kink]) -> list[Hyperplane | None]:
             planes.append(None)
             continue
         normal = vt[0] * np.sign(vt[0][np.argmax(np.abs(vt[0]))])
-        planes.append(Hyperplane(normal, float(-normal @ kink.x), [kink.x]))
+        planes.append(Hyperplane(normal, float(-normal @ kink.x), [kink.x], jump,
+                                 kink.slope_jump))
     return planes

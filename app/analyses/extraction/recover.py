@@ -26,6 +26,7 @@ import torch
 
 from app.analyses.extraction.lines import Hyperplane, boundary_normals, kinks_on_line
 from app.analyses.extraction.oracle import Budget, BudgetExhausted, Oracle
+from app.analyses.extraction.second_layer import assemble, critical_points, group_neurons
 from app.errors import InvalidInputError
 from app.layers import Layer, Linear, ReLU
 from app.network import Network
@@ -33,6 +34,7 @@ from app.progress import ProgressFn
 
 FIT_RTOL = 1e-7  # output fit counted exact below this relative residual
 MAX_EXHAUSTIVE_SIGNS = 20
+EXPANSIVE_ROUNDS = 8  # rounds of lines collecting critical points behind an expansive layer
 
 
 @dataclass
@@ -149,12 +151,11 @@ def _extract_level(level: _Level, run: _Run, layers_left: int) -> list[Layer]:
             run.complete = False
         return _output_layer(level, normals, offsets, run, depth)
     if n1 > level.dim:
-        run.notes.append(
-            f"layer {depth} is expansive ({n1} neurons > {level.dim} inputs): deeper layers are "
-            "not recovered; the returned network fits one hidden layer only"
-        )
-        run.complete = False
-        return _output_layer(level, normals, offsets, run, depth)
+        if layers_left < 2:
+            run.notes.append(f"layer {depth}: deeper boundaries seen but max_hidden_layers reached")
+            run.complete = False
+            return _output_layer(level, normals, offsets, run, depth)
+        return _expansive(level, normals, offsets, run, depth)
     signs = _vote_signs(normals, offsets, level.deep, run, depth)
     weight, bias = signs[:, None] * normals, signs * offsets
     inner = _peel(level, weight, bias, run)
@@ -167,6 +168,177 @@ def _extract_level(level: _Level, run: _Run, layers_left: int) -> list[Layer]:
         run.complete = False
         del run.found[depth:]
         return head + [_least_squares_output(inner, run)]
+
+
+def _expansive(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Run,
+               depth: int) -> list[Layer]:
+    """Layers ``depth`` and ``depth + 1`` when layer ``depth`` is expansive (:mod:`.second_layer`).
+
+    Critical points of deeper boundaries are collected in rounds of lines until the number of
+    neurons they group into stops changing and every neuron is determined.
+    """
+    run.budget.phase = f"layer {depth + 1}"
+    tol = 1e-6 * level.scale(run.rng)
+    planes = list(level.deep)
+    neurons: list = []
+    stop_at = run.budget.used + 0.8 * run.budget.left
+    stable = 0
+    for _ in range(EXPANSIVE_ROUNDS):
+        before = len(neurons)
+        try:
+            planes += _deep_planes(level, normals, offsets, run, tol, stop_at)
+            planes = _promote(level, planes, run, tol)
+        except BudgetExhausted:
+            run.notes.append(f"layer {depth + 1}: budget ran out while collecting points")
+            break
+        normals = np.stack([p.normal for p in level.first])
+        offsets = np.array([p.offset for p in level.first])
+        run.found[depth - 1] = len(offsets)
+        pts = critical_points(planes)
+        neurons = group_neurons(pts, normals, offsets)
+        run.budget.neurons = sum(run.found) + len(neurons)
+        run.log.append(_entry(run, f"layer {depth + 1} grouped", critical_points=len(pts.x)))
+        stable = stable + 1 if len(neurons) == before else 0
+        if run.budget.used >= stop_at or (
+                stable and all(n.rank_deficit == 0 for n in neurons)) or stable >= 2:
+            break
+    try:
+        planes += _probe(level, normals, offsets, run, tol, stop_at,
+                         *_targets(pts, neurons, normals, offsets, level.scale(run.rng), run.rng))
+        pts = critical_points(planes)
+        neurons = group_neurons(pts, normals, offsets)
+    except BudgetExhausted:
+        run.notes.append(f"layer {depth + 1}: budget ran out while probing")
+    if not neurons:
+        run.notes.append(f"layer {depth + 1}: no neuron recovered behind the expansive layer "
+                         f"{depth}; the returned network fits one hidden layer only")
+        run.complete = False
+        return _output_layer(level, normals, offsets, run, depth)
+    run.budget.phase = "output layer"
+    n1 = len(offsets)
+    x = level.sample(run.rng, 4 * (n1 + len(neurons)) + 64)
+    net = assemble(pts, neurons, normals, offsets, x, level.oracle(x))
+    run.found.append(len(net.b2))
+    run.budget.neurons = sum(run.found)
+    free = len(pts.x) - sum(len(n.members) for n in neurons)
+    run.log.append(_entry(run, "output layer fitted"))
+    if net.stand_ins:
+        run.notes.append(f"layer {depth + 1}: {net.stand_ins} always-on stand-in neuron(s) "
+                         "reproduce neurons whose boundary never crosses the domain")
+    if net.undetermined:
+        run.notes.append(f"layer {depth + 1}: {net.undetermined} weight(s) not determined (a "
+                         "first-layer unit is off at every critical point of that neuron)")
+    if free:
+        run.notes.append(f"layer {depth + 1}: {free} of {len(pts.x)} critical points "
+                         "belong to no recovered neuron")
+    if net.sign_misfit > 1e-3:
+        run.notes.append(f"layer {depth}: sign recovery inexact (misfit {net.sign_misfit:.1e})")
+        run.complete = False
+    if net.residual > FIT_RTOL:
+        run.notes.append(f"layer {depth + 1}: outputs are not fully explained (relative fit "
+                         f"residual {net.residual:.1e})")
+        run.complete = False
+    dense = [(net.w1, net.b1), (net.w2, net.b2), (net.w3, net.b3)]
+    layers: list[Layer] = []
+    for i, (w, b) in enumerate(dense):
+        layers.append(Linear(torch.from_numpy(w.copy()), torch.from_numpy(b.copy())))
+        if i < 2:
+            layers.append(ReLU())
+    return layers
+
+
+def _promote(level: _Level, planes: list[Hyperplane], run: _Run,
+             tol: float) -> list[Hyperplane]:
+    """Move first-layer planes the search missed from ``planes`` to ``level.first``.
+
+    A unit whose kinks are rarely visible can escape the search; among the deeper points its
+    kinks lie on one hyperplane, which then passes the first-layer tests.
+    """
+    if len(planes) < 2:
+        return planes
+    normals = np.stack([p.normal for p in planes])
+    points = np.stack([p.points[0] for p in planes])
+    coplanar = (np.abs(normals @ normals.T) > 1 - 1e-6) & (
+        np.abs(np.einsum("id,jd->ij", normals, points)
+               + np.array([p.offset for p in planes])[:, None]) <= tol)
+    taken = np.zeros(len(planes), dtype=bool)
+    for i in np.flatnonzero(coplanar.sum(1) >= 2):
+        if taken[i]:
+            continue
+        witness = _kinks_on_extension(level, planes[i], run.rng, 8)
+        if len(witness) and _regions(witness, level.first) >= 2:
+            level.first.append(planes[i])
+            taken |= coplanar[i]
+    return [p for p, t in zip(planes, taken, strict=True) if not t]
+
+
+def _targets(pts, neurons: list, normals: np.ndarray, offsets: np.ndarray, scale: float,
+             rng: np.random.Generator, per_point: int = 3,
+             max_points: int = 60) -> tuple[np.ndarray, np.ndarray, float]:
+    """Where to look for more critical points: probe centres, directions and a half-length.
+
+    Near points no neuron claimed (a neuron seen too rarely), at small offsets along their
+    boundary; and for each neuron, just across every first-layer plane that none of its points
+    has crossed (the weights of that unit are not determined without such a point).
+    """
+    claimed = np.zeros(len(pts.x), dtype=bool)
+    centres, dirs = [], []
+    for n in neurons:
+        claimed[n.members] = True
+        z = pts.x[n.members] @ normals.T + offsets
+        fixed = np.flatnonzero((z > 0).all(0) | (z < 0).all(0))
+        for i in fixed:
+            k = int(np.argmin(np.abs(z[:, i])))
+            p, g = pts.x[n.members[k]], pts.g[n.members[k]]
+            unit = g / np.linalg.norm(g)
+            along = normals[i] - (normals[i] @ unit) * unit
+            rate = along @ normals[i]
+            if rate <= 1e-9:
+                continue
+            step = -1.5 * z[k, i] / rate
+            centres.append(p + step * along)
+            dirs.append(unit)
+    free = np.flatnonzero(~claimed)
+    free = rng.permutation(free)[:max_points]
+    for k in free:
+        unit = pts.g[k] / np.linalg.norm(pts.g[k])
+        for _ in range(per_point):
+            shift = rng.normal(size=len(unit))
+            shift -= (shift @ unit) * unit
+            centres.append(pts.x[k] + 0.05 * scale * shift / np.linalg.norm(shift))
+            dirs.append(unit)
+    d = normals.shape[1]
+    if not centres:
+        return np.zeros((0, d)), np.zeros((0, d)), 0.0
+    return np.stack(centres), np.stack(dirs), 0.02 * scale
+
+
+def _probe(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Run, tol: float,
+           stop_at: float, centres: np.ndarray, dirs: np.ndarray,
+           half: float) -> list[Hyperplane]:
+    """Boundary pieces of deeper neurons on short lines ``centre +- half * dir``."""
+    planes: list[Hyperplane] = []
+    for c, u in zip(centres, dirs, strict=True):
+        if run.budget.used >= stop_at:
+            break
+        kinks = [k for k in kinks_on_line(level.oracle, c - half * u, c + half * u)
+                 if np.abs(normals @ k.x + offsets).min() > tol]
+        planes += [p for p in boundary_normals(level.oracle, kinks) if p is not None]
+    return planes
+
+
+def _deep_planes(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Run,
+                 tol: float, stop_at: float, lines: int = 50) -> list[Hyperplane]:
+    """Boundary pieces of deeper neurons on ``lines`` random lines (first-layer kinks skipped)."""
+    planes: list[Hyperplane] = []
+    for _ in range(lines):
+        if run.budget.used >= stop_at:
+            break
+        a, b = level.sample(run.rng, 2)
+        kinks = [k for k in kinks_on_line(level.oracle, a, b)
+                 if np.abs(normals @ k.x + offsets).min() > tol]
+        planes += [p for p in boundary_normals(level.oracle, kinks) if p is not None]
+    return planes
 
 
 def _least_squares_output(level: _Level, run: _Run) -> Linear:
@@ -211,22 +383,43 @@ def _search(level: _Level, run: _Run, phase: str, stop_at: float,
     level.deep = planes
 
 
-def _split_first_layer(level: _Level, run: _Run, trials: int = 4) -> None:
-    """Keep the hyperplanes that extend across the box (first layer); the rest are deeper."""
+def _split_first_layer(level: _Level, run: _Run, trials: int = 8) -> None:
+    """Keep the hyperplanes that extend across the box (first layer); the rest are deeper.
+
+    A deeper neuron's boundary is flat only inside one region of the first layer, so a plane
+    that shows kinks where random lines cross it must also show them in at least two regions
+    of the other candidate planes; a boundary piece of a deeper neuron with few bends can
+    pass the first test but not the second.
+    """
     run.budget.phase = "first-layer test"
-    first, deep = [], []
-    for plane in level.deep:
-        (first if _extends(level, plane, run.rng, trials) else deep).append(plane)
+    witnessed = [(plane, _kinks_on_extension(level, plane, run.rng, trials))
+                 for plane in level.deep]
+    candidates = [(plane, pts) for plane, pts in witnessed if len(pts)]
+    first, deep = [], [plane for plane, pts in witnessed if not len(pts)]
+    for k, (plane, pts) in enumerate(candidates):
+        others = [p for i, (p, _) in enumerate(candidates) if i != k]
+        (first if _regions(pts, others) >= 2 or not others else deep).append(plane)
     level.first, level.deep = first, deep
 
 
-def _extends(level: _Level, plane: Hyperplane, rng: np.random.Generator, trials: int) -> bool:
-    """Is there a kink on ``plane`` where random lines through the box cross it?"""
+def _regions(points: np.ndarray, planes: list[Hyperplane]) -> int:
+    """How many cells of the arrangement of ``planes`` the ``points`` fall in."""
+    normals = np.stack([p.normal for p in planes])
+    offsets = np.array([p.offset for p in planes])
+    return len(np.unique(points @ normals.T + offsets > 0, axis=0))
+
+
+def _kinks_on_extension(level: _Level, plane: Hyperplane, rng: np.random.Generator,
+                        trials: int) -> np.ndarray:
+    """Points where random lines through the box cross ``plane`` and find a kink there.
+
+    Empty when the plane does not extend: kinks at fewer than half the crossings tried.
+    """
     a, b = level.sample(rng, 128).reshape(2, 64, level.dim)
     va, vb = plane.value(a), plane.value(b)
     cross = np.flatnonzero(np.sign(va) != np.sign(vb))[:trials]
     if len(cross) == 0:
-        return False
+        return np.zeros((0, level.dim))
     t = va[cross] / (va[cross] - vb[cross])
     p = a[cross] + t[:, None] * (b[cross] - a[cross])
     s = 1e-5 * level.scale(rng)
@@ -237,7 +430,9 @@ def _extends(level: _Level, plane: Hyperplane, rng: np.random.Generator, trials:
     mag = np.abs(second).max(axis=2)
     floor = 1e-12 * (np.abs(f).max() + 1e-300)
     kinked = (mag[:, 1] > floor) & (mag[:, 1] > 100 * np.maximum(mag[:, 0], mag[:, 2]))
-    return int(kinked.sum()) >= max(1, (len(cross) + 1) // 2)
+    if int(kinked.sum()) < max(1, (len(cross) + 1) // 2):
+        return np.zeros((0, level.dim))
+    return p[kinked]
 
 
 def _output_layer(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Run,
