@@ -187,15 +187,17 @@ def _expansive(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Ru
         before = len(neurons)
         try:
             planes += _deep_planes(level, normals, offsets, run, tol, stop_at)
-            planes = _promote(level, planes, run, tol)
+            kept = _promote(level, planes, run, tol)
         except BudgetExhausted:
             run.notes.append(f"layer {depth + 1}: budget ran out while collecting points")
             break
-        normals = np.stack([p.normal for p in level.first])
-        offsets = np.array([p.offset for p in level.first])
-        run.found[depth - 1] = len(offsets)
+        if len(kept) < len(planes):  # new first-layer units: every equation changes
+            planes, neurons = kept, []
+            normals = np.stack([p.normal for p in level.first])
+            offsets = np.array([p.offset for p in level.first])
+            run.found[depth - 1] = len(offsets)
         pts = critical_points(planes)
-        neurons = group_neurons(pts, normals, offsets)
+        neurons = group_neurons(pts, normals, offsets, start=neurons)
         run.budget.neurons = sum(run.found) + len(neurons)
         run.log.append(_entry(run, f"layer {depth + 1} grouped", critical_points=len(pts.x)))
         stable = stable + 1 if len(neurons) == before else 0
@@ -206,7 +208,7 @@ def _expansive(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Ru
         planes += _probe(level, normals, offsets, run, tol, stop_at,
                          *_targets(pts, neurons, normals, offsets, level.scale(run.rng), run.rng))
         pts = critical_points(planes)
-        neurons = group_neurons(pts, normals, offsets)
+        neurons = group_neurons(pts, normals, offsets, start=neurons)
     except BudgetExhausted:
         run.notes.append(f"layer {depth + 1}: budget ran out while probing")
     if not neurons:

@@ -112,19 +112,28 @@ class _System:
 
 
 def group_neurons(pts: Critical, weight: np.ndarray, bias: np.ndarray,
-                  min_members: int = 8) -> list[Neuron]:
+                  start: list[Neuron] = (), min_members: int = 8) -> list[Neuron]:
     """Partition the critical points into neurons whose equations are jointly consistent.
 
-    Seeds are triples of points with one output direction whose equations (under one of the
-    four relative signs) are consistent; the most consistent seeds are grown first, rounds
-    repeat on the points left over, and sets that turn out to be one neuron are merged.
+    Neurons in ``start`` (found on a prefix of the same points) first take the new points
+    that fit them. Seeds are triples of points with one output direction whose equations
+    (under one of the four relative signs) are consistent; the most consistent seeds are grown
+    first, rounds repeat on the points left over, and sets of one neuron are merged.
     """
     system = _System(pts, weight, bias)
-    on = pts.x @ weight.T + bias > 0
+    on = system.on
     free = np.ones(len(pts.x), dtype=bool)
+    for n in start:
+        free[n.members] = False
     neurons: list[Neuron] = []
     for group in _output_groups(pts.out):
         sets: list[tuple[np.ndarray, np.ndarray]] = []
+        for n in start:
+            if np.isin(n.members, group).all():
+                free[n.members] = True
+                sets.append(_verified(system, *_grow(system, group[free[group]], n.members,
+                                                     n.signs)))
+                free[sets[-1][0]] = False
         found = True
         while found and free[group].sum() >= min_members:
             found = False
@@ -217,8 +226,8 @@ def _grow(system: _System, pool: np.ndarray, members: np.ndarray,
     """Add the points of ``pool`` whose equations agree with the members' (either sign).
 
     A candidate agrees when adding its equations raises the least-squares residual by no more
-    than ``FIT_TOL`` of its own size. While the members leave a null space, each candidate
-    could use it differently, so only the best one joins per round.
+    than ``FIT_TOL`` of its own size. While the members leave a null space, candidates that
+    lean on it could each use it differently, so then only the best one joins per round.
     """
     members, signs = members.copy(), signs.copy()
     null_dim = 1
@@ -229,18 +238,20 @@ def _grow(system: _System, pool: np.ndarray, members: np.ndarray,
         if null_dim:  # try the points nearest to the members first: they are tested best
             near = (system.on[rest][:, None, :] != system.on[members][None]).sum(2).min(1)
             cand = rest[np.argsort(near, kind="stable")[:NEAR_CANDIDATES]]
-            res, null_dim = _added_residual(system, members, signs, cand)
+            res, absorbed, null_dim = _added_residual(system, members, signs, cand)
             if not (res.min(1) <= FIT_TOL).any() and len(cand) < len(rest):
                 cand = rest
-                res, null_dim = _added_residual(system, members, signs, cand)
+                res, absorbed, null_dim = _added_residual(system, members, signs, cand)
         else:
             cand = rest
-            res, null_dim = _added_residual(system, members, signs, cand)
+            res, absorbed, null_dim = _added_residual(system, members, signs, cand)
         ok = res.min(1) <= FIT_TOL
         if not ok.any():
             return members, signs
-        if null_dim:
+        if null_dim and not (ok & (absorbed == 0)).any():
             ok = np.arange(len(cand)) == np.argmin(res.min(1))
+        elif null_dim:  # these do not lean on the null space: all of them can join
+            ok &= absorbed == 0
         members = np.concatenate([members, cand[ok]])
         signs = np.concatenate([signs, np.where(res[ok, 0] <= res[ok, 1], 1.0, -1.0)])
 
@@ -253,7 +264,7 @@ def _added_residual(system: _System, members: np.ndarray, signs: np.ndarray,
     a candidate ``R theta' = r`` adds ``min_{w,n} |w|^2 + |B w + C n - gap|^2`` where
     ``B = R V S^-1``, ``C = R N``, ``gap = r - R theta``. Returned relative to ``|r|``, as
     ``[len(cand), 2]``, with inf where fewer than ``MIN_CHECKS`` equations escape the null space;
-    also the null space's dimension.
+    also how many of each candidate's equations the null space absorbs, and its dimension.
     """
     a = system.rows[torch.from_numpy(members)].reshape(-1, system.rows.shape[-1])
     rhs = (system.rhs[torch.from_numpy(members)] * torch.from_numpy(signs)[:, None]).reshape(-1)
@@ -279,7 +290,7 @@ def _added_residual(system: _System, members: np.ndarray, signs: np.ndarray,
         out.append(extra.sqrt() / torch.linalg.vector_norm(r, dim=1))
     res = torch.stack(out, 1)
     res[rows.shape[1] - strong.sum(1) < MIN_CHECKS] = torch.inf
-    return res.numpy(), rows.shape[2] - rank
+    return res.numpy(), strong.sum(1).numpy(), rows.shape[2] - rank
 
 
 def _verified(system: _System, members: np.ndarray,
