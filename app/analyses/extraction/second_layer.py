@@ -18,6 +18,7 @@ Then ``e`` yields the first-layer signs, and a least-squares fit of the outputs 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,8 @@ import torch
 
 from app.analyses.extraction.lines import Hyperplane
 
+FIT_RTOL = 1e-7  # output fit counted exact below this relative residual (as for one layer)
+MAX_OPEN_FLIPS = 10  # first-layer signs left open that are searched exhaustively
 FIT_TOL = 1e-6  # relative residual of a neuron's equations still counted as consistent
 NULL_RTOL = 1e-6  # singular values below this fraction of the largest span a null space
 SAME_OUTPUT_COS = 1 - 1e-6
@@ -334,12 +337,12 @@ def _neuron(system: _System, members: np.ndarray, signs: np.ndarray) -> Neuron:
 
 
 def first_layer_flips(pts: Critical, neurons: list[Neuron], weight: np.ndarray,
-                      bias: np.ndarray) -> tuple[np.ndarray, float]:
+                      bias: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
     """Which first-layer rows have the wrong sign: ``e_j = -sum_i a_ji flip_i w_i``.
 
     A unit in one state at every point of neuron ``j`` leaves ``a_ji`` (and, when on, ``e_j``
     along ``w_i``) undetermined, so each neuron's equation is taken orthogonally to the rows of
-    those units. Returns the flips and the relative misfit.
+    those units. Returns the flips, the relative misfit and which flips the equations fix.
     """
     n1, d = weight.shape
     cols, target = [], []
@@ -354,12 +357,14 @@ def first_layer_flips(pts: Critical, neurons: list[Neuron], weight: np.ndarray,
         cols.append(-(basis @ (a[:, None] * weight).T))  # [d', n1]
         target.append(basis @ n.e)
     if not cols:
-        return np.zeros(n1, dtype=bool), float("inf")
+        return np.zeros(n1, dtype=bool), float("inf"), np.zeros(n1, dtype=bool)
     cols_m, target_v = np.vstack(cols), np.concatenate(target)
     share, *_ = np.linalg.lstsq(cols_m, target_v, rcond=None)
     flips = share > 0.5
     misfit = np.linalg.norm(cols_m @ flips - target_v) / (np.linalg.norm(target_v) + 1e-300)
-    return flips, float(misfit)
+    norms = np.linalg.norm(cols_m, axis=0)
+    fixed = (norms > 1e-6 * norms.max()) & (np.abs(share - 0.5) > 0.25)
+    return flips, float(misfit), fixed
 
 
 def refit_without_skip(pts: Critical, neuron: Neuron, weight: np.ndarray,
@@ -397,17 +402,41 @@ class TwoLayers:
     sign_misfit: float
     stand_ins: int
     undetermined: int
+    searched_signs: int = 0
 
 
 def assemble(pts: Critical, neurons: list[Neuron], normals: np.ndarray, offsets: np.ndarray,
              x: np.ndarray, y: np.ndarray) -> TwoLayers:
     """First-layer signs, second-layer rows and the output layer, fitted on queries ``x, y``.
 
+    Flips the second-layer equations leave open (few inputs: each neuron's boundary crosses few
+    first-layer planes) are searched exhaustively for the best output fit, up to
+    ``2^MAX_OPEN_FLIPS`` combinations.
+    """
+    flips, misfit, fixed = first_layer_flips(pts, neurons, normals, offsets)
+    best = _assemble_with(pts, neurons, normals, offsets, x, y, flips, misfit)
+    open_units = np.flatnonzero(~fixed)
+    if best.residual <= FIT_RTOL or not 0 < len(open_units) <= MAX_OPEN_FLIPS:
+        return best
+    for combo in itertools.product((False, True), repeat=len(open_units)):
+        trial = flips.copy()
+        trial[open_units] = combo
+        net = _assemble_with(pts, neurons, normals, offsets, x, y, trial, misfit)
+        if net.residual < best.residual:
+            best = net
+    best.searched_signs = len(open_units)
+    return best
+
+
+def _assemble_with(pts: Critical, neurons: list[Neuron], normals: np.ndarray,
+                   offsets: np.ndarray, x: np.ndarray, y: np.ndarray, flips: np.ndarray,
+                   misfit: float) -> TwoLayers:
+    """The network for given first-layer flips.
+
     Second-layer neurons whose boundary never crosses the sampled domain are on or off all
     over it; the ones that are on add an affine function of the first layer to the outputs,
     which one always-on *stand-in* neuron per output direction reproduces exactly there.
     """
-    flips, misfit = first_layer_flips(pts, neurons, normals, offsets)
     sign = np.where(flips, -1.0, 1.0)
     w1, b1 = sign[:, None] * normals, sign * offsets
     rows = [refit_without_skip(pts, n, w1, b1) for n in neurons]
