@@ -165,7 +165,7 @@ def _extract_level(level: _Level, run: _Run, layers_left: int) -> list[Layer]:
         run.complete = False
         del run.found[depth:]
         layers = head + [_least_squares_output(inner, run)]
-    if run.complete:
+    if run.complete or run.budget.left < 0.2 * run.budget.budget:
         return layers
     return _second_opinion(level, normals, offsets, run, depth, layers, before)
 
@@ -173,7 +173,10 @@ def _extract_level(level: _Level, run: _Run, layers_left: int) -> list[Layer]:
 def _second_opinion(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Run,
                     depth: int, peeled: list[Layer], before: tuple[list, list]) -> list[Layer]:
     """When peeling a contractive layer gave a partial result, try the second-layer equations
-    (they need no inversion, which ill-conditioned layers spoil) and keep the better result."""
+    (they need no inversion, which ill-conditioned layers spoil) and keep the better result.
+
+    Only tried with a fifth of the budget or more left: it needs fresh critical points.
+    """
     kept = (list(run.found), list(run.notes))
     run.found, run.notes = list(before[0]), list(before[1])
     run.complete = True

@@ -34,6 +34,7 @@ SAME_OUTPUT_COS = 1 - 1e-6
 SEED_RCOND = 1e-3  # seeds fit without their weak directions, so a wrong triple cannot hide
 LEVERAGE_GAP = 1e-6  # a member with leverage this close to one is unchecked by the others
 OUTLIER_RTOL = 1e-4  # a member the others mispredict by more than this is dropped
+MAX_MISSES = 25  # seeds in a row that grow into no neuron end a round
 NEAR_CANDIDATES = 24  # while a set has a null space, candidates tried per round
 MIN_CHECKS = 2  # equations of a candidate point that the members' freedom cannot absorb  # jumps of one neuron share their output direction
 
@@ -142,6 +143,7 @@ def group_neurons(pts: Critical, weight: np.ndarray, bias: np.ndarray,
             found = False
             pool = group[free[group]]
             triples, signs = _consistent_triples(system, pool, on[pool])
+            misses = 0
             for triple, sign in zip(triples, signs, strict=True):
                 if not free[triple].all():
                     continue
@@ -150,7 +152,9 @@ def group_neurons(pts: Critical, weight: np.ndarray, bias: np.ndarray,
                 if len(members) >= min_members:
                     free[members] = False
                     sets.append((members, member_signs))
-                    found = True
+                    found, misses = True, 0
+                elif (misses := misses + 1) >= MAX_MISSES:
+                    break
         for members, member_signs in _merged(system, sets):
             free[members] = True
             members, member_signs = _verified(
