@@ -34,6 +34,7 @@ from app.progress import ProgressFn
 
 FIT_RTOL = 1e-7  # output fit counted exact below this relative residual
 MAX_EXHAUSTIVE_SIGNS = 20
+MAX_UNKNOWNS = 100  # per deeper neuron in the second-layer equations (n1 + d + 1)
 EXPANSIVE_ROUNDS = 8  # rounds of lines collecting critical points behind an expansive layer
 
 
@@ -151,6 +152,13 @@ def _extract_level(level: _Level, run: _Run, layers_left: int) -> list[Layer]:
             run.complete = False
         return _output_layer(level, normals, offsets, run, depth)
     if n1 > level.dim:
+        if n1 + level.dim + 1 > MAX_UNKNOWNS:
+            run.notes.append(
+                f"layer {depth} is expansive ({n1} neurons > {level.dim} inputs) and each deeper "
+                f"neuron has {n1 + level.dim + 1} unknowns (at most {MAX_UNKNOWNS} are solved "
+                "for): the returned network fits one hidden layer only")
+            run.complete = False
+            return _output_layer(level, normals, offsets, run, depth)
         return _expansive(level, normals, offsets, run, depth)
     signs = _vote_signs(normals, offsets, level.deep, run, depth)
     weight, bias = signs[:, None] * normals, signs * offsets
@@ -165,7 +173,8 @@ def _extract_level(level: _Level, run: _Run, layers_left: int) -> list[Layer]:
         run.complete = False
         del run.found[depth:]
         layers = head + [_least_squares_output(inner, run)]
-    if run.complete or run.budget.left < 0.2 * run.budget.budget:
+    if (run.complete or run.budget.left < 0.2 * run.budget.budget
+            or n1 + level.dim + 1 > MAX_UNKNOWNS):
         return layers
     return _second_opinion(level, normals, offsets, run, depth, layers, before)
 
@@ -175,7 +184,8 @@ def _second_opinion(level: _Level, normals: np.ndarray, offsets: np.ndarray, run
     """When peeling a contractive layer gave a partial result, try the second-layer equations
     (they need no inversion, which ill-conditioned layers spoil) and keep the better result.
 
-    Only tried with a fifth of the budget or more left: it needs fresh critical points.
+    Only tried with a fifth of the budget or more left (it needs fresh critical points) and at
+    most ``MAX_UNKNOWNS`` unknowns per neuron (the grouping's cost grows fast with them).
     """
     kept = (list(run.found), list(run.notes))
     run.found, run.notes = list(before[0]), list(before[1])
