@@ -4,7 +4,8 @@
    that lies on an already known hyperplane costs nothing more; a new one costs ``2 d``
    queries for its normal.
 2. A hyperplane belongs to the first layer when it *extends*: a kink shows up where random
-   other lines cross it (Rolnick & Kording 2020). The rest are bent boundaries of deeper neurons.
+   other lines cross it (Rolnick & Kording 2020), in more than one region of the others. The
+   rest are bent boundaries of deeper neurons.
 3. Last hidden layer: ``relu(s z) = (s z + |z|) / 2``, so a least-squares fit of the outputs on
    ``[|z_j|, x, 1]`` gives the output weights and the linear part ``A = sum_j s_j a_j u_j^T``,
    which fixes the signs ``s_j`` (least squares, or exhaustive search when underdetermined).
@@ -12,6 +13,9 @@
    combination of the *active* first-layer rows only, which gives each first-layer sign. Then
    the first layer is inverted (``x = W^+ (h - b)``) and the same procedure runs on the map
    ``h -> logits`` over a box of positive hidden activations.
+5. Two hidden layers with an expansive first layer (``n1 > d``), or where peeling gave a
+   partial result: the second layer's equations in sign-free form (:mod:`.second_layer`),
+   which also give the first layer's signs.
 """
 
 from __future__ import annotations

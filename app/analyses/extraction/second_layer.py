@@ -1,7 +1,8 @@
-"""The second hidden layer behind an expansive first layer (more neurons than inputs).
+"""The second hidden layer from its critical points, without inverting the first layer.
 
-Such a first layer cannot be inverted, and its rows are only known up to sign. The sign does
-not have to be known first: ``relu(-z) = relu(z) - z``, so with rows of arbitrary sign every
+A first layer with more neurons than inputs cannot be inverted (and an ill-conditioned one
+should not be), and its rows are only known up to sign. The sign does not have to be known
+first: ``relu(-z) = relu(z) - z``, so with rows of arbitrary sign every
 second-layer pre-activation is still exactly
 
     u(x) = a . relu(z(x)) + e . x + c,       e = -sum over flipped rows i of a_i w_i,
@@ -30,13 +31,13 @@ FIT_RTOL = 1e-7  # output fit counted exact below this relative residual (as for
 MAX_OPEN_FLIPS = 10  # first-layer signs left open that are searched exhaustively
 FIT_TOL = 1e-6  # relative residual of a neuron's equations still counted as consistent
 NULL_RTOL = 1e-6  # singular values below this fraction of the largest span a null space
-SAME_OUTPUT_COS = 1 - 1e-6
+SAME_OUTPUT_COS = 1 - 1e-6  # jumps of one neuron share their output direction
 SEED_RCOND = 1e-3  # seeds fit without their weak directions, so a wrong triple cannot hide
 LEVERAGE_GAP = 1e-6  # a member with leverage this close to one is unchecked by the others
 OUTLIER_RTOL = 1e-4  # a member the others mispredict by more than this is dropped
 MAX_MISSES = 25  # seeds in a row that grow into no neuron end a round
 NEAR_CANDIDATES = 24  # while a set has a null space, candidates tried per round
-MIN_CHECKS = 2  # equations of a candidate point that the members' freedom cannot absorb  # jumps of one neuron share their output direction
+MIN_CHECKS = 2  # equations of a candidate point that the members' freedom cannot absorb
 
 
 @dataclass
