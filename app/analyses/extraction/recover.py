@@ -39,6 +39,8 @@ from app.progress import ProgressFn
 FIT_RTOL = 1e-7  # output fit counted exact below this relative residual
 MAX_EXHAUSTIVE_SIGNS = 20
 MAX_UNKNOWNS = 100  # per deeper neuron in the second-layer equations (n1 + d + 1)
+VALIDATION_QUERIES = 2000  # fresh queries that check a recovered two-layer network
+PROBE_ROUNDS = 3  # rounds of short lines near rare neurons and undetermined weights
 EXPANSIVE_ROUNDS = 8  # rounds of lines collecting critical points behind an expansive layer
 
 
@@ -243,10 +245,14 @@ def _expansive(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Ru
                 stable and all(n.rank_deficit == 0 for n in neurons)) or stable >= 2:
             break
     try:
-        planes += _probe(level, normals, offsets, run, tol, stop_at,
-                         *_targets(pts, neurons, normals, offsets, level.scale(run.rng), run.rng))
-        pts = critical_points(planes)
-        neurons = group_neurons(pts, normals, offsets, start=neurons)
+        for _ in range(PROBE_ROUNDS):
+            before = (len(neurons), sum(n.rank_deficit for n in neurons))
+            planes += _probe(level, normals, offsets, run, tol, stop_at, *_targets(
+                pts, neurons, normals, offsets, level.scale(run.rng), run.rng))
+            pts = critical_points(planes)
+            neurons = group_neurons(pts, normals, offsets, start=neurons)
+            if (len(neurons), sum(n.rank_deficit for n in neurons)) == before:
+                break
     except BudgetExhausted:
         run.notes.append(f"layer {depth + 1}: budget ran out while probing")
     if not neurons:
@@ -268,6 +274,7 @@ def _expansive(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Ru
     if net.undetermined:
         run.notes.append(f"layer {depth + 1}: {net.undetermined} weight(s) not determined (a "
                          "first-layer unit is off at every critical point of that neuron)")
+        run.complete = False
     if free:
         run.notes.append(f"layer {depth + 1}: {free} of {len(pts.x)} critical points "
                          "belong to no recovered neuron")
@@ -277,9 +284,12 @@ def _expansive(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Ru
     elif net.sign_misfit > 1e-3:
         run.notes.append(f"layer {depth}: sign recovery inexact (misfit {net.sign_misfit:.1e})")
         run.complete = False
-    if net.residual > FIT_RTOL:
-        run.notes.append(f"layer {depth + 1}: outputs are not fully explained (relative fit "
-                         f"residual {net.residual:.1e})")
+    fresh = level.sample(run.rng, VALIDATION_QUERIES)
+    off = net.relative_error(fresh, level.oracle(fresh))
+    if max(net.residual, off) > FIT_RTOL:
+        run.notes.append(f"layer {depth + 1}: outputs are not fully explained (relative error "
+                         f"{net.residual:.1e} on the fitted queries, {off:.1e} on "
+                         f"{VALIDATION_QUERIES} fresh ones)")
         run.complete = False
     dense = [(net.w1, net.b1), (net.w2, net.b2), (net.w3, net.b3)]
     layers: list[Layer] = []

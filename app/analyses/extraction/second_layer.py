@@ -409,6 +409,12 @@ class TwoLayers:
     undetermined: int
     searched_signs: int = 0
 
+    def relative_error(self, x: np.ndarray, y: np.ndarray) -> float:
+        """Largest output error on ``x`` relative to the largest output."""
+        h = np.maximum(x @ self.w1.T + self.b1, 0.0)
+        u = np.maximum(h @ self.w2.T + self.b2, 0.0)
+        return float(np.abs(u @ self.w3.T + self.b3 - y).max() / (np.abs(y).max() + 1e-300))
+
 
 def assemble(pts: Critical, neurons: list[Neuron], normals: np.ndarray, offsets: np.ndarray,
              x: np.ndarray, y: np.ndarray) -> TwoLayers:
