@@ -367,8 +367,9 @@ def first_layer_flips(pts: Critical, neurons: list[Neuron], weight: np.ndarray,
     share, *_ = np.linalg.lstsq(cols_m, target_v, rcond=None)
     flips = share > 0.5
     misfit = np.linalg.norm(cols_m @ flips - target_v) / (np.linalg.norm(target_v) + 1e-300)
-    norms = np.linalg.norm(cols_m, axis=0)
-    fixed = (norms > 1e-6 * norms.max()) & (np.abs(share - 0.5) > 0.25)
+    _, sv, vt = np.linalg.svd(cols_m, full_matrices=True)
+    null = vt[int((sv > 1e-6 * sv.max()).sum()):] if sv.size and sv.max() > 0 else vt
+    fixed = (np.abs(null).max(axis=0, initial=0.0) < 1e-6) & (np.abs(share - 0.5) > 0.25)
     return flips, float(misfit), fixed
 
 
