@@ -272,8 +272,9 @@ def _expansive(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Ru
         run.notes.append(f"layer {depth + 1}: {net.stand_ins} always-on stand-in neuron(s) "
                          "reproduce neurons whose boundary never crosses the domain")
     if net.undetermined:
-        run.notes.append(f"layer {depth + 1}: {net.undetermined} weight(s) not determined (a "
-                         "first-layer unit is off at every critical point of that neuron)")
+        run.notes.append(f"layer {depth + 1}: {net.undetermined} weight direction(s) not "
+                         "determined (a first-layer unit off at every critical point of a "
+                         "neuron, or its points in too few regions)")
         run.complete = False
     if free:
         run.notes.append(f"layer {depth + 1}: {free} of {len(pts.x)} critical points "

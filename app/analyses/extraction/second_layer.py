@@ -377,8 +377,8 @@ def refit_without_skip(pts: Critical, neuron: Neuron, weight: np.ndarray,
                        bias: np.ndarray) -> tuple[np.ndarray, float, int]:
     """``(a, c)`` of ``u = a . relu(W x + b) + c`` from the neuron's points, signs corrected.
 
-    Returns the row, the bias and how many entries of ``a`` its points leave undetermined
-    (first-layer units that are off at every one of them).
+    Returns the row, the bias and how many directions of ``(a, c)`` its points leave
+    undetermined (a first-layer unit off at every one of them, or too few distinct regions).
     """
     x, g = pts.x[neuron.members], pts.g[neuron.members] * neuron.signs[:, None]
     z = x @ weight.T + bias
@@ -389,9 +389,9 @@ def refit_without_skip(pts: Critical, neuron: Neuron, weight: np.ndarray,
     scale = np.linalg.norm(g, axis=1) / np.linalg.norm(rows_z, axis=1)
     rows = np.vstack([rows_g, scale[:, None] * rows_z])
     rhs = np.concatenate([g.reshape(-1), np.zeros(len(x))])
-    theta, *_ = np.linalg.lstsq(rows, rhs, rcond=None)
-    never_on = int((on.sum(0) == 0).sum())
-    return theta[:-1], float(theta[-1]), never_on
+    theta, _, rank, sv = np.linalg.lstsq(rows, rhs, rcond=None)
+    deficit = rows.shape[1] - int((sv > NULL_RTOL * sv[0]).sum()) if rank else rows.shape[1]
+    return theta[:-1], float(theta[-1]), deficit
 
 
 @dataclass
