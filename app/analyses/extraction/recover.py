@@ -270,7 +270,9 @@ def _expansive(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Ru
     run.log.append(_entry(run, "output layer fitted"))
     if net.stand_ins:
         run.notes.append(f"layer {depth + 1}: {net.stand_ins} always-on stand-in neuron(s) "
-                         "reproduce neurons whose boundary never crosses the domain")
+                         "reproduce neurons whose boundary never crosses the domain; with "
+                         "them the sign of each other neuron of this layer is not identifiable "
+                         "from outputs in the domain (least-squares choice)")
     if net.undetermined:
         run.notes.append(f"layer {depth + 1}: {net.undetermined} weight direction(s) not "
                          "determined (a first-layer unit off at every critical point of a "
