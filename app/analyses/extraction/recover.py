@@ -330,15 +330,16 @@ def _promote(level: _Level, planes: list[Hyperplane], run: _Run,
 
 def _targets(pts, neurons: list, normals: np.ndarray, offsets: np.ndarray, scale: float,
              rng: np.random.Generator, per_point: int = 3,
-             max_points: int = 60) -> tuple[np.ndarray, np.ndarray, float]:
-    """Where to look for more critical points: probe centres, directions and a half-length.
+             max_points: int = 60) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where to look for more critical points: probe centres, directions and half-lengths.
 
     Near points no neuron claimed (a neuron seen too rarely), at small offsets along their
     boundary; and for each neuron, just across every first-layer plane that none of its points
-    has crossed (the weights of that unit are not determined without such a point).
+    has crossed (the weights of that unit are not determined without such a point). There the
+    boundary bends, by up to about the distance travelled, so the probe is as long.
     """
     claimed = np.zeros(len(pts.x), dtype=bool)
-    centres, dirs = [], []
+    centres, dirs, halves = [], [], []
     for n in neurons:
         claimed[n.members] = True
         z = pts.x[n.members] @ normals.T + offsets
@@ -354,6 +355,7 @@ def _targets(pts, neurons: list, normals: np.ndarray, offsets: np.ndarray, scale
             step = -1.5 * z[k, i] / rate
             centres.append(p + step * along)
             dirs.append(unit)
+            halves.append(max(0.02 * scale, abs(step) * np.linalg.norm(along)))
     free = np.flatnonzero(~claimed)
     free = rng.permutation(free)[:max_points]
     for k in free:
@@ -363,18 +365,19 @@ def _targets(pts, neurons: list, normals: np.ndarray, offsets: np.ndarray, scale
             shift -= (shift @ unit) * unit
             centres.append(pts.x[k] + 0.05 * scale * shift / np.linalg.norm(shift))
             dirs.append(unit)
+            halves.append(0.02 * scale)
     d = normals.shape[1]
     if not centres:
-        return np.zeros((0, d)), np.zeros((0, d)), 0.0
-    return np.stack(centres), np.stack(dirs), 0.02 * scale
+        return np.zeros((0, d)), np.zeros((0, d)), np.zeros(0)
+    return np.stack(centres), np.stack(dirs), np.array(halves)
 
 
 def _probe(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Run, tol: float,
            stop_at: float, centres: np.ndarray, dirs: np.ndarray,
-           half: float) -> list[Hyperplane]:
+           halves: np.ndarray) -> list[Hyperplane]:
     """Boundary pieces of deeper neurons on short lines ``centre +- half * dir``."""
     planes: list[Hyperplane] = []
-    for c, u in zip(centres, dirs, strict=True):
+    for c, u, half in zip(centres, dirs, halves, strict=True):
         if run.budget.used >= stop_at:
             break
         kinks = [k for k in kinks_on_line(level.oracle, c - half * u, c + half * u)
