@@ -220,6 +220,7 @@ def _expansive(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Ru
     run.budget.phase = f"layer {depth + 1}"
     tol = 1e-6 * level.scale(run.rng)
     planes = list(level.deep)
+    pts = critical_points(planes)
     neurons: list = []
     stop_at = run.budget.used + 0.8 * run.budget.left
     stable = 0
@@ -380,24 +381,27 @@ def _probe(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Run, t
     for c, u, half in zip(centres, dirs, halves, strict=True):
         if run.budget.used >= stop_at:
             break
-        kinks = [k for k in kinks_on_line(level.oracle, c - half * u, c + half * u)
-                 if np.abs(normals @ k.x + offsets).min() > tol]
-        planes += [p for p in boundary_normals(level.oracle, kinks) if p is not None]
+        planes += _deep_pieces(level, normals, offsets, tol, c - half * u, c + half * u)
     return planes
 
 
 def _deep_planes(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Run,
                  tol: float, stop_at: float, lines: int = 50) -> list[Hyperplane]:
-    """Boundary pieces of deeper neurons on ``lines`` random lines (first-layer kinks skipped)."""
+    """Boundary pieces of deeper neurons on ``lines`` random lines through the domain."""
     planes: list[Hyperplane] = []
     for _ in range(lines):
         if run.budget.used >= stop_at:
             break
-        a, b = level.sample(run.rng, 2)
-        kinks = [k for k in kinks_on_line(level.oracle, a, b)
-                 if np.abs(normals @ k.x + offsets).min() > tol]
-        planes += [p for p in boundary_normals(level.oracle, kinks) if p is not None]
+        planes += _deep_pieces(level, normals, offsets, tol, *level.sample(run.rng, 2))
     return planes
+
+
+def _deep_pieces(level: _Level, normals: np.ndarray, offsets: np.ndarray, tol: float,
+                 a: np.ndarray, b: np.ndarray) -> list[Hyperplane]:
+    """The local boundaries at the kinks of ``a -> b`` off the known first-layer planes."""
+    kinks = [k for k in kinks_on_line(level.oracle, a, b)
+             if np.abs(normals @ k.x + offsets).min() > tol]
+    return [p for p in boundary_normals(level.oracle, kinks) if p is not None]
 
 
 def _least_squares_output(level: _Level, run: _Run) -> Linear:
