@@ -19,7 +19,7 @@ from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
 from tests.conftest import SAMPLE_MODELS
-from tests.service import Server
+from tests.service import Server, module_server
 
 FC, CONV = "digits_fc_ibp", "digits_conv_ibp"
 X0, X1 = "gallery:digits:0", "gallery:digits:1"
@@ -133,11 +133,7 @@ def oracles() -> dict[str, OnnxOracle]:
 
 # -- the server and its jobs -------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    srv = Server(tmp_path_factory.mktemp("analyses") / "data").start()
-    yield srv
-    srv.kill()
+server = module_server("analyses")
 
 
 @pytest.fixture(scope="module")

@@ -23,17 +23,12 @@ from PIL import Image
 from torch import nn
 
 from tests.conftest import SAMPLE_MODELS
-from tests.service import Server, mlp_onnx, with_unsupported_op
+from tests.service import Server, mlp_onnx, module_server, with_unsupported_op
 
 MAX_UPLOAD_MB = 1
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    srv = Server(tmp_path_factory.mktemp("api") / "data",
-                 ATLAS_MAX_UPLOAD_MB=str(MAX_UPLOAD_MB)).start()
-    yield srv
-    srv.kill()
+server = module_server("api", ATLAS_MAX_UPLOAD_MB=str(MAX_UPLOAD_MB))
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import SAMPLE_MODELS
-from tests.service import Server
+from tests.service import Server, module_server
 from tests.test_service_analyses import OnnxOracle
 from tests.test_service_patterns import FC, _fires
 
@@ -23,11 +23,7 @@ N = 150
 X0 = "gallery:digits:0"  # the job's current input (the rules that fire on it)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    srv = Server(tmp_path_factory.mktemp("pattern_datasets") / "data").start()
-    yield srv
-    srv.kill()
+server = module_server("pattern_datasets")
 
 
 @pytest.fixture(scope="module")

@@ -15,17 +15,13 @@ import numpy as np
 import pytest
 
 from tests.conftest import SAMPLE_MODELS
-from tests.service import Server
+from tests.service import Server, module_server
 from tests.test_service_analyses import OnnxOracle
 
 FC = "digits_fc_ibp"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    srv = Server(tmp_path_factory.mktemp("patterns") / "data", ATLAS_DASK_WORKERS="2").start()
-    yield srv
-    srv.kill()
+server = module_server("patterns", ATLAS_DASK_WORKERS="2")
 
 
 @pytest.fixture(scope="module")

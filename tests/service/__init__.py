@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,6 +26,18 @@ SLOW_ANALYSIS = "tests.service.slow"
 # is the default owner; ATLAS_API_TOKENS has a named one (alice) and a bare one (bob).
 TOKEN, ALICE, BOB = "test-token-default", "tok-alice-1", "tok-bob-2"
 TOKEN_ENV = {"ATLAS_API_TOKEN": TOKEN, "ATLAS_API_TOKENS": f"alice:{ALICE}, {BOB}"}
+
+
+def module_server(name: str, **env: str):
+    """A module-scoped fixture: a real server on a fresh data dir ``<name>``, killed after."""
+
+    @pytest.fixture(scope="module")
+    def server(tmp_path_factory: pytest.TempPathFactory):
+        srv = Server(tmp_path_factory.mktemp(name) / "data", **env).start()
+        yield srv
+        srv.kill()
+
+    return server
 
 
 def free_port() -> int:
