@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.spatial import ConvexHull
 from torch import Tensor
 
 from app.analyses.linear_regions.codes import first_appearance_ids, pack_codes
@@ -270,24 +271,10 @@ def _merge_cells(cells: list[np.ndarray], pattern_ids: np.ndarray,
     members: list[list[np.ndarray]] = [[] for _ in order]
     for cell, g in zip(cells, rank[group.ravel()], strict=True):
         members[g].append(cell)
-    return [cells[first[g]] if len(m) == 1 else convex_hull(np.concatenate(m))
+    return [cells[first[g]] if len(m) == 1 else _hull(np.concatenate(m))
             for g, m in zip(order, members, strict=True)], first[order]
 
 
-def convex_hull(points: np.ndarray) -> np.ndarray:
-    """Counter-clockwise convex hull of 2-D ``points`` ``[n, 2]`` (Andrew's monotone chain;
-    collinear and repeated points are dropped)."""
-    pts = sorted(set(map(tuple, points.tolist())))
-    if len(pts) < 3:
-        return np.asarray(pts, dtype=np.float64)
-
-    def half(seq: list[tuple[float, float]]) -> list[tuple[float, float]]:
-        out: list[tuple[float, float]] = []
-        for p in seq:
-            while len(out) >= 2 and ((out[-1][0] - out[-2][0]) * (p[1] - out[-2][1])
-                                     - (out[-1][1] - out[-2][1]) * (p[0] - out[-2][0])) <= 0:
-                out.pop()
-            out.append(p)
-        return out[:-1]
-
-    return np.asarray(half(pts) + half(pts[::-1]), dtype=np.float64)
+def _hull(points: np.ndarray) -> np.ndarray:
+    """Counter-clockwise convex hull of 2-D ``points`` (scipy's Qhull; corners only)."""
+    return points[ConvexHull(points).vertices]
