@@ -78,6 +78,14 @@ class AffineLayer(Layer):
         rad = self.abs_linear((hi - lo) / 2)
         return mid - rad, mid + rad
 
+    def columns(self, units: Tensor, in_shape: tuple[int, ...]) -> Tensor:
+        """Columns ``A[:, k]`` for the flat input indices ``units`` ``[E]``, as rows shaped like
+        one output ``[E, *out_shape]``. Here by applying ``A`` to one-hot inputs; kinds with a
+        sparse ``A`` gather them from their weights instead."""
+        eye = torch.zeros((len(units), math.prod(in_shape)), dtype=self._dtype())
+        eye[torch.arange(len(units)), units] = 1.0
+        return self.linear(eye.reshape(len(units), *in_shape))
+
     def matrix(self, in_shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         """Dense ``(A, b)`` acting on flattened inputs: ``A`` is ``[out_numel, in_numel]``."""
         n = math.prod(in_shape)
@@ -114,6 +122,9 @@ class Linear(AffineLayer):
 
     def bias_map(self, out_shape: tuple[int, ...]) -> Tensor:
         return self.bias
+
+    def columns(self, units: Tensor, in_shape: tuple[int, ...]) -> Tensor:
+        return self.weight.T[units]
 
     def matrix(self, in_shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         return self.weight, self.bias
@@ -154,6 +165,22 @@ class Conv2d(AffineLayer):
     def bias_map(self, out_shape: tuple[int, ...]) -> Tensor:
         return self.bias.reshape(-1, 1, 1).expand(out_shape)
 
+    def columns(self, units: Tensor, in_shape: tuple[int, ...]) -> Tensor:
+        """Input pixel ``(c, i, j)`` reaches output ``(o, y, x)`` through kernel tap
+        ``(i + pad - y * stride) / dilation`` (likewise for ``j``) when that is a whole tap
+        index inside the kernel and ``o`` is in ``c``'s group: one gather, no convolution."""
+        o_ch, c_per_group, kh, kw = self.weight.shape
+        c, rest = units // (in_shape[1] * in_shape[2]), units % (in_shape[1] * in_shape[2])
+        ty, oky = _taps(rest // in_shape[2], in_shape[1], kh, self.stride[0], self.padding[0],
+                        self.dilation[0])
+        tx, okx = _taps(rest % in_shape[2], in_shape[2], kw, self.stride[1], self.padding[1],
+                        self.dilation[1])
+        cols = self.weight[:, (c % c_per_group)[:, None, None], ty[:, :, None], tx[:, None, :]]
+        group = torch.arange(o_ch) // (o_ch // self.groups)
+        mask = (oky[:, :, None] & okx[:, None, :])[None] & (
+            group[:, None] == c // c_per_group)[..., None, None]
+        return (cols * mask).movedim(0, 1)
+
     def transpose(self, y: Tensor, in_shape: tuple[int, ...]) -> Tensor:
         lead = y.shape[:-3]
         y4 = y.reshape(-1, *y.shape[-3:])
@@ -172,6 +199,16 @@ class Conv2d(AffineLayer):
     def describe(self) -> str:
         o, i, kh, kw = self.weight.shape
         return f"conv {i}->{o} k{kh}x{kw} s{self.stride[0]} p{self.padding[0]}"
+
+
+def _taps(pos: Tensor, size: int, k: int, stride: int, pad: int,
+          dilation: int) -> tuple[Tensor, Tensor]:
+    """Kernel tap ``[E, n_out]`` linking input position ``pos`` ``[E]`` to each output position
+    along one axis, and whether that link exists."""
+    n_out = (size + 2 * pad - dilation * (k - 1) - 1) // stride + 1
+    off = pos[:, None] + pad - torch.arange(n_out) * stride
+    ok = (off % dilation == 0) & (off >= 0) & (off < dilation * k)
+    return (off // dilation).clamp(0, k - 1), ok
 
 
 class ElementwiseAffine(AffineLayer):

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from app.analyses.linear_regions.codes import first_appearance_ids, pack_codes, rows_differ
+from app.analyses.linear_regions.crossings import cut_and_push, fusable_chain
 from app.analyses.linear_regions.rules import rule_for
 from app.analyses.linear_regions.strips import class_strips
 from app.errors import InvalidInputError
@@ -90,13 +91,17 @@ class _Points:
         self.valid = line[1:] == line[:-1]  # segment s joins two points of the same line
 
     def insert(self, seg: np.ndarray, ratio: np.ndarray) -> None:
-        """Add points at ``ratio`` along segments ``seg``, interpolating every live value.
+        """Add points at ``ratio`` along segments ``seg``, interpolating every live value."""
+        seg, ratio, _, keep, _ = self.place(seg, ratio)
+        self.spread(seg[keep], ratio[keep])
 
-        New points closer than ``min_gap`` (in t) to their neighbours are dropped. Every old
-        point is followed by the new points of its segment, so the merged arrays are the old
-        ones with each row repeated (1 + its segment's new points) times, then the new rows
-        written over the copies."""
-        seg, ratio = _sorted_cuts(seg, ratio.astype(np.float64, copy=False))
+    def place(self, seg: np.ndarray, ratio: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Cuts sorted by (segment, ratio): ``seg``, ``ratio``, the sorting ``order``, which to
+        ``keep`` and which are ``inside`` (not within ``min_gap`` of their segment's end).
+
+        A new point closer than ``min_gap`` (in t) to the point before it or to the segment's
+        end is dropped."""
+        seg, ratio, order = _sorted_cuts(seg, ratio.astype(np.float64, copy=False))
         t0 = self.ts[seg]
         span = self.ts[seg + 1] - t0
         t_new = t0 + ratio * span
@@ -105,13 +110,19 @@ class _Points:
         prev = np.empty_like(t_new)
         prev[1:] = t_new[:-1]
         prev[first] = t0[first]
-        keep = (t_new - prev >= self.min_gap) & (t0 + span - t_new >= self.min_gap)
-        if not keep.all():
-            seg, ratio, t_new = seg[keep], ratio[keep], t_new[keep]
-        if not len(seg):
-            return
+        inside = t0 + span - t_new >= self.min_gap
+        return seg, ratio, order, (t_new - prev >= self.min_gap) & inside, inside
+
+    def spread(self, seg: np.ndarray, ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Insert kept cuts (sorted): every old point is followed by the new points of its
+        segment, so the merged arrays are the old ones with each row repeated (1 + its
+        segment's new points) times, then the new rows written over the copies. Returns those
+        repeats and the new rows' positions."""
         reps = np.bincount(seg, minlength=len(self.ts)) + 1
         new_pos = seg + np.arange(1, len(seg) + 1)
+        if not len(seg):
+            return reps, new_pos
+        t_new = self.ts[seg] + ratio * (self.ts[seg + 1] - self.ts[seg])
         self.ts = np.repeat(self.ts, reps)
         self.ts[new_pos] = t_new
         self.line = np.repeat(self.line, reps)
@@ -125,21 +136,22 @@ class _Points:
             self.values[node] = out
         self.codes = [np.repeat(c, reps[:-1], 0) for c in self.codes]
         self.valid = np.repeat(self.valid, reps[:-1])
+        return reps, new_pos
 
     def inputs(self, net: Network, i: int) -> list[np.ndarray]:
         return [self.values[j] for j in net.inputs[i]]
 
 
-def _sorted_cuts(seg: np.ndarray, ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``seg`` and ``ratio`` in ``np.lexsort((ratio, seg))`` order, found by one stable argsort
-    of ``seg + ratio`` (ratios lie in [0, 1)); the lexsort runs only where that order is
-    checked to be wrong (rounding merged two ratios, or a ratio rounded up to 1)."""
+def _sorted_cuts(seg: np.ndarray, ratio: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``seg``, ``ratio`` and the order in ``np.lexsort((ratio, seg))`` order, found by one
+    stable argsort of ``seg + ratio`` (ratios lie in [0, 1)); the lexsort runs only where that
+    order is checked to be wrong (rounding merged two ratios, or a ratio rounded up to 1)."""
     order = np.argsort(seg + ratio, kind="stable")
     s, r = seg[order], ratio[order]
     if ((s[1:] > s[:-1]) | ((s[1:] == s[:-1]) & (r[1:] >= r[:-1]))).all():
-        return s, r
+        return s, r, order
     order = np.lexsort((ratio, seg))
-    return seg[order], ratio[order]
+    return seg[order], ratio[order], order
 
 
 def _as_array(net: Network, x: Tensor | np.ndarray, dtype: torch.dtype) -> np.ndarray:
@@ -177,24 +189,36 @@ def trace_segments(net: Network, starts: np.ndarray, ends: np.ndarray,
     pts = _Points(ts, np.repeat(np.arange(n), 2), {INPUT: x},
                   min_gap=8 * float(np.finfo(starts.dtype).eps))
     last_use = {j: i for i, ins in enumerate(net.inputs) for j in ins}
+    consumers: dict[int, list[int]] = {}
+    for i, ins in enumerate(net.inputs):
+        for j in ins:
+            consumers.setdefault(j, []).append(i)
+    done = -1  # nodes up to here were computed by a ReLU's crossings (``cut_and_push``)
     for i, layer in enumerate(net.layers):
-        rule = rule_for(layer)
-        for _ in range(rule.line_rounds):
-            cuts = rule.line_cuts(layer, pts.inputs(net, i), pts.valid)
-            if cuts is None:
-                break
-            pts.insert(*cuts)
-        ins = pts.inputs(net, i)
-        code = rule.line_code(layer, ins)
-        if code is not None:
-            pts.codes.append(code)
-            pts.code_nodes.append(i)
-        pts.values[i] = rule.line_forward(layer, ins)
-        for j in net.inputs[i]:
-            if last_use[j] == i:
-                del pts.values[j]
+        if i <= done:
+            continue
+        chain = fusable_chain(net, i, consumers)
+        if chain is not None:
+            cut_and_push(pts, net, i, chain)
+            done = chain[-1]
+        else:
+            rule = rule_for(layer)
+            for _ in range(rule.line_rounds):
+                cuts = rule.line_cuts(layer, pts.inputs(net, i), pts.valid)
+                if cuts is None:
+                    break
+                pts.insert(*cuts)
+            ins = pts.inputs(net, i)
+            code = rule.line_code(layer, ins)
+            if code is not None:
+                pts.codes.append(code)
+                pts.code_nodes.append(i)
+            pts.values[i] = rule.line_forward(layer, ins)
+            for j in net.inputs[i]:
+                if last_use[j] == i:
+                    del pts.values[j]
         if progress is not None:
-            report(progress, (i + 1) / len(net.layers),
+            report(progress, (max(i, done) + 1) / len(net.layers),
                    f"layer {i + 1}/{len(net.layers)} ({layer.kind}): {len(pts.ts)} points")
     return pts
 

@@ -55,6 +55,24 @@ def envelope_cuts(wa: np.ndarray, wb: np.ndarray, valid: np.ndarray, tol: float)
     return flat // units, gap_a[flat] / (gap_a[flat] + gap_b[flat])
 
 
+def relu_crossings(pre: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray,
+                                                                np.ndarray]:
+    """Segment, ratio and unit of every zero crossing of the pre-activations ``[P, n]``: a unit
+    above ``tol`` at one end of a valid segment and below ``-tol`` at the other. Candidates are
+    the sign changes, found on the flat array (a 2-D ``nonzero`` is several times slower), and
+    are then checked against ``tol``."""
+    units = pre.shape[1]
+    neg = np.signbit(pre)
+    flat = np.flatnonzero(neg[:-1] != neg[1:])  # index s * units + n: unit n on segment s
+    seg, unit = np.divmod(flat, units)
+    values = pre.ravel()
+    pa, pb = values[flat], values[flat + units]
+    tol = tolerance(pre)
+    keep = valid[seg] & (np.abs(pa) > tol) & (np.abs(pb) > tol)
+    pa, pb = pa[keep], pb[keep]
+    return seg[keep], pa / (pa - pb), unit[keep]
+
+
 class Rule:
     """Default rule: the layer is affine in its inputs, so it never bends anything."""
 
@@ -135,22 +153,8 @@ class ReLURule(Rule):
     line_rounds = 1  # every zero crossing of an affine function is found at once
 
     def line_cuts(self, layer: Layer, ins: list[np.ndarray], valid: np.ndarray) -> Cuts | None:
-        """Cut where a unit is above ``tol`` at one end of a segment and below ``-tol`` at the
-        other. Candidates are the sign changes, found on the flat array (a 2-D ``nonzero`` is
-        several times slower), and are then checked against ``tol``."""
-        pre = ins[0].reshape(ins[0].shape[0], -1)
-        units = pre.shape[1]
-        neg = np.signbit(pre)
-        flat = np.flatnonzero(neg[:-1] != neg[1:])  # index s * units + n: unit n on segment s
-        seg = flat // units
-        values = pre.ravel()
-        pa, pb = values[flat], values[flat + units]
-        tol = tolerance(pre)
-        keep = valid[seg] & (np.abs(pa) > tol) & (np.abs(pb) > tol)
-        if not keep.any():
-            return None
-        pa, pb = pa[keep], pb[keep]
-        return seg[keep], pa / (pa - pb)
+        seg, ratio, _ = relu_crossings(ins[0].reshape(ins[0].shape[0], -1), valid)
+        return (seg, ratio) if len(seg) else None
 
     def line_code(self, layer: Layer, ins: list[np.ndarray]) -> np.ndarray:
         pre = ins[0].reshape(ins[0].shape[0], -1)

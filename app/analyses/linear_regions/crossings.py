@@ -1,0 +1,188 @@
+"""A ReLU's zero crossings pushed through the affine layer after it, one column per crossing.
+
+Cutting a segment at a ReLU's zero crossings and then running the next affine layer ``A`` on
+every new point costs one full layer evaluation per crossing; a conv net's first ReLU crosses
+zero a thousand times on a typical path. Between two neighbouring points only the crossing
+unit ``k`` changes its on/off state, so ``A relu(x)`` changes slope by ``|dx_k| A[:, k]``
+there: the values at all new points follow from the values at the segment's two ends (which
+the layer computes anyway) plus one column of ``A`` per crossing, gathered from the weights.
+
+Inside an old segment with end values ``ya``, ``yb`` and crossings at ratios
+``0 < r_1 < ... < r_M < 1``, write ``g_j`` for the slope of ``y`` on sub-segment ``j`` (between
+``r_j`` and ``r_{j+1}``, with ``r_0 = 0``, ``r_{M+1} = 1``) and ``h_j = g_j - g_0`` for the
+sum of the columns switched on (minus those switched off) up to ``r_j``. Then
+``yb - ya = g_0 + sum_j (r_{j+1} - r_j) h_j`` gives ``g_0``, and
+``y(r_m) = ya + r_m g_0 + sum_{j < m} (r_{j+1} - r_j) h_j``: two cumulative sums.
+The on/off codes of the sub-segments are the first sub-segment's code with the crossing
+units flipped, a cumulative XOR over a boolean array instead of the float values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from app.analyses.linear_regions.rules import relu_crossings, rule_for
+from app.layers import AffineLayer, Flatten, ReLU, Reshape
+from app.network import Network
+
+MAX_BLOCK = 1 << 23  # new points x layer outputs per block of the column sums (64 MiB float64)
+WIDE_ROWS = 256  # from this row width on, cumulative sums run row by row
+
+
+def fusable_chain(net: Network, i: int, consumers: dict[int, list[int]]) -> list[int] | None:
+    """The nodes after ReLU node ``i`` that its crossings can skip: reshapes, then one affine
+    layer with gathered columns, each the only reader of the one before (None: no such chain).
+    """
+    if not isinstance(net.layers[i], ReLU) or len(consumers.get(net.inputs[i][0], ())) != 1:
+        return None
+    chain, node = [], i
+    while len(consumers.get(node, ())) == 1:
+        node = consumers[node][0]
+        layer = net.layers[node]
+        if net.inputs[node] != (chain[-1] if chain else i,) or not isinstance(layer, AffineLayer):
+            return None
+        chain.append(node)
+        if not isinstance(layer, Flatten | Reshape):
+            return chain
+    return None
+
+
+def cut_and_push(pts, net: Network, i: int, chain: list[int]) -> None:
+    """Cut the points' segments at ReLU node ``i``'s zero crossings, record its codes, and give
+    the points the values of the chain's last node (``fusable_chain``), without computing the
+    ReLU's or the reshapes' values at the new points."""
+    pre_node, last = net.inputs[i][0], chain[-1]
+    pre = pts.values.pop(pre_node)
+    flat = pre.reshape(len(pre), -1)
+    y_old = np.maximum(pre, 0)
+    for node in chain:
+        y_old = rule_for(net.layers[node]).line_forward(net.layers[node], [y_old])
+    seg, ratio, unit = relu_crossings(flat, pts.valid)
+    first_code = (flat[:-1] + flat[1:]) > 0
+    if not len(seg):
+        pts.codes.append(first_code)
+        pts.code_nodes.append(i)
+        pts.values[last] = y_old
+        return
+    seg, ratio, order, keep, inside = pts.place(seg, ratio)
+    unit = unit[order]
+    kept = np.cumsum(keep) - 1  # the last kept new point at or before each cut
+    seg_first = _segment_starts(seg)
+    # a crossing too close to its segment's end stays in the last sub-segment; one before the
+    # segment's first new point is in the first sub-segment's code already
+    flips = inside & (kept >= kept[seg_first] + 1 - keep[seg_first])
+    k_seg, k_ratio = seg[keep], ratio[keep]
+    f_point, f_unit = kept[flips], unit[flips]
+    f_weight = np.abs(flat[seg[flips] + 1, f_unit] - flat[seg[flips], f_unit])
+
+    # the code of each cut segment's first sub-segment, at that sub-segment's middle
+    cut_segs, first_kept = np.unique(k_seg, return_index=True)
+    r1 = k_ratio[first_kept][:, None]
+    first_code[cut_segs] = (flat[cut_segs] * (1 - r1 / 2) + flat[cut_segs + 1] * (r1 / 2)) > 0
+    y_new = _values_at_new_points(net.layers[last], net.in_shape(last), y_old, k_seg, k_ratio,
+                                  f_point, f_unit, f_weight)
+    reps, new_pos = pts.spread(k_seg, k_ratio)
+    pts.codes.append(_flipped_codes(first_code, reps[:-1], new_pos, f_point, f_unit))
+    pts.code_nodes.append(i)
+    out = np.repeat(y_old, reps, 0)
+    out[new_pos] = y_new
+    pts.values[last] = out
+
+
+def _segment_starts(seg: np.ndarray) -> np.ndarray:
+    """For rows sorted by ``seg``: the index of the first row of each row's segment."""
+    return np.searchsorted(seg, seg)
+
+
+def _cumsum_rows(x: np.ndarray, first: np.ndarray) -> None:
+    """In place: each row of ``x`` plus the rows before it, restarting at rows where ``first``.
+
+    Wide rows are added one after the other: numpy's ``cumsum`` along the rows of a wide
+    array is several times slower than one vectorised row addition per row."""
+    if x.shape[1] >= WIDE_ROWS:
+        for i in np.flatnonzero(~first):
+            np.add(x[i - 1], x[i], out=x[i])
+        return
+    starts = np.flatnonzero(first)
+    offsets = np.cumsum(x, 0, out=x)[starts - 1]
+    offsets[starts == 0] = 0
+    x -= np.repeat(offsets, np.diff(np.append(starts, len(x))), 0)
+
+
+def _values_at_new_points(layer: AffineLayer, in_shape: tuple[int, ...], y_old: np.ndarray,
+                          k_seg: np.ndarray, k_ratio: np.ndarray, f_point: np.ndarray,
+                          f_unit: np.ndarray, f_weight: np.ndarray) -> np.ndarray:
+    """The layer's values at the kept new points, in blocks of whole segments."""
+    width = int(np.prod(y_old.shape[1:]))
+    y_flat = y_old.reshape(len(y_old), width)
+    out = np.empty((len(k_seg), width), dtype=y_old.dtype)
+    bounds = np.flatnonzero(np.r_[True, k_seg[1:] != k_seg[:-1], True])  # segment starts
+    step = max(1, MAX_BLOCK // max(width, 1))
+    lo = 0
+    while lo < len(k_seg):
+        hi = bounds[np.searchsorted(bounds, lo + step, side="right") - 1]
+        hi = hi if hi > lo else bounds[np.searchsorted(bounds, lo, side="right")]
+        fl, fh = np.searchsorted(f_point, [lo, hi])
+        with torch.no_grad():
+            cols = layer.columns(torch.from_numpy(f_unit[fl:fh]), in_shape).numpy()
+        out[lo:hi] = _block(y_flat, cols.reshape(fh - fl, width), k_seg[lo:hi],
+                            k_ratio[lo:hi], f_point[fl:fh] - lo, f_weight[fl:fh])
+        lo = hi
+    return out.reshape(len(k_seg), *y_old.shape[1:])
+
+
+def _block(y_flat: np.ndarray, cols: np.ndarray, seg: np.ndarray, ratio: np.ndarray,
+           f_point: np.ndarray, f_weight: np.ndarray) -> np.ndarray:
+    """``y(r_m)`` for new points sorted by (segment, ratio) (module docstring's formula)."""
+    cols *= f_weight.astype(cols.dtype, copy=False)[:, None]
+    if len(f_point) == len(seg) and (f_point == np.arange(len(seg))).all():
+        h = cols  # one crossing per point: the usual case, no scatter
+    else:
+        h = torch.zeros((len(seg), cols.shape[1]), dtype=torch.from_numpy(cols).dtype
+                        ).index_add_(0, torch.from_numpy(f_point), torch.from_numpy(cols)).numpy()
+    first = np.ones(len(seg), dtype=bool)
+    first[1:] = seg[1:] != seg[:-1]
+    _cumsum_rows(h, first)  # h_m: columns switched up to point m
+    r_next = np.ones_like(ratio)
+    r_next[:-1] = np.where(first[1:], 1.0, ratio[1:])
+    h *= (r_next - ratio).astype(h.dtype, copy=False)[:, None]
+    _cumsum_rows(h, first)  # sum_{j <= m} (r_{j+1} - r_j) h_j
+    last = np.append(np.flatnonzero(first[1:]), len(seg) - 1)  # each segment's last row
+    starts = np.flatnonzero(first)
+    g0 = y_flat[seg[starts] + 1] - y_flat[seg[starts]] - h[last]
+    out = np.empty_like(h)  # the exclusive sum: the inclusive one moved down a row
+    out[1:] = h[:-1]
+    out[starts] = 0
+    counts = np.diff(np.append(starts, len(seg)))
+    r = ratio.astype(h.dtype, copy=False)[:, None]
+    if len(starts) == 1:
+        out += y_flat[seg[0]]
+        out += r * g0
+    else:
+        out += y_flat[seg]
+        out += r * np.repeat(g0, counts, 0)
+    return out
+
+
+def _flipped_codes(first_code: np.ndarray, reps: np.ndarray, new_pos: np.ndarray,
+                   f_point: np.ndarray, f_unit: np.ndarray) -> np.ndarray:
+    """On/off codes of the new sub-segments: each old segment's first code, with every unit
+    that crossed zero flipped from its crossing's sub-segment to the end of the segment.
+    The flips are accumulated on packed bits (one bit per unit, 64 per word)."""
+    n_units = first_code.shape[1]
+    words = -(-n_units // 64)
+    packed = np.zeros((len(first_code), words * 8), dtype=np.uint8)
+    packed[:, :-(-n_units // 8)] = np.packbits(first_code, axis=1)
+    codes = np.repeat(packed, reps, 0)
+    flips = np.zeros_like(codes)
+    np.bitwise_xor.at(flips, (new_pos[f_point], f_unit // 8),
+                      (128 >> (f_unit % 8)).astype(np.uint8))
+    flip_words = flips.view(np.uint64)
+    parity = np.bitwise_xor.accumulate(flip_words, 0)
+    starts = np.cumsum(reps) - reps  # each old segment's first sub-segment
+    before = np.zeros((len(starts), parity.shape[1]), dtype=parity.dtype)
+    before[1:] = parity[starts[1:] - 1]
+    parity ^= np.repeat(before, reps, 0)
+    codes.view(np.uint64)[:] ^= parity
+    return np.unpackbits(codes, axis=1, count=n_units).astype(bool)
