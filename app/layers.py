@@ -86,6 +86,12 @@ class AffineLayer(Layer):
         eye[torch.arange(len(units)), units] = 1.0
         return self.linear(eye.reshape(len(units), *in_shape))
 
+    def column_entries(self, units: Tensor, in_shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        """The same columns as (flat output index ``[E, m]``, value ``[E, m]``) pairs; a
+        sparse kind lists only the ``m`` entries a column can have (padding: value 0)."""
+        cols = self.columns(units, in_shape).reshape(len(units), -1)
+        return torch.arange(cols.shape[1]).expand(cols.shape), cols
+
     def matrix(self, in_shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         """Dense ``(A, b)`` acting on flattened inputs: ``A`` is ``[out_numel, in_numel]``."""
         n = math.prod(in_shape)
@@ -166,20 +172,32 @@ class Conv2d(AffineLayer):
         return self.bias.reshape(-1, 1, 1).expand(out_shape)
 
     def columns(self, units: Tensor, in_shape: tuple[int, ...]) -> Tensor:
+        index, value = self.column_entries(units, in_shape)
+        o_ch = self.weight.shape[0]
+        out = torch.zeros((len(units), o_ch * _out_size(in_shape[1], self, 0)
+                           * _out_size(in_shape[2], self, 1)), dtype=value.dtype)
+        return out.scatter_add_(1, index, value).reshape(len(units), o_ch, -1, _out_size(
+            in_shape[2], self, 1))
+
+    def column_entries(self, units: Tensor, in_shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         """Input pixel ``(c, i, j)`` reaches output ``(o, y, x)`` through kernel tap
         ``(i + pad - y * stride) / dilation`` (likewise for ``j``) when that is a whole tap
-        index inside the kernel and ``o`` is in ``c``'s group: one gather, no convolution."""
+        index inside the kernel and ``o`` is in ``c``'s group: a few output rows and columns
+        per pixel, gathered from the weights (no convolution)."""
         o_ch, c_per_group, kh, kw = self.weight.shape
+        per_group = o_ch // self.groups
         c, rest = units // (in_shape[1] * in_shape[2]), units % (in_shape[1] * in_shape[2])
-        ty, oky = _taps(rest // in_shape[2], in_shape[1], kh, self.stride[0], self.padding[0],
-                        self.dilation[0])
-        tx, okx = _taps(rest % in_shape[2], in_shape[2], kw, self.stride[1], self.padding[1],
-                        self.dilation[1])
-        cols = self.weight[:, (c % c_per_group)[:, None, None], ty[:, :, None], tx[:, None, :]]
-        group = torch.arange(o_ch) // (o_ch // self.groups)
-        mask = (oky[:, :, None] & okx[:, None, :])[None] & (
-            group[:, None] == c // c_per_group)[..., None, None]
-        return (cols * mask).movedim(0, 1)
+        h_out, w_out = _out_size(in_shape[1], self, 0), _out_size(in_shape[2], self, 1)
+        y, ty, oky = _taps(rest // in_shape[2], h_out, kh, self, 0)
+        x, tx, okx = _taps(rest % in_shape[2], w_out, kw, self, 1)
+        o = (c // c_per_group)[:, None] * per_group + torch.arange(per_group)  # [E, O/groups]
+        value = self.weight[o[:, :, None, None], (c % c_per_group)[:, None, None, None],
+                            ty[:, None, :, None], tx[:, None, None, :]]
+        ok = (oky[:, :, None] & okx[:, None, :])[:, None]
+        index = (o[:, :, None, None] * h_out + y[:, None, :, None]) * w_out + x[:, None, None, :]
+        n = len(units)
+        return (torch.where(ok, index, 0).reshape(n, -1),
+                torch.where(ok, value, 0).reshape(n, -1))
 
     def transpose(self, y: Tensor, in_shape: tuple[int, ...]) -> Tensor:
         lead = y.shape[:-3]
@@ -201,14 +219,21 @@ class Conv2d(AffineLayer):
         return f"conv {i}->{o} k{kh}x{kw} s{self.stride[0]} p{self.padding[0]}"
 
 
-def _taps(pos: Tensor, size: int, k: int, stride: int, pad: int,
-          dilation: int) -> tuple[Tensor, Tensor]:
-    """Kernel tap ``[E, n_out]`` linking input position ``pos`` ``[E]`` to each output position
-    along one axis, and whether that link exists."""
-    n_out = (size + 2 * pad - dilation * (k - 1) - 1) // stride + 1
-    off = pos[:, None] + pad - torch.arange(n_out) * stride
-    ok = (off % dilation == 0) & (off >= 0) & (off < dilation * k)
-    return (off // dilation).clamp(0, k - 1), ok
+def _out_size(size: int, conv: Conv2d, axis: int) -> int:
+    k = conv.weight.shape[2 + axis]
+    return (size + 2 * conv.padding[axis] - conv.dilation[axis] * (k - 1) - 1
+            ) // conv.stride[axis] + 1
+
+
+def _taps(pos: Tensor, n_out: int, k: int, conv: Conv2d,
+          axis: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The output positions ``[E, m]`` that input position ``pos`` ``[E]`` can reach along one
+    axis, the kernel tap linking them, and whether that link exists."""
+    s, p, d = conv.stride[axis], conv.padding[axis], conv.dilation[axis]
+    out = (pos + p)[:, None] // s - torch.arange((d * (k - 1)) // s + 1)
+    off = (pos + p)[:, None] - out * s
+    ok = (out >= 0) & (out < n_out) & (off % d == 0) & (off < d * k)
+    return out.clamp(0, n_out - 1), (off // d).clamp(0, k - 1), ok
 
 
 class ElementwiseAffine(AffineLayer):

@@ -119,6 +119,15 @@ class Network(nn.Module):
         return all(ins == (i - 1,) for i, ins in enumerate(self.inputs))
 
     @property
+    def consumers(self) -> dict[int, list[int]]:
+        """The nodes reading each node's output (``INPUT`` for the network's input)."""
+        out: dict[int, list[int]] = {}
+        for i, ins in enumerate(self.inputs):
+            for j in ins:
+                out.setdefault(j, []).append(i)
+        return out
+
+    @property
     def relu_indices(self) -> list[int]:
         return [i for i, layer in enumerate(self.layers) if isinstance(layer, ReLU)]
 

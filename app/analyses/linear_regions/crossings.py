@@ -95,7 +95,7 @@ def _segment_starts(seg: np.ndarray) -> np.ndarray:
     return np.searchsorted(seg, seg)
 
 
-def _cumsum_rows(x: np.ndarray, first: np.ndarray) -> None:
+def cumsum_rows(x: np.ndarray, first: np.ndarray) -> None:
     """In place: each row of ``x`` plus the rows before it, restarting at rows where ``first``.
 
     Wide rows are added one after the other: numpy's ``cumsum`` along the rows of a wide
@@ -125,29 +125,27 @@ def _values_at_new_points(layer: AffineLayer, in_shape: tuple[int, ...], y_old: 
         hi = hi if hi > lo else bounds[np.searchsorted(bounds, lo, side="right")]
         fl, fh = np.searchsorted(f_point, [lo, hi])
         with torch.no_grad():
-            cols = layer.columns(torch.from_numpy(f_unit[fl:fh]), in_shape).numpy()
-        out[lo:hi] = _block(y_flat, cols.reshape(fh - fl, width), k_seg[lo:hi],
-                            k_ratio[lo:hi], f_point[fl:fh] - lo, f_weight[fl:fh])
+            index, value = layer.column_entries(torch.from_numpy(f_unit[fl:fh]), in_shape)
+        value = value * torch.from_numpy(f_weight[fl:fh]).to(value.dtype)[:, None]
+        rows = torch.from_numpy(f_point[fl:fh] - lo)[:, None] * width
+        h = torch.zeros((hi - lo) * width, dtype=value.dtype).index_add_(
+            0, (rows + index).reshape(-1), value.reshape(-1)).reshape(hi - lo, width)
+        out[lo:hi] = _block(y_flat, h.numpy(), k_seg[lo:hi], k_ratio[lo:hi])
         lo = hi
     return out.reshape(len(k_seg), *y_old.shape[1:])
 
 
-def _block(y_flat: np.ndarray, cols: np.ndarray, seg: np.ndarray, ratio: np.ndarray,
-           f_point: np.ndarray, f_weight: np.ndarray) -> np.ndarray:
-    """``y(r_m)`` for new points sorted by (segment, ratio) (module docstring's formula)."""
-    cols *= f_weight.astype(cols.dtype, copy=False)[:, None]
-    if len(f_point) == len(seg) and (f_point == np.arange(len(seg))).all():
-        h = cols  # one crossing per point: the usual case, no scatter
-    else:
-        h = torch.zeros((len(seg), cols.shape[1]), dtype=torch.from_numpy(cols).dtype
-                        ).index_add_(0, torch.from_numpy(f_point), torch.from_numpy(cols)).numpy()
+def _block(y_flat: np.ndarray, h: np.ndarray, seg: np.ndarray,
+           ratio: np.ndarray) -> np.ndarray:
+    """``y(r_m)`` for new points sorted by (segment, ratio) from the columns switched at each
+    point, ``h`` (module docstring's formula; ``h`` is overwritten)."""
     first = np.ones(len(seg), dtype=bool)
     first[1:] = seg[1:] != seg[:-1]
-    _cumsum_rows(h, first)  # h_m: columns switched up to point m
+    cumsum_rows(h, first)  # h_m: columns switched up to point m
     r_next = np.ones_like(ratio)
     r_next[:-1] = np.where(first[1:], 1.0, ratio[1:])
     h *= (r_next - ratio).astype(h.dtype, copy=False)[:, None]
-    _cumsum_rows(h, first)  # sum_{j <= m} (r_{j+1} - r_j) h_j
+    cumsum_rows(h, first)  # sum_{j <= m} (r_{j+1} - r_j) h_j
     last = np.append(np.flatnonzero(first[1:]), len(seg) - 1)  # each segment's last row
     starts = np.flatnonzero(first)
     g0 = y_flat[seg[starts] + 1] - y_flat[seg[starts]] - h[last]

@@ -23,6 +23,7 @@ import torch
 from captum.attr import IntegratedGradients
 from torch import Tensor
 
+from app.analyses.linear_regions.crossings import cumsum_rows, fusable_chain
 from app.analyses.linear_regions.line import (
     _as_batch,
     _in_dtype,
@@ -31,6 +32,7 @@ from app.analyses.linear_regions.line import (
     trace_segments,
 )
 from app.analyses.linear_regions.rules import rule_for
+from app.layers import AffineLayer
 from app.network import Network
 from app.progress import ProgressFn, report
 
@@ -119,10 +121,20 @@ def _mean_gradient(net: Network, pts: _Points, target: int) -> Tensor | None:
     grad = torch.zeros(len(weights), net.num_outputs, dtype=net.dtype)
     grad[:, target] = weights.to(net.dtype)
     grad = grad.reshape(len(weights), *net.shapes[-1])
+    # the lowest ReLU and the affine layer after it: summed over all rows by its flips
+    chain = fusable_chain(net, bends[0], net.consumers) if bends else None
+    skip = set(chain + [bends[0]]) if chain else set()
     for i, layer in reversed(list(enumerate(net.layers))):
-        code = None
+        first = code = None
+        if i in levels or (chain and i == chain[-1]):
+            level = levels[i if i in levels else bends[0]]
+            first = np.flatnonzero(np.concatenate([[True], np.diff(level) != 0]))
+        if chain and i == chain[-1]:
+            grad = _through_lowest_relu(net.layers[i], net.in_shape(i), grad,
+                                        codes[bends[0]][first]).reshape(1, *net.shapes[bends[0]])
+        if i in skip:
+            continue
         if i in levels:
-            first = np.flatnonzero(np.concatenate([[True], np.diff(levels[i]) != 0]))
             code = codes[i][first]
         grad = rule_for(layer).line_backward(layer, grad, code, net.in_shape(i))
         if grad is None:
@@ -133,6 +145,43 @@ def _mean_gradient(net: Network, pts: _Points, target: int) -> Tensor | None:
             grad = torch.zeros((int(coarse.max()) + 1, *grad.shape[1:]), dtype=grad.dtype
                                ).index_add_(0, torch.from_numpy(coarse), grad)
     return grad[0]
+
+
+@torch.no_grad()
+def _through_lowest_relu(layer: AffineLayer, in_shape: tuple[int, ...], grad: Tensor,
+                         code: np.ndarray) -> Tensor:
+    """``sum_g D_g A^T grad_g`` over rows ``g`` (in line order) for the lowest ReLU's masks
+    ``D_g`` (``code``) and the affine layer ``A`` after it, as one row shaped like the ReLU.
+
+    Consecutive rows' masks differ in a few units, so with ``D_g = D_0 + sum of the flips up to
+    g`` the sum is ``D_0 A^T sum_g grad_g`` plus, per flip of unit ``k`` at row ``g``,
+    ``+-A[:, k] . sum_{g' >= g} grad_g'``: one transposed layer and one column per flip
+    instead of a transposed layer per row. Returns the flat row."""
+    rows = grad.detach().reshape(len(grad), -1).numpy().copy()
+    code = code.reshape(len(code), -1)
+    total = rows.sum(0)
+    out = (layer.transpose(torch.from_numpy(total).reshape(1, *grad.shape[1:]), in_shape)
+           .reshape(-1) * torch.from_numpy(code[0])).numpy()
+    g, k = _flips(code)
+    if len(g):
+        cumsum_rows(rows, np.arange(len(rows)) == 0)  # rows[g]: the sum up to row g
+        index, value = layer.column_entries(torch.from_numpy(k), in_shape)
+        # sum over rows after g = total - sum up to g
+        after = torch.from_numpy(total)[index] - torch.from_numpy(rows.reshape(-1))[
+            torch.from_numpy(g)[:, None] * rows.shape[1] + index]
+        dots = (value * after).sum(1).numpy()
+        np.add.at(out, k, np.where(code[g + 1, k], dots, -dots))
+    return torch.from_numpy(out)
+
+
+def _flips(code: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where consecutive rows of a boolean ``code`` ``[R, n]`` differ: (row before, unit),
+    found on packed bits (one byte compare per 8 units)."""
+    packed = np.packbits(code, axis=1)
+    g, byte = np.nonzero(packed[1:] != packed[:-1])
+    bits = np.unpackbits((packed[g + 1, byte] ^ packed[g, byte])[:, None], axis=1)
+    row, bit = np.nonzero(bits)
+    return g[row], byte[row] * 8 + bit
 
 
 def _mean_gradient_autograd(net: Network, pts: _Points, start: Tensor, end: Tensor,
