@@ -16,6 +16,7 @@ from torch import nn
 from app import InvalidInputError, load_network
 from app.analyses.linear_regions import (
     captum_integrated_gradients,
+    crossings,
     direction,
     endpoint,
     exact_integrated_gradients,
@@ -152,6 +153,45 @@ def test_line_oracles_on_small_models(name: str) -> None:
     # logits at the breakpoints are the network's, from an independent forward pass
     logits, _ = _forward(net.with_dtype(torch.float64), line.points(line.ts))
     assert np.allclose(logits, line.logits, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["fc", "conv_pool", "strided_conv"])
+def test_crossings_through_columns_equal_full_evaluations(
+        name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Values at new points from gathered columns (``crossings``) against the plain walk that
+    evaluates every layer at every point, on nets small enough that the walk would normally
+    not take that path; then the dense-sampling oracle and Captum on the fused path."""
+    net = SMALL[name]() if name in SMALL else _strided_conv()
+    g = torch.Generator().manual_seed(11)
+    a, b = (torch.rand(net.input_shape, generator=g) * 4 - 2 for _ in range(2))
+    monkeypatch.setattr(crossings, "MIN_MACS", 10**12)
+    assert not crossings.fusable_chains(net)
+    plain = exact_line(net, a, b)
+    ig_plain = exact_integrated_gradients(net, b, a, target=0)
+    monkeypatch.setattr(crossings, "MIN_MACS", 0)
+    net = net.with_dtype(net.dtype)  # a new network: its chains are looked up anew
+    assert crossings.fusable_chains(net)
+    fused = exact_line(net, a, b)
+    assert len(fused.ts) == len(plain.ts) and np.abs(fused.ts - plain.ts).max() < 1e-12
+    assert np.array_equal(fused.relu_pattern, plain.relu_pattern)
+    assert np.abs(fused.logits - plain.logits).max() <= 1e-9 * max(1, np.abs(plain.logits).max())
+    check_line(net, fused, grid=20_000)
+    ig = exact_integrated_gradients(net, b, a, target=0)
+    assert ig.completeness_error < 1e-6
+    assert relative_error(ig.attributions, ig_plain.attributions) < 1e-9
+    ref = captum_integrated_gradients(net, b, a, 0, 10_000, method="riemann_trapezoid")
+    assert relative_error(ref, ig.attributions) < 1e-3
+
+
+def _strided_conv() -> Network:
+    """Strided, dilated and grouped convolutions straight after ReLUs (their columns are
+    gathered from the kernels), and a Flatten between a ReLU and a Linear."""
+    torch.manual_seed(12)
+    return load_network(nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2, padding=2,
+                                                            dilation=2, groups=2),
+        nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 8), nn.ReLU(), nn.Linear(8, 3)),
+        input_shape=(2, 7, 7))
 
 
 def test_maxpool_switches_are_cut() -> None:

@@ -122,6 +122,32 @@ def test_affine_matrix_and_transpose_agree_with_forward() -> None:
     assert torch.allclose(conv.transpose(y, (2, 6, 6)).reshape(5, -1), y.reshape(5, -1) @ a, atol=1e-10)
 
 
+@pytest.mark.parametrize("cin,cout,k,stride,pad,dil,groups,size", [
+    (3, 8, 3, 1, 1, 1, 1, 9), (16, 32, 4, 2, 1, 1, 1, 15), (4, 6, 3, 2, 0, 2, 2, 11),
+    (2, 4, 5, 3, 2, 1, 2, 8), (2, 4, 2, 3, 0, 1, 1, 7)])
+def test_conv_columns_are_torch_convolutions_of_one_hot_inputs(
+        cin: int, cout: int, k: int, stride: int, pad: int, dil: int, groups: int,
+        size: int) -> None:
+    """Columns gathered from the kernel (stride, padding, dilation, groups) against
+    ``torch.nn.functional.conv2d`` applied to every one-hot input."""
+    torch.manual_seed(5)
+    w = torch.randn(cout, cin // groups, k, k, dtype=torch.float64)
+    conv = load_network(nn.Sequential(nn.Conv2d(cin, cout, k, stride, pad, dil, groups)),
+                        input_shape=(cin, size, size)).with_dtype(torch.float64).layers[0]
+    conv.weight.data.copy_(w)
+    n = cin * size * size
+    eye = torch.eye(n, dtype=torch.float64).reshape(n, cin, size, size)
+    truth = torch.nn.functional.conv2d(eye, w, None, stride, pad, dil, groups).reshape(n, -1)
+    units = torch.randperm(n)[:64]
+    with torch.no_grad():
+        cols = conv.columns(units, (cin, size, size)).reshape(len(units), -1)
+        index, value = conv.column_entries(units, (cin, size, size))
+    assert torch.equal(cols, truth[units])
+    dense = torch.zeros_like(cols).scatter_add_(1, index, value)
+    assert torch.equal(dense, truth[units])
+    assert index.shape[1] < truth.shape[1] or size * size <= k * k  # sparse: a few entries
+
+
 def _model_with(op: str) -> bytes:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])

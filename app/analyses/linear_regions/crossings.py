@@ -19,6 +19,8 @@ units flipped, a cumulative XOR over a boolean array instead of the float values
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 
@@ -28,11 +30,26 @@ from app.network import Network
 
 MAX_BLOCK = 1 << 23  # new points x layer outputs per block of the column sums (64 MiB float64)
 WIDE_ROWS = 256  # from this row width on, cumulative sums run row by row
+MIN_MACS = 32_768  # per point; below, a full layer evaluation costs less than the bookkeeping
+
+
+def fusable_chains(net: Network) -> dict[int, list[int]]:
+    """``fusable_chain`` of every ReLU node that has one, remembered per network (a line walk
+    asks for them on every call; tiny nets would feel the cost)."""
+    if net not in _CHAINS:
+        consumers = net.consumers
+        _CHAINS[net] = {i: chain for i in net.relu_indices
+                        if (chain := fusable_chain(net, i, consumers)) is not None}
+    return _CHAINS[net]
+
+
+_CHAINS: weakref.WeakKeyDictionary[Network, dict[int, list[int]]] = weakref.WeakKeyDictionary()
 
 
 def fusable_chain(net: Network, i: int, consumers: dict[int, list[int]]) -> list[int] | None:
     """The nodes after ReLU node ``i`` that its crossings can skip: reshapes, then one affine
-    layer with gathered columns, each the only reader of the one before (None: no such chain).
+    layer with gathered columns, each the only reader of the one before (None: no such chain,
+    or its layer is so small that evaluating it at every new point is cheaper).
     """
     if not isinstance(net.layers[i], ReLU) or len(consumers.get(net.inputs[i][0], ())) != 1:
         return None
@@ -44,8 +61,15 @@ def fusable_chain(net: Network, i: int, consumers: dict[int, list[int]]) -> list
             return None
         chain.append(node)
         if not isinstance(layer, Flatten | Reshape):
-            return chain
+            return chain if _macs_per_point(layer, net.in_shape(node)) >= MIN_MACS else None
     return None
+
+
+def _macs_per_point(layer: AffineLayer, in_shape: tuple[int, ...]) -> int:
+    """Multiply-adds of one evaluation: entries per column times columns."""
+    with torch.no_grad():
+        index, _ = layer.column_entries(torch.zeros(1, dtype=torch.long), in_shape)
+    return index.shape[1] * int(np.prod(in_shape))
 
 
 def cut_and_push(pts, net: Network, i: int, chain: list[int]) -> None:
@@ -126,7 +150,8 @@ def _values_at_new_points(layer: AffineLayer, in_shape: tuple[int, ...], y_old: 
         fl, fh = np.searchsorted(f_point, [lo, hi])
         with torch.no_grad():
             index, value = layer.column_entries(torch.from_numpy(f_unit[fl:fh]), in_shape)
-        value = value * torch.from_numpy(f_weight[fl:fh]).to(value.dtype)[:, None]
+        weight = torch.from_numpy(f_weight[fl:fh].astype(y_old.dtype, copy=False))
+        value = value.to(weight.dtype) * weight[:, None]  # columns of a parameterless layer
         rows = torch.from_numpy(f_point[fl:fh] - lo)[:, None] * width
         h = torch.zeros((hi - lo) * width, dtype=value.dtype).index_add_(
             0, (rows + index).reshape(-1), value.reshape(-1)).reshape(hi - lo, width)

@@ -23,7 +23,7 @@ import torch
 from captum.attr import IntegratedGradients
 from torch import Tensor
 
-from app.analyses.linear_regions.crossings import cumsum_rows, fusable_chain
+from app.analyses.linear_regions.crossings import cumsum_rows, fusable_chains
 from app.analyses.linear_regions.line import (
     _as_batch,
     _in_dtype,
@@ -122,7 +122,7 @@ def _mean_gradient(net: Network, pts: _Points, target: int) -> Tensor | None:
     grad[:, target] = weights.to(net.dtype)
     grad = grad.reshape(len(weights), *net.shapes[-1])
     # the lowest ReLU and the affine layer after it: summed over all rows by its flips
-    chain = fusable_chain(net, bends[0], net.consumers) if bends else None
+    chain = fusable_chains(net).get(bends[0]) if bends else None
     skip = set(chain + [bends[0]]) if chain else set()
     for i, layer in reversed(list(enumerate(net.layers))):
         first = code = None
@@ -169,7 +169,7 @@ def _through_lowest_relu(layer: AffineLayer, in_shape: tuple[int, ...], grad: Te
         # sum over rows after g = total - sum up to g
         after = torch.from_numpy(total)[index] - torch.from_numpy(rows.reshape(-1))[
             torch.from_numpy(g)[:, None] * rows.shape[1] + index]
-        dots = (value * after).sum(1).numpy()
+        dots = (value.to(after.dtype) * after).sum(1).numpy()
         np.add.at(out, k, np.where(code[g + 1, k], dots, -dots))
     return torch.from_numpy(out)
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from app.analyses.linear_regions.codes import first_appearance_ids, pack_codes, rows_differ
-from app.analyses.linear_regions.crossings import cut_and_push, fusable_chain
+from app.analyses.linear_regions.crossings import cut_and_push, fusable_chains
 from app.analyses.linear_regions.rules import rule_for
 from app.analyses.linear_regions.strips import class_strips
 from app.errors import InvalidInputError
@@ -189,12 +189,12 @@ def trace_segments(net: Network, starts: np.ndarray, ends: np.ndarray,
     pts = _Points(ts, np.repeat(np.arange(n), 2), {INPUT: x},
                   min_gap=8 * float(np.finfo(starts.dtype).eps))
     last_use = {j: i for i, ins in enumerate(net.inputs) for j in ins}
-    consumers = net.consumers
+    chains = fusable_chains(net)
     done = -1  # nodes up to here were computed by a ReLU's crossings (``cut_and_push``)
     for i, layer in enumerate(net.layers):
         if i <= done:
             continue
-        chain = fusable_chain(net, i, consumers)
+        chain = chains.get(i)
         if chain is not None:
             cut_and_push(pts, net, i, chain)
             done = chain[-1]
