@@ -31,6 +31,7 @@ from app.network import Network
 MAX_BLOCK = 1 << 23  # new points x layer outputs per block of the column sums (64 MiB float64)
 WIDE_ROWS = 256  # from this row width on, cumulative sums run row by row
 MIN_MACS = 32_768  # per point; below, a full layer evaluation costs less than the bookkeeping
+MAX_TABLE = 1 << 24  # entries of a layer's remembered column table (index + value: 256 MiB)
 
 
 def fusable_chains(net: Network) -> dict[int, list[int]]:
@@ -63,6 +64,28 @@ def fusable_chain(net: Network, i: int, consumers: dict[int, list[int]]) -> list
         if not isinstance(layer, Flatten | Reshape):
             return chain if _macs_per_point(layer, net.in_shape(node)) >= MIN_MACS else None
     return None
+
+
+def column_entries(layer: AffineLayer, in_shape: tuple[int, ...], units: np.ndarray,
+                   dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """``layer.column_entries`` of ``units`` as numpy arrays in ``dtype``, gathered from a table
+    of every column remembered per layer (a line walk needs a few hundred columns per call, and
+    building them costs a dozen small torch calls)."""
+    table = _TABLES.get(layer)
+    if table is None:
+        n = int(np.prod(in_shape))
+        with torch.no_grad():
+            if n * layer.column_entries(torch.zeros(1, dtype=torch.long), in_shape)[0].shape[1] \
+                    > MAX_TABLE:
+                index, value = layer.column_entries(torch.from_numpy(units), in_shape)
+                return index.numpy(), value.numpy().astype(dtype, copy=False)
+            index, value = layer.column_entries(torch.arange(n), in_shape)
+        table = _TABLES[layer] = (index.numpy(), value.numpy())
+    return table[0][units], table[1][units].astype(dtype, copy=False)
+
+
+_TABLES: weakref.WeakKeyDictionary[AffineLayer, tuple[np.ndarray, np.ndarray]] = \
+    weakref.WeakKeyDictionary()
 
 
 def _macs_per_point(layer: AffineLayer, in_shape: tuple[int, ...]) -> int:
@@ -148,14 +171,13 @@ def _values_at_new_points(layer: AffineLayer, in_shape: tuple[int, ...], y_old: 
         hi = bounds[np.searchsorted(bounds, lo + step, side="right") - 1]
         hi = hi if hi > lo else bounds[np.searchsorted(bounds, lo, side="right")]
         fl, fh = np.searchsorted(f_point, [lo, hi])
-        with torch.no_grad():
-            index, value = layer.column_entries(torch.from_numpy(f_unit[fl:fh]), in_shape)
-        weight = torch.from_numpy(f_weight[fl:fh].astype(y_old.dtype, copy=False))
-        value = value.to(weight.dtype) * weight[:, None]  # columns of a parameterless layer
-        rows = torch.from_numpy(f_point[fl:fh] - lo)[:, None] * width
-        h = torch.zeros((hi - lo) * width, dtype=value.dtype).index_add_(
-            0, (rows + index).reshape(-1), value.reshape(-1)).reshape(hi - lo, width)
-        out[lo:hi] = _block(y_flat, h.numpy(), k_seg[lo:hi], k_ratio[lo:hi])
+        index, value = column_entries(layer, in_shape, f_unit[fl:fh], y_old.dtype)
+        value *= f_weight[fl:fh, None]
+        index += (f_point[fl:fh, None] - lo) * width
+        h = torch.zeros((hi - lo) * width, dtype=torch.from_numpy(value).dtype).index_add_(
+            0, torch.from_numpy(index.reshape(-1)), torch.from_numpy(value.reshape(-1)))
+        out[lo:hi] = _block(y_flat, h.numpy().reshape(hi - lo, width), k_seg[lo:hi],
+                            k_ratio[lo:hi])
         lo = hi
     return out.reshape(len(k_seg), *y_old.shape[1:])
 

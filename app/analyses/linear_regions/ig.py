@@ -23,7 +23,7 @@ import torch
 from captum.attr import IntegratedGradients
 from torch import Tensor
 
-from app.analyses.linear_regions.crossings import cumsum_rows, fusable_chains
+from app.analyses.linear_regions.crossings import column_entries, cumsum_rows, fusable_chains
 from app.analyses.linear_regions.line import (
     _as_batch,
     _in_dtype,
@@ -165,11 +165,10 @@ def _through_lowest_relu(layer: AffineLayer, in_shape: tuple[int, ...], grad: Te
     g, k = _flips(code)
     if len(g):
         cumsum_rows(rows, np.arange(len(rows)) == 0)  # rows[g]: the sum up to row g
-        index, value = layer.column_entries(torch.from_numpy(k), in_shape)
+        index, value = column_entries(layer, in_shape, k, rows.dtype)
         # sum over rows after g = total - sum up to g
-        after = torch.from_numpy(total)[index] - torch.from_numpy(rows.reshape(-1))[
-            torch.from_numpy(g)[:, None] * rows.shape[1] + index]
-        dots = (value.to(after.dtype) * after).sum(1).numpy()
+        after = total[index] - rows.reshape(-1)[g[:, None] * rows.shape[1] + index]
+        dots = np.einsum("em,em->e", value, after)
         np.add.at(out, k, np.where(code[g + 1, k], dots, -dots))
     return torch.from_numpy(out)
 
