@@ -142,11 +142,14 @@ def _segment_starts(seg: np.ndarray) -> np.ndarray:
     return np.searchsorted(seg, seg)
 
 
-def cumsum_rows(x: np.ndarray, first: np.ndarray) -> None:
-    """In place: each row of ``x`` plus the rows before it, restarting at rows where ``first``.
+def cumsum_rows(x: np.ndarray, first: np.ndarray, reverse: bool = False) -> None:
+    """In place: each row of ``x`` plus the rows before it (after it, ``reverse``) in its
+    segment; segments start at rows where ``first``.
 
     Wide rows are added one after the other: numpy's ``cumsum`` along the rows of a wide
     array is several times slower than one vectorised row addition per row."""
+    if reverse:
+        x, first = x[::-1], np.append(first[1:], True)[::-1]
     if x.shape[1] >= WIDE_ROWS:
         for i in np.flatnonzero(~first):
             np.add(x[i - 1], x[i], out=x[i])
@@ -185,29 +188,29 @@ def _values_at_new_points(layer: AffineLayer, in_shape: tuple[int, ...], y_old: 
 def _block(y_flat: np.ndarray, h: np.ndarray, seg: np.ndarray,
            ratio: np.ndarray) -> np.ndarray:
     """``y(r_m)`` for new points sorted by (segment, ratio) from the columns switched at each
-    point, ``h`` (module docstring's formula; ``h`` is overwritten)."""
+    point, ``h`` (overwritten). With ``R_m = sum_{j >= m} (r_{j+1} - r_j) h_j`` the module
+    docstring's formula reads ``y(r_m) = yb - (1 - r_m) g_0 - R_m`` and ``g_0 = yb - ya - R_1``:
+    two cumulative sums, then an outer product added in place (torch's ``addr_``; numpy's
+    broadcast product is several times slower)."""
     first = np.ones(len(seg), dtype=bool)
     first[1:] = seg[1:] != seg[:-1]
-    cumsum_rows(h, first)  # h_m: columns switched up to point m
+    cumsum_rows(h, first)  # h_m: the columns switched up to point m
     r_next = np.ones_like(ratio)
     r_next[:-1] = np.where(first[1:], 1.0, ratio[1:])
-    h *= (r_next - ratio).astype(h.dtype, copy=False)[:, None]
-    cumsum_rows(h, first)  # sum_{j <= m} (r_{j+1} - r_j) h_j
-    last = np.append(np.flatnonzero(first[1:]), len(seg) - 1)  # each segment's last row
+    torch.from_numpy(h).mul_(torch.from_numpy((r_next - ratio).astype(h.dtype))[:, None])
+    cumsum_rows(h, first, reverse=True)  # R_m
     starts = np.flatnonzero(first)
-    g0 = y_flat[seg[starts] + 1] - y_flat[seg[starts]] - h[last]
-    out = np.empty_like(h)  # the exclusive sum: the inclusive one moved down a row
-    out[1:] = h[:-1]
-    out[starts] = 0
-    counts = np.diff(np.append(starts, len(seg)))
-    r = ratio.astype(h.dtype, copy=False)[:, None]
+    ya, yb = y_flat[seg[starts]], y_flat[seg[starts] + 1]
+    g0 = torch.from_numpy(yb - ya - h[starts])
+    out = torch.from_numpy(h).neg_()
+    rest = torch.from_numpy((1 - ratio).astype(h.dtype))
     if len(starts) == 1:
-        out += y_flat[seg[0]]
-        out += r * g0
+        out.add_(torch.from_numpy(yb[0])).addr_(rest, g0[0], alpha=-1)
     else:
-        out += y_flat[seg]
-        out += r * np.repeat(g0, counts, 0)
-    return out
+        counts = torch.from_numpy(np.diff(np.append(starts, len(seg))))
+        out.add_(torch.from_numpy(y_flat[seg + 1])).sub_(
+            rest[:, None] * g0.repeat_interleave(counts, 0))
+    return h
 
 
 def _flipped_codes(first_code: np.ndarray, reps: np.ndarray, new_pos: np.ndarray,
