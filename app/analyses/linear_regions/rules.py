@@ -19,7 +19,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from app.layers import Add, AffineLayer, Flatten, KindTable, Layer, MaxPool2d, ReLU, Reshape
+from app.layers import (
+    Add,
+    AffineLayer,
+    Flatten,
+    KindTable,
+    Layer,
+    Linear,
+    MaxPool2d,
+    ReLU,
+    Reshape,
+)
 
 Cuts = tuple[np.ndarray, np.ndarray]  # (segment index [K], ratio in (0, 1) along it [K])
 
@@ -129,6 +139,17 @@ class AffineRule(Rule):
         offset = layer(c[0])
         lin = layer.linear(c[1:].reshape(-1, *c.shape[2:]))
         return torch.cat([offset.unsqueeze(0), lin.reshape(2, *offset.shape)])
+
+
+class LinearRule(AffineRule):
+    """Fully connected layers on lines: one numpy matrix product (torch's per-call cost is
+    several times numpy's, and tiny nets' walks are mostly per-call cost)."""
+
+    def line_forward(self, layer: Layer, ins: list[np.ndarray]) -> np.ndarray:
+        assert isinstance(layer, Linear)
+        out = ins[0] @ layer.weight.detach().numpy().T
+        out += layer.bias.detach().numpy()
+        return out
 
 
 class ReshapeRule(AffineRule):
@@ -241,6 +262,7 @@ def argmax_split_functions(w: Tensor, centre: Tensor) -> Tensor:
 
 rule_for: KindTable[Rule] = KindTable("linear regions: no rule for", {
     AffineLayer: AffineRule(),
+    Linear: LinearRule(),
     Flatten: ReshapeRule(),
     Reshape: ReshapeRule(),
     Add: AddRule(),
