@@ -121,55 +121,66 @@ def _mean_gradient(net: Network, pts: _Points, target: int) -> Tensor | None:
     grad = torch.zeros(len(weights), net.num_outputs, dtype=net.dtype)
     grad[:, target] = weights.to(net.dtype)
     grad = grad.reshape(len(weights), *net.shapes[-1])
-    # the lowest ReLU and the affine layer after it: summed over all rows by its flips
-    chain = fusable_chains(net).get(bends[0]) if bends else None
-    skip = set(chain + [bends[0]]) if chain else set()
+    chains = fusable_chains(net)
+    through = {chains[b][-1]: b for b in bends if b in chains}  # affine node -> its ReLU
+    skip: set[int] = set()
     for i, layer in reversed(list(enumerate(net.layers))):
-        first = code = None
-        if i in levels or (chain and i == chain[-1]):
-            level = levels[i if i in levels else bends[0]]
-            first = np.flatnonzero(np.concatenate([[True], np.diff(level) != 0]))
-        if chain and i == chain[-1]:
-            grad = _through_lowest_relu(net.layers[i], net.in_shape(i), grad,
-                                        codes[bends[0]][first]).reshape(1, *net.shapes[bends[0]])
         if i in skip:
             continue
-        if i in levels:
-            code = codes[i][first]
-        grad = rule_for(layer).line_backward(layer, grad, code, net.in_shape(i))
+        bend = through.get(i, i)
+        if bend in levels:
+            level = levels[bend]
+            first = np.flatnonzero(np.concatenate([[True], np.diff(level) != 0]))
+            below = bends.index(bend)
+            coarse = levels[bends[below - 1]][first] if below else np.zeros(len(first), int)
+        if i in through:  # the affine layer, the reshapes before it and the ReLU at once
+            grad = _through_relu(layer, net.in_shape(i), grad, codes[bend][first], coarse)
+            grad = grad.reshape(len(grad), *net.shapes[bend])
+            skip.update(chains[bend][:-1] + [bend])
+            continue
+        grad = rule_for(layer).line_backward(layer, grad, codes[i][first] if i in levels else None,
+                                             net.in_shape(i))
         if grad is None:
             return None
         if i in levels:  # add up the rows that agree on every code below node i
-            below = bends.index(i)
-            coarse = levels[bends[below - 1]][first] if below else np.zeros(len(first), int)
             grad = torch.zeros((int(coarse.max()) + 1, *grad.shape[1:]), dtype=grad.dtype
                                ).index_add_(0, torch.from_numpy(coarse), grad)
     return grad[0]
 
 
 @torch.no_grad()
-def _through_lowest_relu(layer: AffineLayer, in_shape: tuple[int, ...], grad: Tensor,
-                         code: np.ndarray) -> Tensor:
-    """``sum_g D_g A^T grad_g`` over rows ``g`` (in line order) for the lowest ReLU's masks
-    ``D_g`` (``code``) and the affine layer ``A`` after it, as one row shaped like the ReLU.
+def _through_relu(layer: AffineLayer, in_shape: tuple[int, ...], grad: Tensor,
+                  code: np.ndarray, group: np.ndarray) -> Tensor:
+    """``sum_{g in G} D_g A^T grad_g`` for each run ``G`` of rows with the same ``group`` id
+    (rows in line order), for a ReLU's masks ``D_g`` (``code``) and the affine layer ``A``
+    after it: ``[n_groups, n]``.
 
-    Consecutive rows' masks differ in a few units, so with ``D_g = D_0 + sum of the flips up to
-    g`` the sum is ``D_0 A^T sum_g grad_g`` plus, per flip of unit ``k`` at row ``g``,
-    ``+-A[:, k] . sum_{g' >= g} grad_g'``: one transposed layer and one column per flip
-    instead of a transposed layer per row. Returns the flat row."""
+    Consecutive rows' masks differ in a few units, so with ``D_g = D_first + the flips up to
+    g`` a run's sum is ``D_first A^T sum_G grad`` plus, per flip of unit ``k`` at row ``g``,
+    ``+-A[:, k] . sum_{g' in G, g' > g} grad_g'``: one transposed layer per run and one
+    column per flip, instead of a transposed layer per row."""
     rows = grad.detach().reshape(len(grad), -1).numpy().copy()
     code = code.reshape(len(code), -1)
-    total = rows.sum(0)
-    out = (layer.transpose(torch.from_numpy(total).reshape(1, *grad.shape[1:]), in_shape)
-           .reshape(-1) * torch.from_numpy(code[0])).numpy()
+    starts = np.flatnonzero(np.concatenate([[True], group[1:] != group[:-1]]))
+    sums = torch.zeros((len(starts), rows.shape[1]), dtype=grad.dtype).index_add_(
+        0, torch.from_numpy(group), torch.from_numpy(rows))
+    out = layer.transpose(sums.reshape(len(sums), *grad.shape[1:]), in_shape)
+    out = out.reshape(len(sums), -1).masked_fill_(~torch.from_numpy(code[starts]), 0.0).numpy()
+    sums = sums.numpy()
     g, k = _flips(code)
+    inside = group[g] == group[g + 1]  # a flip between runs is in the next run's first mask
+    g, k = g[inside], k[inside]
     if len(g):
-        cumsum_rows(rows, np.arange(len(rows)) == 0)  # rows[g]: the sum up to row g
+        run = group[g]
+        first = np.zeros(len(rows), dtype=bool)
+        first[starts] = True
+        cumsum_rows(rows, first)  # rows[g]: the run's sum up to row g
         index, value = column_entries(layer, in_shape, k, rows.dtype)
-        # sum over rows after g = total - sum up to g
-        after = total[index] - rows.reshape(-1)[g[:, None] * rows.shape[1] + index]
+        width = rows.shape[1]
+        after = sums.reshape(-1)[run[:, None] * width + index] - rows.reshape(-1)[
+            g[:, None] * width + index]
         dots = np.einsum("em,em->e", value, after)
-        np.add.at(out, k, np.where(code[g + 1, k], dots, -dots))
+        np.add.at(out, (run, k), np.where(code[g + 1, k], dots, -dots))
     return torch.from_numpy(out)
 
 
