@@ -126,7 +126,9 @@ def cut_and_push(pts, net: Network, i: int, chain: list[int]) -> None:
     # the code of each cut segment's first sub-segment, at that sub-segment's middle
     cut_segs, first_kept = np.unique(k_seg, return_index=True)
     r1 = k_ratio[first_kept][:, None]
-    first_code[cut_segs] = (flat[cut_segs] * (1 - r1 / 2) + flat[cut_segs + 1] * (r1 / 2)) > 0
+    first_code[cut_segs] = torch.lerp(torch.from_numpy(flat[cut_segs]),
+                                      torch.from_numpy(flat[cut_segs + 1]),
+                                      torch.from_numpy((r1 / 2).astype(flat.dtype))).numpy() > 0
     y_new = _values_at_new_points(net.layers[last], net.in_shape(last), y_old, k_seg, k_ratio,
                                   f_point, f_unit, f_weight)
     reps, new_pos = pts.spread(k_seg, k_ratio)
