@@ -12,7 +12,8 @@ Inside an old segment with end values ``ya``, ``yb`` and crossings at ratios
 ``r_j`` and ``r_{j+1}``, with ``r_0 = 0``, ``r_{M+1} = 1``) and ``h_j = g_j - g_0`` for the
 sum of the columns switched on (minus those switched off) up to ``r_j``. Then
 ``yb - ya = g_0 + sum_j (r_{j+1} - r_j) h_j`` gives ``g_0``, and
-``y(r_m) = ya + r_m g_0 + sum_{j < m} (r_{j+1} - r_j) h_j``: two cumulative sums.
+``y(r_m) = ya + r_m g_0 + sum_{j < m} (r_{j+1} - r_j) h_j``: two cumulative sums (``_block``
+evaluates the same sum from the segment's end).
 The on/off codes of the sub-segments are the first sub-segment's code with the crossing
 units flipped, a cumulative XOR over a boolean array instead of the float values.
 """
@@ -20,6 +21,7 @@ units flipped, a cumulative XOR over a boolean array instead of the float values
 from __future__ import annotations
 
 import weakref
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,10 +30,18 @@ from app.analyses.linear_regions.rules import relu_crossings, rule_for
 from app.layers import AffineLayer, Flatten, ReLU, Reshape
 from app.network import Network
 
+if TYPE_CHECKING:  # the line walk imports this module
+    from app.analyses.linear_regions.line import _Points
+
 MAX_BLOCK = 1 << 23  # new points x layer outputs per block of the column sums (64 MiB float64)
 WIDE_ROWS = 256  # from this row width on, cumulative sums run row by row
 MIN_MACS = 32_768  # per point; below, a full layer evaluation costs less than the bookkeeping
 MAX_TABLE = 1 << 24  # entries of a layer's remembered column table (index + value: 256 MiB)
+
+# remembered per network / per layer; both are treated as immutable once loaded
+_CHAINS: weakref.WeakKeyDictionary[Network, dict[int, list[int]]] = weakref.WeakKeyDictionary()
+_TABLES: weakref.WeakKeyDictionary[AffineLayer, tuple[np.ndarray, np.ndarray]] = \
+    weakref.WeakKeyDictionary()
 
 
 def fusable_chains(net: Network) -> dict[int, list[int]]:
@@ -42,9 +52,6 @@ def fusable_chains(net: Network) -> dict[int, list[int]]:
         _CHAINS[net] = {i: chain for i in net.relu_indices
                         if (chain := fusable_chain(net, i, consumers)) is not None}
     return _CHAINS[net]
-
-
-_CHAINS: weakref.WeakKeyDictionary[Network, dict[int, list[int]]] = weakref.WeakKeyDictionary()
 
 
 def fusable_chain(net: Network, i: int, consumers: dict[int, list[int]]) -> list[int] | None:
@@ -73,29 +80,24 @@ def column_entries(layer: AffineLayer, in_shape: tuple[int, ...], units: np.ndar
     building them costs a dozen small torch calls)."""
     table = _TABLES.get(layer)
     if table is None:
-        n = int(np.prod(in_shape))
+        big = _macs_per_point(layer, in_shape) > MAX_TABLE
         with torch.no_grad():
-            if n * layer.column_entries(torch.zeros(1, dtype=torch.long), in_shape)[0].shape[1] \
-                    > MAX_TABLE:
-                index, value = layer.column_entries(torch.from_numpy(units), in_shape)
-                return index.numpy(), value.numpy().astype(dtype, copy=False)
-            index, value = layer.column_entries(torch.arange(n), in_shape)
+            index, value = layer.column_entries(
+                torch.from_numpy(units) if big else torch.arange(int(np.prod(in_shape))), in_shape)
+        if big:
+            return index.numpy(), value.numpy().astype(dtype, copy=False)
         table = _TABLES[layer] = (index.numpy(), value.numpy())
     return table[0][units], table[1][units].astype(dtype, copy=False)
 
 
-_TABLES: weakref.WeakKeyDictionary[AffineLayer, tuple[np.ndarray, np.ndarray]] = \
-    weakref.WeakKeyDictionary()
-
-
 def _macs_per_point(layer: AffineLayer, in_shape: tuple[int, ...]) -> int:
-    """Multiply-adds of one evaluation: entries per column times columns."""
+    """Multiply-adds of one evaluation (entries of all columns): a table's size too."""
     with torch.no_grad():
         index, _ = layer.column_entries(torch.zeros(1, dtype=torch.long), in_shape)
     return index.shape[1] * int(np.prod(in_shape))
 
 
-def cut_and_push(pts, net: Network, i: int, chain: list[int]) -> None:
+def cut_and_push(pts: _Points, net: Network, i: int, chain: list[int]) -> None:
     """Cut the points' segments at ReLU node ``i``'s zero crossings, record its codes, and give
     the points the values of the chain's last node (``fusable_chain``), without computing the
     ReLU's or the reshapes' values at the new points."""
