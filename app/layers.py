@@ -171,14 +171,6 @@ class Conv2d(AffineLayer):
     def bias_map(self, out_shape: tuple[int, ...]) -> Tensor:
         return self.bias.reshape(-1, 1, 1).expand(out_shape)
 
-    def columns(self, units: Tensor, in_shape: tuple[int, ...]) -> Tensor:
-        index, value = self.column_entries(units, in_shape)
-        o_ch = self.weight.shape[0]
-        out = torch.zeros((len(units), o_ch * _out_size(in_shape[1], self, 0)
-                           * _out_size(in_shape[2], self, 1)), dtype=value.dtype)
-        return out.scatter_add_(1, index, value).reshape(len(units), o_ch, -1, _out_size(
-            in_shape[2], self, 1))
-
     def column_entries(self, units: Tensor, in_shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         """Input pixel ``(c, i, j)`` reaches output ``(o, y, x)`` through kernel tap
         ``(i + pad - y * stride) / dilation`` (likewise for ``j``) when that is a whole tap

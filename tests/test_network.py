@@ -128,8 +128,8 @@ def test_affine_matrix_and_transpose_agree_with_forward() -> None:
 def test_conv_columns_are_torch_convolutions_of_one_hot_inputs(
         cin: int, cout: int, k: int, stride: int, pad: int, dil: int, groups: int,
         size: int) -> None:
-    """Columns gathered from the kernel (stride, padding, dilation, groups) against
-    ``torch.nn.functional.conv2d`` applied to every one-hot input."""
+    """Column entries gathered from the kernel (stride, padding, dilation, groups), and the
+    layer's own one-hot columns, against ``torch.nn.functional.conv2d`` of one-hot inputs."""
     torch.manual_seed(5)
     w = torch.randn(cout, cin // groups, k, k, dtype=torch.float64)
     conv = load_network(nn.Sequential(nn.Conv2d(cin, cout, k, stride, pad, dil, groups)),
