@@ -4,12 +4,14 @@ Points along the segments are pushed through the graph layer by layer. Before a 
 MaxPool node, every segment on which the node stops being linear is cut where it does (the
 zero crossing, the arg-max switch); the new points' values at every live node are linear
 interpolations, exact because everything computed so far is affine on each segment, so no
-prefix of the network is ever recomputed. Many segments are processed together in one set of
-points, so small networks stay cheap.
+prefix of the network is ever recomputed. A ReLU followed by a large affine layer skips even
+that: its crossings go straight through the layer, one gathered column each (``crossings``).
+Many segments are processed together in one set of points, so small networks stay cheap.
 
 The bookkeeping (cuts, merges, re-indexing) is numpy: it is many small index operations,
 where numpy's per-call cost is several times lower than torch's. The layers themselves run in
-torch on the same memory (``torch.from_numpy`` shares it).
+torch on the same memory (``torch.from_numpy`` shares it), fully connected ones as one numpy
+matrix product.
 """
 
 from __future__ import annotations
@@ -194,30 +196,35 @@ def trace_segments(net: Network, starts: np.ndarray, ends: np.ndarray,
     for i, layer in enumerate(net.layers):
         if i <= done:
             continue
-        chain = chains.get(i)
-        if chain is not None:
-            cut_and_push(pts, net, i, chain)
-            done = chain[-1]
+        if i in chains:
+            cut_and_push(pts, net, i, chains[i])
+            done = chains[i][-1]
         else:
-            rule = rule_for(layer)
-            for _ in range(rule.line_rounds):
-                cuts = rule.line_cuts(layer, pts.inputs(net, i), pts.valid)
-                if cuts is None:
-                    break
-                pts.insert(*cuts)
-            ins = pts.inputs(net, i)
-            code = rule.line_code(layer, ins)
-            if code is not None:
-                pts.codes.append(code)
-                pts.code_nodes.append(i)
-            pts.values[i] = rule.line_forward(layer, ins)
-            for j in net.inputs[i]:
-                if last_use[j] == i:
-                    del pts.values[j]
+            _walk_node(pts, net, i, last_use)
         if progress is not None:
             report(progress, (max(i, done) + 1) / len(net.layers),
                    f"layer {i + 1}/{len(net.layers)} ({layer.kind}): {len(pts.ts)} points")
     return pts
+
+
+def _walk_node(pts: _Points, net: Network, i: int, last_use: dict[int, int]) -> None:
+    """Cut where node ``i`` bends, record its code, and compute its values at every point."""
+    layer = net.layers[i]
+    rule = rule_for(layer)
+    for _ in range(rule.line_rounds):
+        cuts = rule.line_cuts(layer, pts.inputs(net, i), pts.valid)
+        if cuts is None:
+            break
+        pts.insert(*cuts)
+    ins = pts.inputs(net, i)
+    code = rule.line_code(layer, ins)
+    if code is not None:
+        pts.codes.append(code)
+        pts.code_nodes.append(i)
+    pts.values[i] = rule.line_forward(layer, ins)
+    for j in net.inputs[i]:
+        if last_use[j] == i:
+            del pts.values[j]
 
 
 def _merge_equal_neighbours(pts: _Points) -> np.ndarray:
