@@ -183,6 +183,27 @@ def test_crossings_through_columns_equal_full_evaluations(
     assert relative_error(ref, ig.attributions) < 1e-3
 
 
+def test_crossings_in_blocks_and_in_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many segments whose new points are pushed through in several blocks give the lines of
+    one block; the column path in float32 agrees with float64 to float32 rounding."""
+    net = _strided_conv().with_dtype(torch.float64)
+    monkeypatch.setattr(crossings, "MIN_MACS", 0)
+    g = torch.Generator().manual_seed(13)
+    starts, ends = (torch.rand(6, *net.input_shape, generator=g, dtype=torch.float64) * 4 - 2
+                    for _ in range(2))
+    whole = exact_lines(net, starts, ends)
+    monkeypatch.setattr(crossings, "MAX_BLOCK", 64)  # a block per segment or so
+    blocks = exact_lines(net, starts, ends)
+    for one, other in zip(whole, blocks, strict=True):  # equal up to the sums' rounding
+        assert len(one.ts) == len(other.ts) and np.abs(one.ts - other.ts).max() < 1e-12
+        assert np.array_equal(one.relu_pattern, other.relu_pattern)
+        assert np.abs(one.logits - other.logits).max() < 1e-12
+    l32 = exact_line(net.with_dtype(torch.float32), starts[0], ends[0], dtype=torch.float32)
+    assert l32.logits.dtype == np.float32
+    assert abs(l32.num_pieces - whole[0].num_pieces) <= 1
+    assert np.abs(l32.logits_at(whole[0].ts) - whole[0].logits).max() < 1e-4
+
+
 def _strided_conv() -> Network:
     """Strided, dilated and grouped convolutions straight after ReLUs (their columns are
     gathered from the kernels), and a Flatten between a ReLU and a Linear."""
