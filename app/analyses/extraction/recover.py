@@ -158,7 +158,7 @@ def _extract_level(level: _Level, run: _Run, layers_left: int) -> list[Layer]:
             run.complete = False
         return _output_layer(level, normals, offsets, run, depth)
     if n1 > level.dim:
-        if n1 + level.dim + 1 > MAX_UNKNOWNS:
+        if not _equations_solvable(n1, level.dim):
             run.notes.append(
                 f"layer {depth} is expansive ({n1} neurons > {level.dim} inputs) and each deeper "
                 f"neuron has {n1 + level.dim + 1} unknowns (at most {MAX_UNKNOWNS} are solved "
@@ -180,9 +180,15 @@ def _extract_level(level: _Level, run: _Run, layers_left: int) -> list[Layer]:
         del run.found[depth:]
         layers = head + [_least_squares_output(inner, run)]
     if (run.complete or run.budget.left < 0.2 * run.budget.budget
-            or n1 + level.dim + 1 > MAX_UNKNOWNS):
+            or not _equations_solvable(n1, level.dim)):
         return layers
     return _second_opinion(level, normals, offsets, run, depth, layers, before)
+
+
+def _equations_solvable(n1: int, dim: int) -> bool:
+    """Whether the second-layer equations' unknowns per deeper neuron (``a``: n1, ``e``: dim,
+    ``c``: 1) are few enough to set them up."""
+    return n1 + dim + 1 <= MAX_UNKNOWNS
 
 
 def _second_opinion(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Run,
