@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # the line walk imports this module
 MAX_BLOCK = 1 << 23  # new points x layer outputs per block of the column sums (64 MiB float64)
 WIDE_ROWS = 256  # from this row width on, cumulative sums run row by row
 MIN_MACS = 32_768  # per point; below, a full layer evaluation costs less than the bookkeeping
-MAX_TABLE = 1 << 24  # entries of a layer's remembered column table (index + value: 256 MiB)
+MAX_TABLE = 1 << 22  # entries of a layer's remembered column table (index + value: 64 MiB)
 
 # remembered per network / per layer; both are treated as immutable once loaded
 _CHAINS: weakref.WeakKeyDictionary[Network, dict[int, list[int]]] = weakref.WeakKeyDictionary()
