@@ -184,8 +184,9 @@ def test_crossings_through_columns_equal_full_evaluations(
 
 
 def test_crossings_in_blocks_and_in_float32(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Many segments whose new points are pushed through in several blocks give the lines of
-    one block; the column path in float32 agrees with float64 to float32 rounding."""
+    """Many segments whose new points are pushed through in several blocks, with columns
+    gathered per call, give the lines of one block with a column table; the column path in
+    float32 agrees with float64 to float32 rounding."""
     net = _strided_conv().with_dtype(torch.float64)
     monkeypatch.setattr(crossings, "MIN_MACS", 0)
     g = torch.Generator().manual_seed(13)
@@ -193,7 +194,8 @@ def test_crossings_in_blocks_and_in_float32(monkeypatch: pytest.MonkeyPatch) -> 
                     for _ in range(2))
     whole = exact_lines(net, starts, ends)
     monkeypatch.setattr(crossings, "MAX_BLOCK", 64)  # a block per segment or so
-    blocks = exact_lines(net, starts, ends)
+    monkeypatch.setattr(crossings, "MAX_TABLE", 0)  # and columns gathered per call, no table
+    blocks = exact_lines(net.with_dtype(torch.float64), starts, ends)
     for one, other in zip(whole, blocks, strict=True):  # equal up to the sums' rounding
         assert len(one.ts) == len(other.ts) and np.abs(one.ts - other.ts).max() < 1e-12
         assert np.array_equal(one.relu_pattern, other.relu_pattern)
