@@ -75,17 +75,17 @@ def fusable_chain(net: Network, i: int, consumers: dict[int, list[int]]) -> list
 
 def column_entries(layer: AffineLayer, in_shape: tuple[int, ...], units: np.ndarray,
                    dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """``layer.column_entries`` of ``units`` as numpy arrays in ``dtype``, gathered from a table
-    of every column remembered per layer (a line walk needs a few hundred columns per call, and
-    building them costs a dozen small torch calls)."""
+    """``layer.column_entries`` of ``units`` as fresh numpy arrays (callers change them) in
+    ``dtype``, gathered from a table of every column remembered per layer (a line walk needs a
+    few hundred columns per call, and building them costs a dozen small torch calls)."""
     table = _TABLES.get(layer)
     if table is None:
         big = _macs_per_point(layer, in_shape) > MAX_TABLE
         with torch.no_grad():
             index, value = layer.column_entries(
                 torch.from_numpy(units) if big else torch.arange(int(np.prod(in_shape))), in_shape)
-        if big:
-            return index.numpy(), value.numpy().astype(dtype, copy=False)
+        if big:  # copies: a layer may hand out views (an expanded index)
+            return np.array(index.numpy()), value.numpy().astype(dtype)
         table = _TABLES[layer] = (index.numpy(), value.numpy())
     return table[0][units], table[1][units].astype(dtype, copy=False)
 
