@@ -124,8 +124,9 @@ with ig_tab:
             f"completeness error **{result['completeness_error']:.1e}** "
             f"(F(x) - F(baseline) = {result['f_x'] - result['f_baseline']:.4f}).")
         table = pd.DataFrame(result["table"]).rename(columns={
-            "steps": "Captum steps", "relative_error": "relative error", "seconds": "time (s)"})
+            "steps": "Captum steps", "relative_error": "relative error", "seconds": "time (ms)"})
         table["relative error"] = (100 * table["relative error"]).map("{:.2f} %".format)
+        table["time (ms)"] = (1e3 * table["time (ms)"]).round(1)  # as the exact IG's above
         st.dataframe(table, hide_index=True)
         exact = np.asarray(result["exact"]).reshape(shape)
         maps = st.columns(2)
