@@ -9,7 +9,9 @@ piece's activation codes, so the sum is one backward sweep of transposed layers,
 piece. Pieces that share the codes of all layers below a node share that part of the chain,
 so before each bending node (going backwards) the rows of pieces that only differ above it
 are added up: the sweep handles few rows near the input however many pieces the path has.
-Layer kinds without a closed-form backward (MaxPool) and graphs with branches use autograd at
+Through a ReLU followed by a large affine layer (the ones ``crossings`` handles on the way
+forward) a run of rows costs one transposed layer plus one column per unit that flips inside
+it, instead of a transposed layer per row (``_through_relu``). Layer kinds without a closed-form backward (MaxPool) and graphs with branches use autograd at
 the piece midpoints instead.
 """
 
