@@ -88,11 +88,16 @@ def first_appearance_ids(rows: np.ndarray, groups: np.ndarray | None = None) -> 
     rank = np.cumsum(is_first) - 1
     ids = np.empty(n, dtype=np.int64)
     ids[order] = rank[first][np.cumsum(new) - 1]
-    return ids if groups is None else ids - ids[_group_starts(groups, n)]
+    return ids if groups is None else ids - ids[group_starts(groups)]
 
 
-def _group_starts(groups: np.ndarray, n: int) -> np.ndarray:
-    """For each of the ``n`` rows, the index of the first row of its group."""
-    starts = np.zeros(n, dtype=np.int64)
-    starts[1:] = np.where(groups[1:] != groups[:-1], np.arange(1, n), 0)
+def run_starts(groups: np.ndarray) -> np.ndarray:
+    """The rows where a run of equal consecutive ``groups`` values begins."""
+    return np.flatnonzero(np.concatenate([[True], groups[1:] != groups[:-1]]))
+
+
+def group_starts(groups: np.ndarray) -> np.ndarray:
+    """For each row, the index of the first row of its run of equal ``groups`` values."""
+    starts = np.zeros(len(groups), dtype=np.int64)
+    starts[1:] = np.where(groups[1:] != groups[:-1], np.arange(1, len(groups)), 0)
     return np.maximum.accumulate(starts)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from app.analyses.linear_regions.codes import group_starts, run_starts
 from app.analyses.linear_regions.rules import relu_crossings, rule_for
 from app.layers import AffineLayer, Flatten, ReLU, Reshape
 from app.network import Network
@@ -117,7 +118,7 @@ def cut_and_push(pts: _Points, net: Network, i: int, chain: list[int]) -> None:
     seg, ratio, order, keep, inside = pts.place(seg, ratio)
     unit = unit[order]
     kept = np.cumsum(keep) - 1  # the last kept new point at or before each cut
-    seg_first = _segment_starts(seg)
+    seg_first = group_starts(seg)
     # a crossing too close to its segment's end stays in the last sub-segment; one before the
     # segment's first new point is in the first sub-segment's code already
     flips = inside & (kept >= kept[seg_first] + 1 - keep[seg_first])
@@ -139,11 +140,6 @@ def cut_and_push(pts: _Points, net: Network, i: int, chain: list[int]) -> None:
     out = np.repeat(y_old, reps, 0)
     out[new_pos] = y_new
     pts.values[last] = out
-
-
-def _segment_starts(seg: np.ndarray) -> np.ndarray:
-    """For rows sorted by ``seg``: the index of the first row of each row's segment."""
-    return np.searchsorted(seg, seg)
 
 
 def cumsum_rows(x: np.ndarray, first: np.ndarray, reverse: bool = False) -> None:
@@ -171,7 +167,7 @@ def _values_at_new_points(layer: AffineLayer, in_shape: tuple[int, ...], y_old: 
     width = int(np.prod(y_old.shape[1:]))
     y_flat = y_old.reshape(len(y_old), width)
     out = np.empty((len(k_seg), width), dtype=y_old.dtype)
-    bounds = np.flatnonzero(np.r_[True, k_seg[1:] != k_seg[:-1], True])  # segment starts
+    bounds = np.append(run_starts(k_seg), len(k_seg))  # segment starts, then the end
     step = max(1, MAX_BLOCK // max(width, 1))
     lo = 0
     while lo < len(k_seg):

@@ -11,8 +11,9 @@ so before each bending node (going backwards) the rows of pieces that only diffe
 are added up: the sweep handles few rows near the input however many pieces the path has.
 Through a ReLU followed by a large affine layer (the ones ``crossings`` handles on the way
 forward) a run of rows costs one transposed layer plus one column per unit that flips inside
-it, instead of a transposed layer per row (``_through_relu``). Layer kinds without a closed-form backward (MaxPool) and graphs with branches use autograd at
-the piece midpoints instead.
+it, instead of a transposed layer per row (``_through_relu``). Layer kinds without a
+closed-form backward (MaxPool) and graphs with branches use autograd at the piece midpoints
+instead.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from captum.attr import IntegratedGradients
 from torch import Tensor
 
+from app.analyses.linear_regions.codes import run_starts
 from app.analyses.linear_regions.crossings import column_entries, cumsum_rows, fusable_chains
 from app.analyses.linear_regions.line import (
     _as_batch,
@@ -131,8 +133,7 @@ def _mean_gradient(net: Network, pts: _Points, target: int) -> Tensor | None:
             continue
         bend = through.get(i, i)
         if bend in levels:
-            level = levels[bend]
-            first = np.flatnonzero(np.concatenate([[True], np.diff(level) != 0]))
+            first = run_starts(levels[bend])
             below = bends.index(bend)
             coarse = levels[bends[below - 1]][first] if below else np.zeros(len(first), int)
         if i in through:  # the affine layer, the reshapes before it and the ReLU at once
@@ -163,7 +164,7 @@ def _through_relu(layer: AffineLayer, in_shape: tuple[int, ...], grad: Tensor,
     column per flip, instead of a transposed layer per row."""
     rows = grad.detach().reshape(len(grad), -1).numpy().copy()
     code = code.reshape(len(code), -1)
-    starts = np.flatnonzero(np.concatenate([[True], group[1:] != group[:-1]]))
+    starts = run_starts(group)
     sums = torch.zeros((len(starts), rows.shape[1]), dtype=grad.dtype).index_add_(
         0, torch.from_numpy(group), torch.from_numpy(rows))
     out = layer.transpose(sums.reshape(len(sums), *grad.shape[1:]), in_shape)
