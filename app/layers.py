@@ -92,6 +92,12 @@ class AffineLayer(Layer):
         cols = self.columns(units, in_shape).reshape(len(units), -1)
         return torch.arange(cols.shape[1]).expand(cols.shape), cols
 
+    def shared_windows(self, in_shape: tuple[int, ...]) -> tuple[int, int]:
+        """``(width, stride)``: ``column_entries`` lists a column's entries as ``width`` runs
+        whose output units differ by ``stride``, and the units ``u + c * stride`` (``c <
+        width``) read the same inputs (a conv's channels at one position). ``(1, 1)``: none."""
+        return 1, 1
+
     def matrix(self, in_shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         """Dense ``(A, b)`` acting on flattened inputs: ``A`` is ``[out_numel, in_numel]``."""
         n = math.prod(in_shape)
@@ -190,6 +196,10 @@ class Conv2d(AffineLayer):
         n = len(units)
         return (torch.where(ok, index, 0).reshape(n, -1),
                 torch.where(ok, value, 0).reshape(n, -1))
+
+    def shared_windows(self, in_shape: tuple[int, ...]) -> tuple[int, int]:
+        return (self.weight.shape[0] // self.groups,
+                _out_size(in_shape[1], self, 0) * _out_size(in_shape[2], self, 1))
 
     def transpose(self, y: Tensor, in_shape: tuple[int, ...]) -> Tensor:
         lead = y.shape[:-3]

@@ -4,6 +4,10 @@ On each linear piece of the path ``baseline -> x`` the gradient is constant, so 
 integral is a finite sum: ``(x - baseline) * sum_i (t_{i+1} - t_i) grad_i``. Completeness
 (attributions sum to ``F(x) - F(baseline)``) then holds up to rounding.
 
+Conv nets (a ReLU, a conv with small windows, a ReLU, then dense layers) take the event
+sweep of ``sweep``, which follows each conv unit only through its own window's switches and
+integrates the gradient in closed form. Every other network takes the piece walk below.
+
 The sum of gradients needs no forward pass at the pieces: the line walk already knows every
 piece's activation codes, so the sum is one backward sweep of transposed layers, masked per
 piece. Pieces that share the codes of all layers below a node share that part of the chain,
@@ -36,6 +40,7 @@ from app.analyses.linear_regions.line import (
     trace_segments,
 )
 from app.analyses.linear_regions.rules import rule_for
+from app.analyses.linear_regions.sweep import sweep_path, sweep_plan
 from app.layers import AffineLayer
 from app.network import Network
 from app.progress import ProgressFn, report
@@ -87,6 +92,14 @@ def exact_integrated_gradients(
     net = _in_dtype(net, dtype)
     xb = _as_batch(net, x, dtype)
     bb = torch.zeros_like(xb) if baseline is None else _as_batch(net, baseline, dtype)
+    plan = sweep_plan(net)
+    if plan is not None:
+        swept = sweep_path(net, plan, bb[0].numpy(), xb[0].numpy(), target)
+        return ExactIG(
+            attributions=((xb[0] - bb[0]).numpy() * swept.mean_gradient).reshape(np.shape(x)),
+            target=swept.target, num_pieces=swept.num_pieces,
+            f_x=float(swept.logits[1, swept.target]),
+            f_baseline=float(swept.logits[0, swept.target]))
     pts = trace_segments(net, bb.numpy(), xb.numpy(),
                          progress=None if progress is None else lambda f, m: progress(0.8 * f, m))
     _merge_equal_neighbours(pts)
