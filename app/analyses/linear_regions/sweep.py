@@ -37,6 +37,7 @@ from app.analyses.linear_regions.crossings import column_entries
 from app.layers import AffineLayer, Flatten, ReLU, Reshape
 from app.network import Network
 
+SMALL_PRODUCT = 1 << 21  # entries or multiply-adds below which dense beats scipy's set-up
 DENSE_RATIO = 4  # the middle layer's columns must be this sparse (a dense one: the walk wins)
 _PLANS: weakref.WeakKeyDictionary[Network, _Plan | None] = weakref.WeakKeyDictionary()
 
@@ -254,11 +255,14 @@ class _Knots:
         r, c = np.nonzero(self.on & ~self.first[:, None])
         cr, cc = self.cross
         n = self.units.size
-        changes = scipy.sparse.csr_matrix(
-            (np.concatenate([self.delta[r, c], np.abs(self.slope[cr, cc])]),
-             (np.concatenate([rank[self.row[r]], rank[len(first.t):]]),
-              np.concatenate([self.units[self.block[r], c], self.units[self.block[cr], cc]]))),
-            shape=(len(times), n))
+        value = np.concatenate([self.delta[r, c], np.abs(self.slope[cr, cc])])
+        at = (np.concatenate([rank[self.row[r]], rank[len(first.t):]]),
+              np.concatenate([self.units[self.block[r], c], self.units[self.block[cr], cc]]))
+        if len(times) * n <= SMALL_PRODUCT:  # (each time and unit has at most one entry)
+            changes = np.zeros((len(times), n), dtype=value.dtype)
+            changes[at] = value
+        else:
+            changes = _csr(value, *at, shape=(len(times), n))
         slope = np.zeros(n, dtype=self.slope.dtype)
         slope[self.units] = (self.delta * self.on)[self.first]
         return np.sort(times), changes, slope
@@ -268,7 +272,7 @@ class _Knots:
         ``tau = 1`` ``[units]``, for ``u`` ``[pieces, units]`` constant on the pieces that
         start at ``left``."""
         width = np.diff(np.append(left, 1.0))
-        table = np.vstack([np.zeros((1, u.shape[1])), np.cumsum(width[:, None] * u, axis=0)])
+        table = _cumsum(np.vstack([np.zeros((1, u.shape[1])), width[:, None] * u]))
         u_b, psi_b = u[:, self.units], table[:, self.units]  # [pieces, blocks, width]
 
         def psi(block: np.ndarray, t: np.ndarray) -> np.ndarray:  # int_0^t u dt, per unit
@@ -287,6 +291,15 @@ class _Knots:
         phi_end = np.zeros(u.shape[1])
         phi_end[self.units] = phi[last]
         return phi - gained, phi_end
+
+
+def _csr(value: np.ndarray, row: np.ndarray, col: np.ndarray, shape: tuple[int, int]
+         ) -> scipy.sparse.csr_matrix:
+    """A CSR matrix of entries at distinct (``row``, ``col``), built directly: scipy's own
+    constructor from coordinates also sorts every row's columns, which a product skips."""
+    order = np.argsort(row.astype(np.int16) if shape[0] < 1 << 15 else row, kind="stable")
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(row, minlength=shape[0]))])
+    return scipy.sparse.csr_matrix((value[order], col[order], indptr), shape=shape)
 
 
 def _cumsum(x: np.ndarray) -> np.ndarray:
@@ -340,5 +353,7 @@ def _tail_backward(weights: list[np.ndarray], tail: list[_Switches], target: int
 def _rows_times(r: np.ndarray, w: np.ndarray) -> np.ndarray:
     """``r @ w`` from ``r``'s first row and its row differences, sparse when consecutive rows
     differ in one unit (a single tail ReLU): one row of ``w`` per switch instead of all."""
-    steps = scipy.sparse.csr_matrix(np.diff(r, axis=0)) @ w
-    return np.vstack([r[:1] @ w, r[:1] @ w + np.cumsum(steps, axis=0)])
+    steps = np.diff(r, axis=0)
+    steps = (steps if steps.shape[0] * w.size <= SMALL_PRODUCT else
+             scipy.sparse.csr_matrix(steps)) @ w
+    return _cumsum(np.vstack([r[:1] @ w, steps]))
