@@ -128,6 +128,11 @@ class Network(nn.Module):
         return out
 
     @property
+    def last_readers(self) -> dict[int, int]:
+        """The last node reading each node's output: after it, the output can be dropped."""
+        return {j: readers[-1] for j, readers in self.consumers.items()}
+
+    @property
     def relu_indices(self) -> list[int]:
         return [i for i, layer in enumerate(self.layers) if isinstance(layer, ReLU)]
 

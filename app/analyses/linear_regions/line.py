@@ -190,7 +190,7 @@ def trace_segments(net: Network, starts: np.ndarray, ends: np.ndarray,
     ts[1::2] = 1.0
     pts = _Points(ts, np.repeat(np.arange(n), 2), {INPUT: x},
                   min_gap=8 * float(np.finfo(starts.dtype).eps))
-    last_use = {j: i for i, ins in enumerate(net.inputs) for j in ins}
+    last_use = net.last_readers
     chains = fusable_chains(net)
     done = -1  # nodes up to here were computed by a ReLU's crossings (``cut_and_push``)
     for i, layer in enumerate(net.layers):

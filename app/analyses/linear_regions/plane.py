@@ -213,7 +213,7 @@ def exact_plane(
     polys = _Polygons(corners, torch.tensor([corners.shape[1]]),
                       {INPUT: torch.stack([a, b - a, c - a]).unsqueeze(1)}, [])
     code_nodes: list[int] = []
-    last_use = {j: i for i, ins in enumerate(net.inputs) for j in ins}
+    last_use = net.last_readers
     for i, layer in enumerate(net.layers):
         rule = rule_for(layer)
 
