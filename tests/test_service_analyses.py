@@ -1,7 +1,7 @@
 """Every analysis job through the real HTTP server, each result checked against an oracle
 computed here from the sample model's ONNX file: onnxruntime (logits, every ReLU, the first
 layer's pre-activations) and plain numpy over the file's own weights (gradients, gradient
-attacks, Riemann-sum IG). One server serves the module; every job is submitted up front so
+attacks, Riemann-sum IG); Captum's IG for the conv model. One server serves the module; every job is submitted up front so
 the worker runs them while the first results are checked.
 """
 
@@ -18,6 +18,8 @@ from onnx import numpy_helper
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
+from app import load_network
+from app.analyses.linear_regions import captum_integrated_gradients
 from tests.conftest import SAMPLE_MODELS
 from tests.service import Server, module_server
 
@@ -34,6 +36,7 @@ JOBS: dict[str, tuple[str, str, str | None, dict]] = {
     "plane": (FC, "linear_regions_plane", X0, {"first": "fgsm", "second": "random",
                                                "length": 0.1}),
     "ig": (FC, "linear_regions_ig", X0, {}),
+    "ig_conv": (CONV, "linear_regions_ig", X1, {}),
     "saliency": (FC, "saliency", X0, {"top_k": 5, "threshold": 0.6, "timeout_s": 20}),
     "saliency_conv": (CONV, "saliency", X1, {"top_k": 4, "threshold": 0.5, "timeout_s": 20}),
     "saliency_superpixel": (FC, "saliency", X1, {"top_k": 5, "threshold": 0.6,
@@ -326,6 +329,25 @@ def test_exact_ig_matches_a_numpy_riemann_sum(server, jobs, models, oracles) -> 
     grads = oracle.gradient(alphas[:, None] * x, np.eye(len(logits[0]))[t])
     riemann = x * grads.mean(0)
     np.testing.assert_allclose(exact, riemann, atol=1e-3 * np.abs(exact).sum())
+
+
+def test_exact_ig_on_a_conv_model_matches_captum(server, jobs, models, oracles) -> None:
+    """The conv model's exact IG (the event sweep): ends and completeness by onnxruntime,
+    attributions by Captum's 10^4-step Riemann sum on the engine's network."""
+    result = _result(server, jobs, "ig_conv")
+    x = _input(server, models, X1, CONV).reshape(-1)
+    t = result["target"]
+    logits = oracles[CONV].logits(np.vstack([x, np.zeros_like(x)]))
+    assert t == int(logits[0].argmax())
+    assert result["f_x"] == pytest.approx(logits[0, t], abs=ATOL)
+    assert result["f_baseline"] == pytest.approx(logits[1, t], abs=ATOL)
+    exact = np.asarray(result["exact"]).reshape(-1)
+    assert exact.sum() == pytest.approx(logits[0, t] - logits[1, t], abs=ATOL)
+    assert result["num_pieces"] > 50
+    net = load_network(SAMPLE_MODELS / f"{CONV}.onnx")
+    ref = captum_integrated_gradients(net, x.reshape(net.input_shape), None, t, 10_000,
+                                      method="riemann_trapezoid").reshape(-1)
+    np.testing.assert_allclose(exact, ref, atol=1e-3 * np.abs(exact).sum())
 
 
 def _check_saliency(result: dict, x: np.ndarray, oracle: OnnxOracle) -> None:
