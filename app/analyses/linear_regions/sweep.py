@@ -37,7 +37,7 @@ from app.analyses.linear_regions.crossings import column_entries
 from app.layers import AffineLayer, Flatten, ReLU, Reshape
 from app.network import Network
 
-SMALL_PRODUCT = 1 << 21  # entries or multiply-adds below which dense beats scipy's set-up
+SMALL_PRODUCT = 1 << 21  # multiply-adds below which a dense product beats scipy's set-up
 DENSE_RATIO = 4  # the middle layer's columns must be this sparse (a dense one: the walk wins)
 _PLANS: weakref.WeakKeyDictionary[Network, _Plan | None] = weakref.WeakKeyDictionary()
 
@@ -122,13 +122,15 @@ def sweep_path(net: Network, plan: _Plan, start: np.ndarray, end: np.ndarray,
     z1 = flat[net.inputs[plan.relu1][0]]
     first, a, on1 = _affine_switches(z1[0], z1[1])
     knots = _Knots.through(net, plan.middle, first, a, flat[net.inputs[plan.relu2][0]][0])
-    times, changes, post_slope = knots.tail_input(first)
+    times, dz, slope = knots.tail_input(first, plan.weights[0])
     tail = []
-    for k, (w, node) in enumerate(zip(plan.weights, plan.tail_relus, strict=False)):
-        switches, times, changes, post_slope = _dense_sweep(
-            times, changes @ w.T, flat[net.inputs[node][0]][0], w @ post_slope,
-            feeds_relu=k + 1 < len(plan.tail_relus))
+    for k, node in enumerate(plan.tail_relus):
+        feeds_relu = k + 1 < len(plan.tail_relus)
+        switches, times, rows, post_slope = _dense_sweep(
+            times, dz, flat[net.inputs[node][0]][0], slope, feeds_relu)
         tail.append(switches)
+        if feeds_relu:
+            dz, slope = rows @ plan.weights[k + 1].T, plan.weights[k + 1] @ post_slope
 
     phi, phi_end = knots.integrals(*_tail_backward(plan.weights, tail, target))
     # a first-ReLU unit on over [lo, hi] gets sum_k A2[k, j] (Phi_k(hi) - Phi_k(lo))
@@ -245,10 +247,11 @@ class _Knots:
                          slope.reshape(-1).numpy(), block_of[index[j, tap]], first.t[j],
                          value[j, tap] * np.abs(a[first.unit[j]])[:, None], j)
 
-    def tail_input(self, first: _Switches) -> tuple[np.ndarray, scipy.sparse.csr_matrix,
-                                                     np.ndarray]:
-        """The ReLU output's slope changes as sparse rows at sorted times (first-ReLU
-        switches and this layer's own crossings), and its slope at 0."""
+    def tail_input(self, first: _Switches, w: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For the dense layer ``w`` ``[out, units]`` after this ReLU: the sorted times at
+        which its input's slope changes (first-ReLU switches and this layer's own crossings),
+        the changes ``[times, out]`` (one sparse product), and its slope at 0."""
         times = np.concatenate([first.t, self.cross_t])
         rank = np.empty(len(times), dtype=np.int64)
         rank[np.argsort(times, kind="stable")] = np.arange(len(times))
@@ -258,14 +261,14 @@ class _Knots:
         value = np.concatenate([self.delta[r, c], np.abs(self.slope[cr, cc])])
         at = (np.concatenate([rank[self.row[r]], rank[len(first.t):]]),
               np.concatenate([self.units[self.block[r], c], self.units[self.block[cr], cc]]))
-        if len(times) * n <= SMALL_PRODUCT:  # (each time and unit has at most one entry)
+        if len(times) * w.size <= SMALL_PRODUCT:  # (each time and unit has at most one entry)
             changes = np.zeros((len(times), n), dtype=value.dtype)
             changes[at] = value
         else:
             changes = _csr(value, *at, shape=(len(times), n))
         slope = np.zeros(n, dtype=self.slope.dtype)
         slope[self.units] = (self.delta * self.on)[self.first]
-        return np.sort(times), changes, slope
+        return np.sort(times), changes @ w.T, w @ slope
 
     def integrals(self, u: np.ndarray, left: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``Phi_k(tau) = int_0^tau D_k(t) u_k(t) dt`` at every knot ``[rows, width]`` and at
