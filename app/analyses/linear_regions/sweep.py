@@ -194,7 +194,6 @@ class _Knots:
     first: np.ndarray  # [rows]
     delta: np.ndarray  # [rows, width] slope change (first rows: the slope at 0)
     slope: np.ndarray  # [rows, width] just after the knot
-    value: np.ndarray  # [rows, width] at the knot
     on: np.ndarray  # [rows, width] just after the knot
     cross: tuple[np.ndarray, np.ndarray]  # (row, column) of the intervals with a zero crossing
     cross_t: np.ndarray  # where
@@ -223,7 +222,7 @@ class _Knots:
         following[np.append(first[1:], True)] = 1.0
         on = _on_after(value, slope)
         r, c = np.nonzero(on != _on_before(value + slope * (following - t)[:, None], slope))
-        return cls(units, block, t, row, first, delta, slope, value, on, (r, c),
+        return cls(units, block, t, row, first, delta, slope, on, (r, c),
                    t[r] - value[r, c] / slope[r, c])
 
     @classmethod
