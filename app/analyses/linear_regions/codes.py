@@ -17,7 +17,7 @@ _MIX = np.random.default_rng(0x5EED).integers(1, 2**63, 64, dtype=np.uint64) | n
 def pack_codes(codes: list[np.ndarray], n: int) -> np.ndarray:
     """The ``n`` rows of all ``codes`` (each ``[n, ...]``) side by side as bytes, zero-padded
     to a multiple of 8 bytes per row; bool codes take one bit per unit."""
-    parts = [_packed_bits(c.reshape(n, -1)) if c.dtype == bool
+    parts = [packed_bits(c.reshape(n, -1)) if c.dtype == bool
              else np.ascontiguousarray(c.reshape(n, -1)).view(np.uint8) for c in codes]
     width = sum(part.shape[1] for part in parts)
     rows = np.zeros((n, -(-width // 8) * 8), dtype=np.uint8)
@@ -28,7 +28,7 @@ def pack_codes(codes: list[np.ndarray], n: int) -> np.ndarray:
     return rows
 
 
-def _packed_bits(bits: np.ndarray) -> np.ndarray:
+def packed_bits(bits: np.ndarray) -> np.ndarray:
     """``np.packbits(bits, axis=1)``; whole-byte rows are packed as one flat stream (the same
     bytes, several times faster)."""
     n, m = bits.shape

@@ -32,7 +32,7 @@ import torch
 from captum.attr import IntegratedGradients
 from torch import Tensor
 
-from app.analyses.linear_regions.codes import run_starts
+from app.analyses.linear_regions.codes import packed_bits, run_starts
 from app.analyses.linear_regions.crossings import column_entries, cumsum_rows, fusable_chains
 from app.analyses.linear_regions.line import (
     _as_batch,
@@ -206,7 +206,7 @@ def _through_relu(layer: AffineLayer, in_shape: tuple[int, ...], grad: Tensor,
 def _flips(code: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Where consecutive rows of a boolean ``code`` ``[R, n]`` differ: (row before, unit),
     found on packed bits (one byte compare per 8 units)."""
-    packed = np.packbits(code, axis=1)
+    packed = packed_bits(code)
     g, byte = np.nonzero(packed[1:] != packed[:-1])
     bits = np.unpackbits((packed[g + 1, byte] ^ packed[g, byte])[:, None], axis=1)
     row, bit = np.nonzero(bits)

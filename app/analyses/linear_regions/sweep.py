@@ -33,7 +33,12 @@ import numpy as np
 import scipy.sparse
 import torch
 
-from app.analyses.linear_regions.crossings import column_entries
+from app.analyses.linear_regions.crossings import (
+    column_entries,
+    column_size,
+    cumsum_down,
+    cumsum_rows,
+)
 from app.layers import AffineLayer, Flatten, ReLU, Reshape
 from app.network import Network
 
@@ -66,7 +71,7 @@ def sweep_plan(net: Network) -> _Plan | None:
 def _make_plan(net: Network) -> _Plan | None:
     if not net.is_sequential:
         return None
-    relus = [i for i, layer in enumerate(net.layers) if isinstance(layer, ReLU)]
+    relus = net.relu_indices
     kinds = [isinstance(layer, ReLU | AffineLayer) for layer in net.layers]
     if len(relus) < 2 or not all(kinds) or relus[0] == 0:
         return None
@@ -75,9 +80,8 @@ def _make_plan(net: Network) -> _Plan | None:
     if any(len(g) != 1 for g in gaps[1:]):
         return None
     middle = gaps[1][0]
-    index, _ = net.layers[middle].column_entries(torch.zeros(1, dtype=torch.long),
-                                                 net.in_shape(middle))
-    if DENSE_RATIO * index.shape[1] > int(np.prod(net.shapes[middle])):
+    if DENSE_RATIO * column_size(net.layers[middle], net.in_shape(middle)) > int(
+            np.prod(net.shapes[middle])):
         return None  # dense columns: the piece walk's matrix products win
     dtype = net.dtype
     with torch.no_grad():
@@ -171,14 +175,6 @@ def _on_before(z: np.ndarray, slope: np.ndarray) -> np.ndarray:
     return (z > 0) | ((z == 0) & (slope < 0))
 
 
-def _segment_cumsum(x: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """Cumulative sums of ``x`` along its first axis, restarting at the rows ``starts``
-    (``starts[0] == 0``)."""
-    total = _cumsum(x)
-    offsets = np.concatenate([np.zeros((1, *x.shape[1:])), total[starts[1:] - 1]])
-    return total - np.repeat(offsets, np.diff(np.append(starts, len(x))), axis=0)
-
-
 @dataclass
 class _Knots:
     """The second ReLU's input along the path. Its units come in blocks that read the same
@@ -213,11 +209,13 @@ class _Knots:
         delta = np.concatenate([slope0[units], delta])[order]
         first = np.ones(len(block), dtype=bool)
         first[1:] = block[1:] != block[:-1]
-        starts = np.flatnonzero(first)
-        slope = _segment_cumsum(delta, starts)
+        slope = delta.copy()
+        cumsum_rows(slope, first)
         gap = np.diff(t, prepend=0.0)
         gap[first] = 0.0
-        value = z0[units][block] + _segment_cumsum((slope - delta) * gap[:, None], starts)
+        value = (slope - delta) * gap[:, None]
+        cumsum_rows(value, first)
+        value += z0[units][block]
         following = np.append(t[1:], 1.0)
         following[np.append(first[1:], True)] = 1.0
         on = _on_after(value, slope)
@@ -274,7 +272,7 @@ class _Knots:
         ``tau = 1`` ``[units]``, for ``u`` ``[pieces, units]`` constant on the pieces that
         start at ``left``."""
         width = np.diff(np.append(left, 1.0))
-        table = _cumsum(np.vstack([np.zeros((1, u.shape[1])), width[:, None] * u]))
+        table = cumsum_down(np.vstack([np.zeros((1, u.shape[1])), width[:, None] * u]))
         u_b, psi_b = u[:, self.units], table[:, self.units]  # [pieces, blocks, width]
 
         def psi(block: np.ndarray, t: np.ndarray) -> np.ndarray:  # int_0^t u dt, per unit
@@ -289,7 +287,8 @@ class _Knots:
         r, c = self.cross  # the state flips inside the interval
         mid = psi(self.block[r], self.cross_t)[np.arange(len(r)), c]
         gained[r, c] = np.where(self.on[r, c], mid - at[r, c], following[r, c] - mid)
-        phi = _segment_cumsum(gained, np.flatnonzero(self.first))
+        phi = gained.copy()
+        cumsum_rows(phi, self.first)
         phi_end = np.zeros(u.shape[1])
         phi_end[self.units] = phi[last]
         return phi - gained, phi_end
@@ -304,21 +303,15 @@ def _csr(value: np.ndarray, row: np.ndarray, col: np.ndarray, shape: tuple[int, 
     return scipy.sparse.csr_matrix((value[order], col[order], indptr), shape=shape)
 
 
-def _cumsum(x: np.ndarray) -> np.ndarray:
-    """``np.cumsum(x, axis=0)`` by torch, which runs along the rows of a 2-D array at once
-    (numpy walks each column separately, three times slower)."""
-    return torch.cumsum(torch.from_numpy(x), 0).numpy()
-
-
 def _dense_sweep(times: np.ndarray, dz: np.ndarray, z0: np.ndarray, s0: np.ndarray,
                  feeds_relu: bool) -> tuple[_Switches, np.ndarray, np.ndarray, np.ndarray]:
     """A dense layer's ReLU along the path: its input has value ``z0`` and slope ``s0`` at 0
     and changes slope by ``dz[r]`` at ``times[r]`` (sorted). Returns its crossings and, when
     it ``feeds_relu`` (another ReLU above reads it), the ReLU output's event times, slope
     changes and slope at 0."""
-    slope = _cumsum(np.vstack([s0, dz]))  # row r: after event r - 1 (row 0: after t = 0)
+    slope = cumsum_down(np.vstack([s0, dz]))  # row r: after event r - 1 (row 0: after t = 0)
     width = np.diff(np.concatenate([[0.0], times, [1.0]]))
-    value = _cumsum(np.vstack([z0, slope * width[:, None]]))  # at 0, the events and 1
+    value = cumsum_down(np.vstack([z0, slope * width[:, None]]))  # at 0, the events and 1
     on = _on_after(value[:-1], slope)
     r, k = np.nonzero(on != _on_before(value[1:], slope))
     left = np.concatenate([[0.0], times])
@@ -358,4 +351,4 @@ def _rows_times(r: np.ndarray, w: np.ndarray) -> np.ndarray:
     steps = np.diff(r, axis=0)
     steps = (steps if steps.shape[0] * w.size <= SMALL_PRODUCT else
              scipy.sparse.csr_matrix(steps)) @ w
-    return _cumsum(np.vstack([r[:1] @ w, steps]))
+    return cumsum_down(np.vstack([r[:1] @ w, steps]))
