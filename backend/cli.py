@@ -1,4 +1,5 @@
-"""Command line: ``relu-atlas serve`` (the API) and ``relu-atlas run`` (API + Streamlit UI).
+"""Command line: ``relu-atlas serve`` (the API), ``relu-atlas run`` (API + Streamlit UI) and
+``relu-atlas convert`` (a torch archive to ONNX, on the user's own machine).
 
 Also ``python -m backend.cli ...``. Settings come from ``ATLAS_*`` environment variables;
 ``--host``/``--port`` override them.
@@ -83,6 +84,27 @@ def run(settings: Settings, ui_port: int) -> int:
                     proc.kill()
 
 
+def convert(source: Path, input_shape: str | None, output: Path | None) -> int:
+    """Convert a TorchScript or .pt2 archive to ONNX. TorchScript runs code from the file,
+    which is why the service refuses it: run this only on files you trust."""
+    from app import UnsupportedModelError
+    from app.loaders import load_onnx
+    from app.loaders.torch_loader import archive_to_onnx
+
+    shape = tuple(int(s) for s in input_shape.replace("x", ",").split(",")) \
+        if input_shape else None
+    output = output or source.with_suffix(".onnx")
+    try:
+        data = archive_to_onnx(source, shape, allow_torchscript=True)
+        net = load_onnx(data, name=source.stem)
+    except UnsupportedModelError as exc:
+        print(f"cannot convert {source}: {exc}", file=sys.stderr)
+        return 1
+    output.write_bytes(data)
+    print(f"wrote {output}: input {tuple(net.input_shape)}, {net.num_outputs} outputs")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line (also used by the test that checks docker-compose.yml's commands)."""
     parser = argparse.ArgumentParser(prog="relu-atlas", description=__doc__.splitlines()[0])
@@ -93,12 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--port", type=int, help="API port (default 8000)")
         if name == "run":
             p.add_argument("--ui-port", type=int, default=8501, help="web UI port")
+    p = sub.add_parser("convert", help="convert a TorchScript or .pt2 file you trust to ONNX")
+    p.add_argument("source", type=Path, help="the .pt / .pt2 file")
+    p.add_argument("--input-shape", help="input shape without batch, e.g. 1,28,28")
+    p.add_argument("-o", "--output", type=Path, help="the .onnx to write (default: beside it)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "convert":
+        return convert(args.source, args.input_shape, args.output)
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = Settings(**overrides)
     try:

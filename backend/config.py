@@ -13,6 +13,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.loaders.limits import LoadLimits
+
 OWNER_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -31,6 +33,12 @@ class Settings(BaseSettings):
                                             "tokens), each name one owner of uploads and jobs")
     job_time_limit_s: float = Field(3600, gt=0, description="default and maximum per job")
     job_memory_limit_mb: float = Field(4096, gt=0, description="default and maximum per job")
+    upload_memory_mb: float = Field(2048, ge=256, description="address space of the process "
+                                     "that parses uploaded models")
+    upload_check_timeout_s: float = Field(120, gt=0, description="time to parse one upload")
+    max_input_elements: int = Field(1 << 20, ge=1, description="largest model input (elements)")
+    max_parameters: int = Field(50_000_000, ge=1, description="most parameters of a model")
+    max_activation_elements: int = Field(1 << 24, ge=1, description="largest layer output")
     register_samples: bool = True
     extra_analyses: str = Field("", description="comma-separated extra plug-in modules")
 
@@ -53,6 +61,10 @@ class Settings(BaseSettings):
             if entry:
                 owners[token] = name
         return owners
+
+    def load_limits(self) -> LoadLimits:
+        return LoadLimits(self.max_input_elements, self.max_parameters,
+                          self.max_activation_elements)
 
     @property
     def max_upload_bytes(self) -> int:

@@ -58,12 +58,15 @@ class ModelRecord(Base):
 
 
 class ModelOwner(Base):
-    """Who may see an uploaded model: one row per owner that uploaded the same file."""
+    """Who may see an uploaded model: one row per owner that uploaded the same file, with
+    that owner's own name and card for it (NULL on rows from before: the model's own)."""
 
     __tablename__ = "model_owners"
 
     model_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     owner: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    card: Mapped[dict | None] = mapped_column(JSON, nullable=True)
 
 
 class InputRecord(Base):

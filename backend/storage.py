@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 from functools import lru_cache
 from pathlib import Path
 
@@ -21,10 +20,10 @@ from sqlalchemy import ColumnElement, exists, select
 
 from app import InvalidInputError, Network, UnsupportedModelError, load_network
 from backend.db import InputRecord, ModelOwner, ModelRecord, owned_by, sessions_for, utcnow
+from backend.sandbox import ModelChecker
 
 log = logging.getLogger(__name__)
-MODEL_SUFFIXES = {".onnx": "onnx", ".pt2": "torch.export", ".pt": "torchscript",
-                  ".pth": "torchscript", ".ts": "torchscript"}
+MODEL_SUFFIXES = {".onnx": "onnx", ".pt2": "torch.export"}
 
 
 def sha256_file(path: Path) -> str:
@@ -54,53 +53,77 @@ def _gallery(dataset: str) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 class Storage:
-    def __init__(self, data_dir: Path, db_url: str) -> None:
+    def __init__(self, data_dir: Path, db_url: str, checker: ModelChecker | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.sessions = sessions_for(db_url)
+        self.checker = checker  # parses uploads out of process; None: no uploads here
 
     # -- models ---------------------------------------------------------------------------
 
     def add_model(self, tmp: Path, name: str, source: str = "upload", card: dict | None = None,
                   input_shape: tuple[int, ...] | None = None, owner: str = "") -> ModelRecord:
-        """Validate ``tmp`` with the engine's loader and store it under its sha256, visible to
-        ``owner`` (an upload) or to everyone (``source="sample"``).
+        """Validate ``tmp`` and store it under its sha256, visible to ``owner`` (an upload,
+        parsed in the sandbox process) or to everyone (``source="sample"``, our own files).
 
-        ``tmp`` must carry the suffix of ``name`` (the loaders dispatch on it).
+        ``tmp`` must carry the suffix of ``name``. An upload of bytes that already exist is
+        granted to ``owner`` with ``owner``'s name and card. The file is kept only if its
+        database row commits.
 
         Raises :class:`app.UnsupportedModelError` with the loader's message when it fails.
         """
         suffix = Path(name).suffix.lower()
         if suffix not in MODEL_SUFFIXES:
             raise UnsupportedModelError(
-                f"unknown model format '{suffix or name}': upload .onnx, .pt2 (torch.export) "
-                "or a TorchScript file (.pt, .pth, .ts)")
+                f"unknown model format '{suffix or name}': upload .onnx or .pt2 (torch.export)")
         digest = sha256_file(tmp)
+        display = (card or {}).get("name") or Path(name).stem
         existing = self.model(digest)
         if existing is not None:
-            if existing.source != "sample":
-                self._grant(digest, owner)
-            return existing
-        try:
-            net = load_network(tmp, input_shape)
-        except InvalidInputError as exc:
-            raise UnsupportedModelError(str(exc)) from exc
-        filename = f"{digest}{suffix}"
-        shutil.copyfile(tmp, self.data_dir / "models" / filename)
+            if existing.source == "sample":
+                return existing
+            self._grant(digest, owner, display, card or {})
+            return self.model(digest, owner) or existing
+        data, stored_suffix, shape, outputs, summary = self._parse(tmp, suffix, input_shape,
+                                                                   trusted=source == "sample")
+        filename = f"{digest}{stored_suffix}"
+        path = self.data_dir / "models" / filename
+        path.write_bytes(data)
         record = ModelRecord(
-            id=digest, name=(card or {}).get("name") or Path(name).stem,
-            format=MODEL_SUFFIXES[suffix], filename=filename,
-            input_shape=list(net.input_shape), num_outputs=net.num_outputs, card=card or {},
-            summary=net.summary(), source=source, created_at=utcnow())
-        with self.sessions() as s:
-            s.merge(record)
-            if source != "sample":
-                s.merge(ModelOwner(model_id=digest, owner=owner))
-            s.commit()
+            id=digest, name=display, format=MODEL_SUFFIXES[suffix], filename=filename,
+            input_shape=shape, num_outputs=outputs, card=card or {}, summary=summary,
+            source=source, created_at=utcnow())
+        try:
+            with self.sessions() as s:
+                s.merge(record)
+                if source != "sample":
+                    s.merge(ModelOwner(model_id=digest, owner=owner, name=display,
+                                       card=card or {}))
+                s.commit()
+        except BaseException:
+            if self.model(digest) is None:  # not committed by a concurrent upload either
+                path.unlink(missing_ok=True)
+            raise
         return record
 
-    def _grant(self, model_id: str, owner: str) -> None:
+    def _parse(self, tmp: Path, suffix: str, input_shape: tuple[int, ...] | None,
+               trusted: bool) -> tuple[bytes, str, list[int], int, dict]:
+        """``(bytes to store, their suffix, input shape, outputs, summary)``."""
+        if trusted:
+            try:
+                net = load_network(tmp, input_shape)
+            except InvalidInputError as exc:
+                raise UnsupportedModelError(str(exc)) from exc
+            return tmp.read_bytes(), suffix, list(net.input_shape), net.num_outputs, \
+                net.summary()
+        if self.checker is None:
+            raise UnsupportedModelError("this process does not accept uploads")
+        checked = self.checker.check(tmp.read_bytes(), suffix, input_shape)
+        return (checked.data, checked.suffix, checked.input_shape, checked.num_outputs,
+                checked.summary)
+
+    def _grant(self, model_id: str, owner: str, name: str, card: dict) -> None:
         with self.sessions() as s:
-            s.merge(ModelOwner(model_id=model_id, owner=owner))
+            s.merge(ModelOwner(model_id=model_id, owner=owner, name=name, card=card))
             s.commit()
 
     @staticmethod
@@ -108,6 +131,14 @@ class Storage:
         """Models ``owner`` may see: the samples and the ones it uploaded."""
         return (ModelRecord.source == "sample") | exists().where(
             ModelOwner.model_id == ModelRecord.id, ModelOwner.owner == owner)
+
+    @staticmethod
+    def _as_seen_by(record: ModelRecord, access: ModelOwner | None) -> ModelRecord:
+        """The record with ``access``'s own name and card (a detached copy)."""
+        if access is None or access.name is None:
+            return record
+        fields = {c.key: getattr(record, c.key) for c in ModelRecord.__table__.columns}
+        return ModelRecord(**{**fields, "name": access.name, "card": access.card or {}})
 
     def register_samples(self) -> int:
         """Register the packaged sample models (if the package and its files exist)."""
@@ -128,18 +159,28 @@ class Storage:
         return count
 
     def model(self, model_id: str, owner: str | None = None) -> ModelRecord | None:
+        """The model (as ``owner`` sees it: its name and card), or None when unknown or not
+        visible to ``owner``."""
         with self.sessions() as s:
             if owner is None:
                 return s.get(ModelRecord, model_id)
-            return s.scalars(select(ModelRecord).where(ModelRecord.id == model_id,
-                                                       self._visible(owner))).first()
+            record = s.scalars(select(ModelRecord).where(ModelRecord.id == model_id,
+                                                         self._visible(owner))).first()
+            if record is None or record.source == "sample":
+                return record
+            return self._as_seen_by(record, s.get(ModelOwner, (model_id, owner)))
 
     def models(self, owner: str | None = None) -> list[ModelRecord]:
         q = select(ModelRecord).order_by(ModelRecord.source.desc(), ModelRecord.name)
         if owner is not None:
             q = q.where(self._visible(owner))
         with self.sessions() as s:
-            return list(s.scalars(q))
+            records = list(s.scalars(q))
+            if owner is None:
+                return records
+            access = {a.model_id: a for a in s.scalars(
+                select(ModelOwner).where(ModelOwner.owner == owner))}
+        return [self._as_seen_by(r, access.get(r.id)) for r in records]
 
     def delete_model(self, model_id: str, owner: str = "") -> bool:
         """Withdraw ``owner``'s upload (and its inputs); the file and record go with the last

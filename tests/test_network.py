@@ -192,11 +192,13 @@ def test_torch_export_archive_loads(tmp_path) -> None:
         assert torch.allclose(net(x), model(x), atol=1e-5)
 
 
-def test_torchscript_archive_loads_with_its_shape(tmp_path) -> None:
+def test_torchscript_loads_only_when_the_caller_trusts_it(tmp_path) -> None:
     model = _small_conv()
     path = tmp_path / "model.pt"
     torch.jit.trace(model, torch.zeros(1, 1, 8, 8)).save(str(path))
-    net = load_network(path, input_shape=(1, 8, 8))
+    with pytest.raises(UnsupportedModelError, match="relu-atlas convert"):
+        load_network(path, input_shape=(1, 8, 8))
+    net = load_network(path, input_shape=(1, 8, 8), allow_torchscript=True)
     x = torch.randn(100, 1, 8, 8)
     with torch.no_grad():
         assert torch.allclose(net(x), model(x), atol=1e-5)

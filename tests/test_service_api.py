@@ -11,6 +11,8 @@ import hashlib
 import io
 import json
 import pickle
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from PIL import Image
 from torch import nn
 
 from tests.conftest import SAMPLE_MODELS
-from tests.service import Server, mlp_onnx, module_server, with_unsupported_op
+from tests.service import ROOT, Server, mlp_onnx, module_server, with_unsupported_op
 
 MAX_UPLOAD_MB = 1
 
@@ -152,19 +154,28 @@ def test_image_and_csv_inputs_are_resized_and_scaled(server: Server, model: dict
     assert r.json()["id"] in ids
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.jit")  # TorchScript is an upload format
-def test_torchscript_upload_and_predict_match_torch(server: Server, tmp_path: Path) -> None:
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.jit")
+def test_torchscript_is_refused_and_converted_locally_matches_torch(server: Server,
+                                                                   tmp_path: Path) -> None:
+    """TorchScript runs code when loaded: the service refuses it and names the local
+    command; what that command writes uploads and predicts as torch does."""
     torch.manual_seed(5)
     module = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Flatten(),
                            nn.Linear(192, 10)).eval()
     path = tmp_path / "conv.pt"
     torch.jit.trace(module, torch.zeros(1, 1, 8, 8)).save(str(path))
     files = {"file": ("conv.pt", path.read_bytes())}
-    assert "input shape" in _detail(server.client.post("/api/models", files=files), 422)
-    r = server.client.post("/api/models", files=files, data={"input_shape": "1,8,8"})
+    assert "relu-atlas convert" in _detail(
+        server.client.post("/api/models", files=files, data={"input_shape": "1,8,8"}), 422)
+    out = tmp_path / "conv.onnx"
+    run = subprocess.run([sys.executable, "-m", "backend.cli", "convert", str(path),
+                          "--input-shape", "1,8,8", "-o", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    r = server.client.post("/api/models", files={"file": ("conv.onnx", out.read_bytes())})
     assert r.status_code == 201, r.text
     info = r.json()
-    assert info["format"] == "torchscript" and info["input_shape"] == [1, 8, 8]
+    assert info["format"] == "onnx" and info["input_shape"] == [1, 8, 8]
     x = torch.rand(1, 1, 8, 8)
     inp = _upload_npy(server, info["id"], x.numpy()).json()["id"]
     job = server.wait_job(_submit(server, analysis="predict", model_id=info["id"],

@@ -7,6 +7,7 @@ from pathlib import Path
 from torch import nn
 
 from app.errors import UnsupportedModelError
+from app.loaders.limits import DEFAULT_LIMITS, LoadLimits
 from app.loaders.onnx_loader import load_onnx
 from app.loaders.torch_loader import from_module, load_archive
 from app.network import Network
@@ -16,11 +17,14 @@ TORCH_SUFFIXES = {".pt2", ".pt", ".pth", ".ts"}
 
 
 def load_network(
-    source: str | Path | nn.Module | Network, input_shape: tuple[int, ...] | None = None
+    source: str | Path | nn.Module | Network, input_shape: tuple[int, ...] | None = None, *,
+    allow_torchscript: bool = False, limits: LoadLimits = DEFAULT_LIMITS,
 ) -> Network:
     """Load ``source`` (an ONNX/.pt2/TorchScript path, an ``nn.Module`` or a Network).
 
     ``input_shape`` (without batch) is needed for modules and TorchScript files only.
+    TorchScript runs code from the file, so it loads only with ``allow_torchscript=True``;
+    files are checked against ``limits`` before anything is allocated.
     """
     if isinstance(source, Network):
         return source
@@ -33,12 +37,13 @@ def load_network(
         raise UnsupportedModelError(f"no model file at {path}")
     suffix = path.suffix.lower()
     if suffix in ONNX_SUFFIXES:
-        return load_onnx(str(path), name=path.stem)
+        return load_onnx(str(path), name=path.stem, limits=limits)
     if suffix in TORCH_SUFFIXES:
-        return load_archive(path, input_shape)
+        return load_archive(path, input_shape, allow_torchscript=allow_torchscript,
+                            limits=limits)
     raise UnsupportedModelError(
         f"unknown model format '{suffix}': upload .onnx, .pt2 (torch.export) or TorchScript"
     )
 
 
-__all__ = ["load_network", "load_onnx"]
+__all__ = ["DEFAULT_LIMITS", "LoadLimits", "load_network", "load_onnx"]

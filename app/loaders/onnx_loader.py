@@ -30,6 +30,7 @@ from app.layers import (
     ReLU,
     Reshape,
 )
+from app.loaders.limits import DEFAULT_LIMITS, LoadLimits
 from app.network import INPUT, Network
 
 
@@ -42,10 +43,11 @@ class _Dyn:
 
 
 class _Builder:
-    def __init__(self, input_shape: tuple[int, ...]) -> None:
+    def __init__(self, input_shape: tuple[int, ...], limits: LoadLimits) -> None:
         self.layers: list[Layer] = []
         self.inputs: list[tuple[int, ...]] = []
         self.input_shape = input_shape
+        self.limits = limits
 
     def add(self, layer: Layer, *srcs: _Dyn) -> _Dyn:
         self.layers.append(layer)
@@ -53,15 +55,19 @@ class _Builder:
         with torch.no_grad():
             probes = [torch.zeros((1, *s.shape)) for s in srcs]
             shape = tuple(layer(*probes).shape[1:])
+        self.limits.check_activation(shape, f"layer {len(self.layers)} ({type(layer).__name__})")
         return _Dyn(len(self.layers) - 1, shape)
 
 
-def load_onnx(source: str | bytes | onnx.ModelProto, name: str = "onnx model") -> Network:
+def load_onnx(source: str | bytes | onnx.ModelProto, name: str = "onnx model",
+              limits: LoadLimits = DEFAULT_LIMITS) -> Network:
     """Load an ONNX file (path or bytes) into the engine's representation.
 
-    The model must have one data input (first dimension = batch) and one output.
+    The model must have one data input (first dimension = batch) and one output. Its declared
+    sizes are checked against ``limits`` before any tensor is built.
     """
     model = source if isinstance(source, onnx.ModelProto) else _read(source)
+    _check_declared_sizes(model, limits)
     try:
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, Exception) as exc:  # noqa: BLE001 - message is the point
@@ -78,7 +84,7 @@ def load_onnx(source: str | bytes | onnx.ModelProto, name: str = "onnx model") -
     if len(dims) < 2 or any(d <= 0 for d in dims[1:]):
         raise UnsupportedModelError(f"input '{data_inputs[0].name}' has unsupported shape {dims}")
     input_shape = tuple(dims[1:])
-    b = _Builder(input_shape)
+    b = _Builder(input_shape, limits)
     env: dict[str, np.ndarray | _Dyn] = dict(consts)
     env[data_inputs[0].name] = _Dyn(INPUT, input_shape)
     for node in graph.node:
@@ -103,6 +109,26 @@ def load_onnx(source: str | bytes | onnx.ModelProto, name: str = "onnx model") -
         raise UnsupportedModelError("the output is not the last computed tensor")
     layers, inputs = fold_affine(b.layers, b.inputs)
     return Network(layers, input_shape, inputs, name=name)
+
+
+def _check_declared_sizes(model: onnx.ModelProto, limits: LoadLimits) -> None:
+    """Input, parameter and activation counts from the declarations alone (no allocation)."""
+    graph = model.graph
+    init_names = {i.name for i in graph.initializer}
+    for value in graph.input:
+        if value.name not in init_names:
+            dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
+            limits.check_input(tuple(d for d in dims[1:] if d > 0))
+    tensors = list(graph.initializer) + [
+        a.t for node in graph.node for a in node.attribute if a.type == onnx.AttributeProto.TENSOR]
+    limits.check_parameters(sum(int(np.prod(t.dims, dtype=object)) for t in tensors))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # noqa: BLE001 - the builder checks each layer as it goes
+        return
+    for value in [*inferred.value_info, *inferred.output]:
+        dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
+        limits.check_activation(tuple(d for d in dims[1:] if d > 0), f"tensor '{value.name}'")
 
 
 def _read(source: str | bytes) -> onnx.ModelProto:

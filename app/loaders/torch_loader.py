@@ -6,8 +6,10 @@
 * Any other module, a ``torch.export`` archive (``.pt2``) or a TorchScript archive goes
   through torch's ONNX exporter and the ONNX loader: one conversion path for everything else.
 
-Nothing here unpickles arbitrary objects: archives are opened by ``torch.export.load`` /
-``torch.jit.load``, after a zip-bomb check.
+Files may come from strangers: a ``.pt2`` is vetted so that loading it unpickles and
+evaluates nothing (:mod:`app.loaders.export_archive`), and TorchScript, which runs code from
+the file by design, is loaded only when the caller says the file is its own
+(``allow_torchscript=True``, e.g. ``relu-atlas convert`` on the user's machine).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from app.layers import (
     MaxPool2d,
     ReLU,
 )
+from app.loaders.export_archive import is_export_archive, vet_export_archive
+from app.loaders.limits import DEFAULT_LIMITS, LoadLimits
 from app.loaders.onnx_loader import fold_affine, load_onnx
 from app.network import Network
 
@@ -48,17 +52,48 @@ def from_module(module: nn.Module, input_shape: tuple[int, ...], name: str = "to
     return _via_onnx(module, input_shape, name)
 
 
-def load_archive(path: str | Path, input_shape: tuple[int, ...] | None = None) -> Network:
-    """Load a ``torch.export`` (``.pt2``) or TorchScript archive file."""
+TORCHSCRIPT_REFUSED = (
+    "TorchScript runs code from the file when it loads, so it is not accepted here; convert "
+    "it on your own machine with `relu-atlas convert model.pt --input-shape 1,28,28 -o "
+    "model.onnx` and upload the ONNX file")
+
+
+def load_archive(path: str | Path, input_shape: tuple[int, ...] | None = None, *,
+                 allow_torchscript: bool = False,
+                 limits: LoadLimits = DEFAULT_LIMITS) -> Network:
+    """Load a ``torch.export`` (``.pt2``) archive, or TorchScript when ``allow_torchscript``
+    (a user's own file on their own machine: TorchScript can run arbitrary code)."""
+    onnx_bytes = archive_to_onnx(path, input_shape, allow_torchscript=allow_torchscript,
+                                 limits=limits)
+    return load_onnx(onnx_bytes, name=Path(path).stem, limits=limits)
+
+
+def archive_to_onnx(path: str | Path, input_shape: tuple[int, ...] | None = None, *,
+                    allow_torchscript: bool = False,
+                    limits: LoadLimits = DEFAULT_LIMITS) -> bytes:
+    """The archive as ONNX bytes, the one format the engine loads.
+
+    A ``.pt2`` is vetted first (:mod:`app.loaders.export_archive`): nothing in it is
+    unpickled or evaluated. TorchScript is refused unless ``allow_torchscript``.
+    """
     path = Path(path)
     check_zip(path)
-    name = path.stem
-    try:
-        exported = torch.export.load(str(path))
-        module = _Frozen(exported.module())
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+        if is_export_archive(names):
+            vet_export_archive(zf)
+        elif not allow_torchscript:
+            raise UnsupportedModelError(TORCHSCRIPT_REFUSED)
+    if is_export_archive(names):
+        try:
+            exported = torch.export.load(str(path))
+        except Exception as exc:  # noqa: BLE001 - torch raises many kinds
+            raise UnsupportedModelError(f"'{path.name}' is not a readable torch.export "
+                                        f"archive: {exc}") from exc
+        module: nn.Module = _Frozen(exported.module())
         example = exported.example_inputs[0] if exported.example_inputs else None
         shape = tuple(example[0].shape[1:]) if example else input_shape
-    except Exception:  # noqa: BLE001 - not an export archive: try TorchScript
+    else:
         try:
             module = torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:  # noqa: BLE001
@@ -68,7 +103,8 @@ def load_archive(path: str | Path, input_shape: tuple[int, ...] | None = None) -
         shape = input_shape
     if shape is None:
         raise UnsupportedModelError("a TorchScript model needs its input shape")
-    return _via_onnx(module, tuple(shape), name)
+    limits.check_input(tuple(shape))
+    return module_to_onnx(module, tuple(shape))
 
 
 def check_zip(path: Path, limit: int = MAX_UNCOMPRESSED_BYTES) -> None:
@@ -84,7 +120,7 @@ def check_zip(path: Path, limit: int = MAX_UNCOMPRESSED_BYTES) -> None:
         "/code/" in n or n.endswith(".json") or "serialized_exported_program" in n for n in names
     ):
         raise UnsupportedModelError(
-            f"'{path.name}' is a pickled torch checkpoint; upload ONNX, .pt2 or TorchScript"
+            f"'{path.name}' is a pickled torch checkpoint; upload ONNX or .pt2"
         )
 
 
@@ -149,6 +185,11 @@ def _map_layer(m: nn.Module) -> Layer | None:
 
 
 def _via_onnx(module: nn.Module, input_shape: tuple[int, ...], name: str) -> Network:
+    return load_onnx(module_to_onnx(module, input_shape), name=name)
+
+
+def module_to_onnx(module: nn.Module, input_shape: tuple[int, ...]) -> bytes:
+    """Export ``module`` (run on the caller's trust) to ONNX bytes."""
     buf = io.BytesIO()
     example = torch.zeros((1, *input_shape))
     try:
@@ -158,4 +199,4 @@ def _via_onnx(module: nn.Module, input_shape: tuple[int, ...], name: str) -> Net
                               input_names=["input"], output_names=["logits"])
     except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds
         raise UnsupportedModelError(f"torch model could not be converted: {exc}") from exc
-    return load_onnx(buf.getvalue(), name=name)
+    return buf.getvalue()

@@ -1,9 +1,11 @@
 """Every error becomes ``{"detail": "<clear message>"}`` with a 4xx (or, as a last resort,
-a 500 that still says what happened); request-size limits are enforced while streaming."""
+a 500 with a request id whose details are in the log only); request-size limits are
+enforced while streaming."""
 
 from __future__ import annotations
 
 import logging
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -35,9 +37,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"},
-                            status_code=500)
+        # The message may carry SQL, parameters or paths: it goes to the log, not the client.
+        request_id = uuid.uuid4().hex[:12]
+        log.exception("unhandled error (request %s) on %s %s", request_id, request.method,
+                      request.url.path)
+        return JSONResponse({"detail": f"internal error (request id {request_id}); the "
+                                       "server log has the details"}, status_code=500)
 
 
 class _TooLarge(Exception):

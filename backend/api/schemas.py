@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
+from backend.api.validation import Id
+
 JobStatus = Literal["queued", "running", "finished", "failed", "cancelled"]
 
 
@@ -71,9 +73,9 @@ class JobLimits(BaseModel):
 
 
 class JobRequest(BaseModel):
-    analysis: str = Field(max_length=100)
-    model_id: str = Field(max_length=64)
-    input_id: str | None = Field(None, max_length=80)
+    analysis: Id
+    model_id: Id = Field(max_length=64)
+    input_id: Id | None = Field(None, max_length=80)
     params: dict[str, Any] = Field(default_factory=dict)
     limits: JobLimits = Field(default_factory=JobLimits)
 
@@ -84,9 +86,9 @@ MAX_BATCH = 10_000
 class BatchRequest(BaseModel):
     """One analysis over every (model, input) pair of ``model_ids`` x ``input_ids``."""
 
-    analysis: str = Field(max_length=100)
-    model_ids: list[Annotated[str, Field(max_length=64)]] = Field(min_length=1, max_length=100)
-    input_ids: list[Annotated[str, Field(max_length=80)] | None] = Field(
+    analysis: Id
+    model_ids: list[Annotated[Id, Field(max_length=64)]] = Field(min_length=1, max_length=100)
+    input_ids: list[Annotated[Id, Field(max_length=80)] | None] = Field(
         default_factory=lambda: [None], min_length=1, max_length=MAX_BATCH)
     params: dict[str, Any] = Field(default_factory=dict)
     limits: JobLimits = Field(default_factory=JobLimits)

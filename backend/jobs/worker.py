@@ -216,7 +216,7 @@ def _execute(job, store: JobStore, storage: Storage, attempt: str) -> dict:  # n
     if analysis is None:
         raise LookupError(f"unknown analysis '{job.analysis}'")
     params = analysis.params.model_validate(job.params)
-    model = storage.model(job.model_id)
+    model = storage.model(job.model_id, job.owner or "")  # with the owner's card
     if model is None:
         raise LookupError(f"model {job.model_id} no longer exists")
     net = storage.network(model)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, File, HTTPException, UploadFile
@@ -11,6 +10,7 @@ from fastapi import APIRouter, File, HTTPException, UploadFile
 from app import InvalidInputError
 from backend.api.deps import ModelDep, Owner, ServicesDep
 from backend.api.schemas import DatasetInfo
+from backend.api.validation import clean_name
 from backend.datasets import DatasetStore, DatasetTooLarge, decode_dataset
 
 router = APIRouter(prefix="/models/{model_id}/datasets", tags=["datasets"])
@@ -23,7 +23,7 @@ def upload_dataset(
                                                  ".csv (one input per row, optional label "
                                                  "column)")],
 ) -> dict:
-    name = Path(file.filename or "dataset").name
+    name = clean_name(file.filename, "dataset")
     input_range = tuple((model.card or {}).get("input_range") or (0.0, 1.0))
     try:
         x, y = decode_dataset(name, file.file.read(), tuple(model.input_shape), input_range)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, File, HTTPException, UploadFile
@@ -10,6 +9,7 @@ from fastapi import APIRouter, File, HTTPException, UploadFile
 from app import InvalidInputError
 from backend.api.deps import ModelDep, Owner, ServicesDep
 from backend.api.schemas import InputData, InputInfo
+from backend.api.validation import clean_name
 from backend.inputs import decode_input
 
 router = APIRouter(prefix="/models/{model_id}/inputs", tags=["inputs"])
@@ -26,7 +26,7 @@ def upload_input(
     model: ModelDep, services: ServicesDep, owner: Owner,
     file: Annotated[UploadFile, File(description="PNG/JPEG image, .npy array or .csv values")],
 ) -> InputInfo:
-    name = Path(file.filename or "input").name
+    name = clean_name(file.filename, "input")
     input_range = tuple((model.card or {}).get("input_range") or (0.0, 1.0))
     try:
         x = decode_input(name, file.file.read(), tuple(model.input_shape), input_range)

@@ -11,9 +11,14 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 
 from app import UnsupportedModelError
+from app.loaders.torch_loader import TORCHSCRIPT_REFUSED
 from backend.api.deps import ModelDep, Owner, ServicesDep
 from backend.api.schemas import ModelInfo
+from backend.api.validation import MAX_NAME, clean_json_text, clean_name
+from backend.sandbox import TooLarge
 from backend.storage import MODEL_SUFFIXES
+
+TORCHSCRIPT_SUFFIXES = {".pt", ".pth", ".ts"}
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -34,6 +39,7 @@ def _parse_card(text: str | None) -> dict | None:
     """An optional model card (JSON object): dataset, input_range, classes, ..."""
     if not text:
         return None
+    clean_json_text(text, "card")
     try:
         card = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -47,29 +53,38 @@ def _parse_card(text: str | None) -> dict | None:
         raise HTTPException(422, f"card input_range must be [low, high], got {rng}")
     if not isinstance(card.get("dataset", ""), str):
         raise HTTPException(422, "card dataset must be a string")
+    name = card.get("name")
+    if name is not None and (not isinstance(name, str) or len(name) > MAX_NAME):
+        raise HTTPException(422, f"card name must be a string of at most {MAX_NAME} characters")
     return card
 
 
 @router.post("", response_model=ModelInfo, status_code=201)
 def upload_model(
     services: ServicesDep, owner: Owner,
-    file: Annotated[UploadFile, File(description=".onnx, .pt2 (torch.export) or TorchScript")],
-    input_shape: Annotated[str | None, Form(description="e.g. '1,8,8' (TorchScript)")] = None,
+    file: Annotated[UploadFile, File(description=".onnx or .pt2 (torch.export)")],
+    input_shape: Annotated[str | None, Form(description="e.g. '1,8,8' (a .pt2 without "
+                                                        "sample inputs)")] = None,
     card: Annotated[str | None, Form(description="model card JSON (dataset, input_range, "
                                                  "classes, ...)")] = None,
 ) -> ModelInfo:
-    name = Path(file.filename or "model").name
+    name = clean_name(file.filename, "model")
     suffix = Path(name).suffix.lower()
+    if suffix in TORCHSCRIPT_SUFFIXES:
+        raise HTTPException(422, TORCHSCRIPT_REFUSED)
     if suffix not in MODEL_SUFFIXES:
         raise HTTPException(
-            415, f"unknown model format '{suffix or name}': upload .onnx, .pt2 (torch.export) "
-            "or a TorchScript file (.pt, .pth, .ts)")
+            415, f"unknown model format '{suffix or name}': upload .onnx or .pt2 "
+            "(torch.export)")
+    parsed_card, shape = _parse_card(card), _parse_shape(input_shape)
     tmp = services.settings.data_dir / "tmp" / f"{uuid.uuid4().hex}{suffix}"
     try:
         with open(tmp, "wb") as out:
             shutil.copyfileobj(file.file, out, 1 << 20)
-        record = services.storage.add_model(tmp, name, card=_parse_card(card),
-                                            input_shape=_parse_shape(input_shape), owner=owner)
+        record = services.storage.add_model(tmp, name, card=parsed_card, input_shape=shape,
+                                            owner=owner)
+    except TooLarge as exc:
+        raise HTTPException(413, f"cannot load '{name}': {exc}") from exc
     except UnsupportedModelError as exc:
         raise HTTPException(422, f"cannot load '{name}': {exc}") from exc
     finally:

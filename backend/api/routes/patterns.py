@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from backend.api.deps import Owner, ServicesDep
 from backend.api.routes.jobs import check_target, checked_analysis, checked_params, job_info
 from backend.api.schemas import BatchInfo, JobLimits
+from backend.api.validation import Id
 from backend.jobs import fanout
 
 router = APIRouter(prefix="/patterns", tags=["patterns"])
@@ -34,7 +35,7 @@ class RuleSpec(BaseModel):
 
 
 class VerifyRequest(BaseModel):
-    model_id: str = Field(max_length=64)
+    model_id: Id = Field(max_length=64)
     rules: list[RuleSpec] = Field(min_length=1, max_length=MAX_RULES)
     domain: Literal["ball", "box"] = "box"
     eps: float = 0.05
