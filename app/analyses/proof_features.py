@@ -24,7 +24,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from app.bounds import analyze, fold_last_layer, input_box, margin_spec, property_lower_bounds
+from app.bounds import (
+    analyze,
+    check_eps,
+    float_safe,
+    fold_last_layer,
+    input_box,
+    margin_spec,
+    property_lower_bounds,
+)
 from app.errors import InvalidInputError, UnsupportedModelError
 from app.layers import AffineLayer, ElementwiseAffine
 from app.network import INPUT, Network
@@ -70,8 +78,14 @@ class ProofFeatures:
 
 def certify(net: Network, x: Tensor, label: int, eps: float, method: str = "crown",
             domain: Domain = (0.0, 1.0)) -> Certificate:
-    """Try to prove that ``net`` predicts ``label`` everywhere in the clipped eps-ball at ``x``."""
+    """Try to prove that ``net`` predicts ``label`` everywhere in the clipped eps-ball at ``x``.
+
+    ``certified`` is float-safe (see :func:`app.bounds.property_lower_bounds`); a negative or
+    non-finite ``eps``, a non-finite input or a label outside the outputs raise
+    :class:`InvalidInputError`.
+    """
     x = _as_batch(net, x)
+    _check_label(net, label)
     with torch.no_grad():
         lo, hi = input_box(x, eps, domain)
         bounds = property_lower_bounds(net, lo, hi, torch.tensor([label]), method)[0]
@@ -86,13 +100,15 @@ def proof_features(net: Network, x: Tensor, label: int, eps: float, method: str 
     last = net.layers[-1]
     if not isinstance(last, AffineLayer):
         raise UnsupportedModelError("proof features need a network ending in an affine layer")
+    _check_label(net, label)
     report(progress, 0.0, f"bounding the network with {method}")
     spec = margin_spec(net.num_outputs, torch.tensor([label]), net.dtype)
     with torch.no_grad():
         node, folded, bias = fold_last_layer(net, spec)
         lo, hi = input_box(x, eps, domain)
         analysis = analyze(net, lo, hi, method)
-        full = analysis.lower(node, folded, bias)[0]
+        full = float_safe(net, lo, hi, torch.tensor([label]), method,
+                          analysis.lower(node, folded, bias))[0]
         f_lo, f_hi = (b[0].reshape(-1) for b in analysis.bounds(node))
     cert = _certificate(net, method, eps, label, full)
     weights = folded[0].reshape(folded.shape[1], -1)  # [m, F]: (C W)
@@ -132,6 +148,9 @@ def largest_certified_eps(net: Network, x: Tensor, label: int, method: str = "cr
                           eps_max: float = 0.5, tol: float = 1e-3, domain: Domain = (0.0, 1.0),
                           progress: ProgressFn | None = None) -> float:
     """Largest eps certified by ``method``, by bisection on ``[0, eps_max]`` to ``tol``."""
+    check_eps(eps_max)
+    if not (math.isfinite(tol) and tol > 0):
+        raise InvalidInputError(f"tol must be a finite number > 0, got {tol}")
     if not certify(net, x, label, 0.0, method, domain).certified:
         return 0.0
     good, bad = 0.0, eps_max
@@ -158,6 +177,11 @@ def _as_batch(net: Network, x: Tensor) -> Tensor:
     if tuple(x.shape) != (1, *net.input_shape):
         raise InvalidInputError(f"expected one input of shape {net.input_shape}, got {tuple(x.shape)}")
     return x
+
+
+def _check_label(net: Network, label: int) -> None:
+    if not 0 <= int(label) < net.num_outputs:
+        raise InvalidInputError(f"label {label} is not one of the {net.num_outputs} outputs")
 
 
 def _certificate(net: Network, method: str, eps: float, label: int, bounds: Tensor) -> Certificate:

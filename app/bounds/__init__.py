@@ -7,9 +7,21 @@ lower bound of ``y_label - y_j`` for every ``j != label`` (positive everywhere =
 
 from __future__ import annotations
 
+import weakref
+
+import torch
 from torch import Tensor
 
-from app.bounds.base import BoundAnalysis, box_lower, fold_last_layer, input_box, margin_spec
+from app.bounds.base import (
+    BoundAnalysis,
+    box_lower,
+    check_box,
+    check_eps,
+    fold_last_layer,
+    input_box,
+    margin_spec,
+    round_outward,
+)
 from app.bounds.crown import CrownAnalysis
 from app.bounds.deepz import DeepZAnalysis
 from app.bounds.interval import IntervalAnalysis
@@ -21,21 +33,80 @@ METHODS: dict[str, type[BoundAnalysis]] = {
     "deepz": DeepZAnalysis,
     "crown": CrownAnalysis,
 }
+# Optimising methods run in float64 from the start (no float32 screen to repeat).
+FLOAT64_METHODS: set[str] = set()
+
+
+# Relative slack subtracted from a margin bound, times the largest magnitude any node reaches
+# on the box (IBP): far above the rounding error of the bound's own float64 (or float32) sums.
+SLACK = {torch.float64: 1e-10, torch.float32: 1e-5}
+_FLOAT64: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def analyze(net: Network, lo: Tensor, hi: Tensor, method: str) -> BoundAnalysis:
-    """Run the propagator ``method`` (one of :data:`METHODS`) on the boxes ``[lo, hi]``."""
+    """Run the propagator ``method`` (one of :data:`METHODS`) on the boxes ``[lo, hi]``.
+
+    The box is rounded outward to the network's precision; a box that is not finite,
+    ordered and of the network's input shape raises :class:`InvalidInputError`.
+    """
     if method not in METHODS:
         raise InvalidInputError(f"unknown bound method {method!r}; use one of {list(METHODS)}")
-    return METHODS[method](net, lo.to(net.dtype), hi.to(net.dtype))
+    check_box(net, lo, hi)
+    return METHODS[method](net, *round_outward(lo, hi, net.dtype))
 
 
 def property_lower_bounds(net: Network, lo: Tensor, hi: Tensor, labels: Tensor,
                           method: str) -> Tensor:
-    """Lower bounds ``[B, n_out - 1]`` of ``y_label - y_j`` (``j != label``) on each box."""
+    """Float-safe lower bounds ``[B, n_out - 1]`` of ``y_label - y_j`` (``j != label``).
+
+    A positive entry holds in exact arithmetic for the network's weights: a float32 network
+    is screened in float32 and, where anything looks proven, bounded again in float64; the
+    result is lowered by :data:`SLACK` times the box's largest node magnitude.
+    """
+    labels = _check_labels(net, labels)
+    if method in FLOAT64_METHODS:
+        net, lo, hi = float64(net), lo.to(torch.float64), hi.to(torch.float64)
+    screen = _margins(net, lo, hi, labels, method)
+    return float_safe(net, lo, hi, labels, method, screen)
+
+
+def float_safe(net: Network, lo: Tensor, hi: Tensor, labels: Tensor, method: str,
+               screen: Tensor) -> Tensor:
+    """``screen`` (margin bounds in ``net``'s precision) made float-safe as described above."""
+    if net.dtype != torch.float64 and bool((screen > 0).any()):
+        net = float64(net)
+        lo, hi = lo.to(torch.float64), hi.to(torch.float64)
+        screen = _margins(net, lo, hi, labels, method)
+    with torch.no_grad():
+        lo_r, hi_r = round_outward(lo, hi, net.dtype)
+        scale = torch.stack([torch.maximum(a.abs(), b.abs()).flatten(1).amax(1)
+                             for a, b in net.interval_bounds(lo_r, hi_r)]).amax(0)
+    return screen - SLACK.get(net.dtype, 1e-3) * scale.to(screen.dtype).unsqueeze(1)
+
+
+def float64(net: Network) -> Network:
+    """A float64 copy of ``net``, cached while its parameters are unchanged."""
+    if net.dtype == torch.float64:
+        return net
+    version = tuple(p._version for p in net.parameters())
+    cached = _FLOAT64.get(net)
+    if cached is None or cached[0] != version:
+        cached = (version, net.with_dtype(torch.float64))
+        _FLOAT64[net] = cached
+    return cached[1]
+
+
+def _margins(net: Network, lo: Tensor, hi: Tensor, labels: Tensor, method: str) -> Tensor:
     spec = margin_spec(net.num_outputs, labels, net.dtype)
     node, folded, bias = fold_last_layer(net, spec)
     return analyze(net, lo, hi, method).lower(node, folded, bias)
+
+
+def _check_labels(net: Network, labels: Tensor) -> Tensor:
+    labels = torch.as_tensor(labels).long().reshape(-1)
+    if ((labels < 0) | (labels >= net.num_outputs)).any():
+        raise InvalidInputError(f"labels must lie in [0, {net.num_outputs})")
+    return labels
 
 
 __all__ = [
@@ -43,6 +114,9 @@ __all__ = [
     "BoundAnalysis",
     "analyze",
     "box_lower",
+    "check_eps",
+    "float64",
+    "float_safe",
     "fold_last_layer",
     "input_box",
     "margin_spec",

@@ -8,9 +8,12 @@ Everything else (certification, proof features) is built from those two question
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
+from app.errors import InvalidInputError
 from app.layers import AffineLayer, MaxPool2d
 from app.network import INPUT, Network
 
@@ -19,8 +22,7 @@ class BoundAnalysis:
     """Bounds of a network's nodes on a batch of boxes; subclasses implement one method."""
 
     def __init__(self, net: Network, lo: Tensor, hi: Tensor) -> None:
-        if lo.shape != hi.shape or tuple(lo.shape[1:]) != net.input_shape:
-            raise ValueError(f"box of shape {tuple(lo.shape)} does not fit {net.input_shape}")
+        check_box(net, lo, hi)
         self.net, self.lo, self.hi = net, lo, hi
         self.ibp = net.interval_bounds(lo, hi)
 
@@ -39,6 +41,25 @@ class BoundAnalysis:
         return self.net.input_shape if node == INPUT else self.net.shapes[node]
 
 
+def check_box(net: Network, lo: Tensor, hi: Tensor) -> None:
+    """Refuse a batch of boxes that is not ``[B, *input_shape]``, finite and ordered."""
+    if lo.shape != hi.shape or lo.dim() < 1 or tuple(lo.shape[1:]) != net.input_shape:
+        raise InvalidInputError(f"box of shapes {tuple(lo.shape)} and {tuple(hi.shape)} does "
+                                f"not fit inputs of shape {net.input_shape}")
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        raise InvalidInputError("box bounds must be finite (no NaN or infinity)")
+    if (lo > hi).any():
+        raise InvalidInputError("box has a lower bound above its upper bound")
+
+
+def check_eps(eps: float | Tensor) -> Tensor:
+    """``eps`` as a tensor, refused unless every entry is finite and ``>= 0``."""
+    eps_t = torch.as_tensor(eps)
+    if eps_t.dim() > 1 or not torch.isfinite(eps_t).all() or (eps_t < 0).any():
+        raise InvalidInputError(f"eps must be a finite number >= 0 (or one per sample), got {eps}")
+    return eps_t
+
+
 def box_lower(lo: Tensor, hi: Tensor, spec: Tensor, bias: Tensor | None = None) -> Tensor:
     """Exact minimum of ``spec . y + bias`` over the box ``lo <= y <= hi`` (``[B, m]``)."""
     mid, rad = ((hi + lo) / 2).unsqueeze(1), ((hi - lo) / 2).unsqueeze(1)
@@ -51,15 +72,38 @@ def input_box(x: Tensor, eps: float | Tensor,
               domain: tuple[float, float] | None = (0.0, 1.0)) -> tuple[Tensor, Tensor]:
     """The L-infinity ball of radius ``eps`` around ``x``, clipped to the input domain.
 
-    ``eps`` may be one number or one per sample (``[B]``).
+    ``eps`` may be one number or one per sample (``[B]``). A negative, NaN or infinite
+    ``eps``, a non-finite ``x`` or an empty domain raise :class:`InvalidInputError`.
     """
-    eps_t = torch.as_tensor(eps, dtype=x.dtype)
+    eps_t = check_eps(eps).to(x.dtype)
+    if not torch.isfinite(x).all():
+        raise InvalidInputError("input must be finite (no NaN or infinity)")
+    if domain is not None and not (math.isfinite(domain[0]) and math.isfinite(domain[1])
+                                   and domain[0] <= domain[1]):
+        raise InvalidInputError(f"input domain {domain} is not a finite interval")
     if eps_t.dim() == 1:
         eps_t = eps_t.reshape(-1, *([1] * (x.dim() - 1)))
-    lo, hi = x - eps_t, x + eps_t
+    wide = x.to(torch.float64)  # the exact ball, then rounded outward to x's precision
+    lo, hi = wide - eps_t.to(torch.float64), wide + eps_t.to(torch.float64)
     if domain is not None:
         lo, hi = lo.clamp(*domain), hi.clamp(*domain)
-    return lo, hi
+    return round_outward(lo, hi, x.dtype)
+
+
+def round_outward(lo: Tensor, hi: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The box ``[lo, hi]`` in ``dtype``, rounded so that it still contains the original."""
+    return _round_down(lo, dtype), -_round_down(-hi, dtype)
+
+
+def _round_down(v: Tensor, dtype: torch.dtype) -> Tensor:
+    """``v`` in ``dtype``, one ulp lower wherever the cast rounded up (keeps gradients)."""
+    out = v.to(dtype)
+    if dtype == v.dtype:
+        return out
+    d = out.detach()
+    step = torch.where(d.to(v.dtype) > v.detach(), d - torch.nextafter(d, d.new_tensor(-torch.inf)),
+                       torch.zeros_like(d))
+    return out - step
 
 
 def margin_spec(num_outputs: int, labels: Tensor, dtype: torch.dtype) -> Tensor:

@@ -101,9 +101,16 @@ class CrownAnalysis(BoundAnalysis):
             lo[:, rows], hi[:, rows] = both[:, : rows.numel()], -both[:, rows.numel():]
         return lo.reshape(ibp_lo.shape), hi.reshape(ibp_hi.shape)
 
-    def _backward(self, node: int, spec: Tensor) -> Tensor:
-        """Lower bound ``[B, m]`` of ``spec . y_node`` by back-substitution to the input."""
+    def _backward(self, node: int, spec: Tensor, relax: dict[int, Bounds] | None = None,
+                  slopes: dict[int, Tensor] | None = None) -> Tensor:
+        """Lower bound ``[B, m]`` of ``spec . y_node`` by back-substitution to the input.
+
+        ``relax`` replaces the relaxations' input bounds and ``slopes`` (per ReLU node,
+        ``[B, m, *shape]`` in ``[0, 1]``) CROWN's lower lines of unstable ReLUs (alpha-CROWN).
+        """
         net = self.net
+        relax = self._relax if relax is None else relax
+        slopes = slopes or {}
         coeffs: dict[int, Tensor] = {node: spec}
         const = torch.zeros(spec.shape[:2], dtype=spec.dtype)
         for i in range(node, -1, -1):
@@ -111,9 +118,12 @@ class CrownAnalysis(BoundAnalysis):
                 continue
             a = coeffs.pop(i)
             layer, ins = net.layers[i], net.inputs[i]
-            rule = _BACKWARD(layer)
-            in_bounds = [self._relax[j] for j in ins] if _needs_input_bounds(layer) else []
-            a_ins, c = rule(layer, a, [self.shape(j) for j in ins], in_bounds, net.shapes[i])
+            in_bounds = [relax[j] for j in ins] if _needs_input_bounds(layer) else []
+            if i in slopes:
+                a_ins, c = relu_backward(a, *in_bounds[0], slopes[i])
+            else:
+                rule = _BACKWARD(layer)
+                a_ins, c = rule(layer, a, [self.shape(j) for j in ins], in_bounds, net.shapes[i])
             const = const + c
             for j, a_j in zip(ins, a_ins, strict=True):
                 coeffs[j] = coeffs[j] + a_j if j in coeffs else a_j
@@ -138,16 +148,28 @@ def _affine(layer: AffineLayer, a: Tensor, in_shapes: list, _b: list,
 
 def _relu(_layer: ReLU, a: Tensor, _s: list, in_bounds: list[Bounds],
           _o: tuple[int, ...]) -> tuple[list[Tensor], Tensor]:
-    lo, hi = in_bounds[0]
+    return relu_backward(a, *in_bounds[0])
+
+
+def relu_backward(a: Tensor, lo: Tensor, hi: Tensor,
+                  lower_slope: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
+    """Coefficients ``a`` ``[B, m, *shape]`` on a ReLU's output moved to its input.
+
+    Upper line: the chord of unstable neurons. Lower line ``y >= s x``: any ``s`` in
+    ``[0, 1]`` is sound; ``lower_slope`` (per spec row) or CROWN's adaptive choice (1 when
+    the positive side is larger, else 0).
+    """
     unstable = (lo < 0) & (hi > 0)
     safe = torch.where(unstable, hi - lo, torch.ones_like(hi))
     active = (lo >= 0).to(a.dtype)
     up_slope = torch.where(unstable, hi / safe, active)
     up_const = torch.where(unstable, -up_slope * lo, torch.zeros_like(lo))
-    # CROWN's adaptive lower line: slope 1 when the positive side is larger, else 0.
-    lo_slope = torch.where(unstable, (hi > -lo).to(a.dtype), active)
+    if lower_slope is None:
+        lo_slope = torch.where(unstable, (hi > -lo).to(a.dtype), active).unsqueeze(1)
+    else:
+        lo_slope = torch.where(unstable.unsqueeze(1), lower_slope, active.unsqueeze(1))
     pos, neg = a.clamp(min=0), a.clamp(max=0)
-    a_in = pos * lo_slope.unsqueeze(1) + neg * up_slope.unsqueeze(1)
+    a_in = pos * lo_slope + neg * up_slope.unsqueeze(1)
     const = (neg * up_const.unsqueeze(1)).flatten(2).sum(-1)
     return [a_in], const
 
