@@ -1,4 +1,5 @@
-"""SMT saliency masks (SMUG) as a job: neurons by IG, minimal mask by z3, graded vs gradients."""
+"""SMT saliency masks (SMUG) as a job: neurons by IG, minimal mask by HiGHS or z3, graded vs
+gradients."""
 
 from __future__ import annotations
 
@@ -19,8 +20,11 @@ class Params(BaseModel):
         "(SLIC regions of the input; empty: automatic)")
     timeout_s: float = Field(30.0, gt=0.0, le=600.0, description="solver time-out in seconds")
     target: int | None = Field(None, ge=0, description="class to explain (default: predicted)")
-    baseline: float = Field(0.0, ge=-10.0, le=10.0, description="value of masked-out features")
-    solver: Literal["bisection", "optimize"] = "bisection"
+    baseline: Annotated[float, Field(ge=-10.0, le=10.0)] | Literal["blurred"] = Field(
+        0.0, description="value of masked-out features, or 'blurred' (the input blurred)")
+    solver: Literal["highs", "bisection", "optimize"] = Field(
+        "highs", description="exact 0/1 solver: HiGHS branch and bound, or z3 (SMUG's) by "
+        "bisection over the mask size or by its Optimize engine")
 
 
 def run(ctx: JobContext, params: Params) -> dict:
@@ -51,7 +55,9 @@ def run(ctx: JobContext, params: Params) -> dict:
         "ig": res.ig,
         "smoothgrad": res.smoothgrad,
         "neurons": res.neurons,
+        "baseline": res.baseline,
         "grades": {name: g.as_dict() for name, g in res.grades.items()},
+        "winners": res.winners,
         "timings": res.timings,
     })
 
@@ -60,8 +66,9 @@ register(Analysis(
     name="saliency",
     title="SMT saliency masks",
     description="Integrated Gradients picks the first-layer neurons that carry the prediction; "
-                "z3 finds the smallest input mask keeping them above a threshold; the mask is "
-                "ranked and graded against IG and SmoothGrad.",
+                "an exact 0/1 solver (HiGHS, or z3) finds the smallest input mask keeping those "
+                "neurons above a threshold (a guarantee on first-layer activations, not on the "
+                "decision); the mask is ranked and graded against IG and SmoothGrad.",
     params=Params,
     run=run,
 ))

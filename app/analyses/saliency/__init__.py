@@ -1,19 +1,26 @@
-"""SMT saliency masks (SMUG: Sahoo et al., ICLR 2021): gradients pick the neurons, z3 finds
-the smallest mask that keeps them.
+"""SMT saliency masks (SMUG: Sahoo et al., ICLR 2021): gradients pick the neurons, an exact
+0/1 solver finds the smallest mask that keeps them.
 
-1. Layer Integrated Gradients (Captum) ranks the first-layer neurons (the first ReLU's
-   inputs) for the target class; the ``top_k`` positive ones with positive pre-activation are
-   selected.
-2. z3 finds the smallest set of feature groups such that, with every other group replaced by
-   the baseline, each selected neuron keeps ``>= threshold`` times its original pre-activation
-   (see :mod:`.solver`). A group is one feature, a square patch, or a SLIC superpixel of
-   ``x`` (scikit-image; ``granularity="superpixel"``) so that the mask follows the image's edges.
-3. Ranking inside the mask: each kept group is scored by its *share of the constraints' need*,
-   ``sum_k coeff[g, k] / (rhs_k - const_k)``, i.e. how much of the rise each selected neuron
-   needs above its baseline value that group supplies alone; highest first. The same score
-   orders the groups outside the mask (after it) for the grading curves.
-4. Input IG and SmoothGrad (Captum) are computed as baselines and every method is graded at
-   the same number of kept groups (:mod:`.grading`).
+1. Layer Integrated Gradients (Captum, from the same baseline) ranks the first-layer neurons
+   (the first ReLU's inputs) for the target class; the ``top_k`` positive ones with positive
+   pre-activation are selected.
+2. HiGHS (default; or z3, SMUG's solver) finds the smallest set of feature groups such that,
+   with every other group replaced by the baseline, each selected neuron keeps ``>= threshold``
+   times its original pre-activation (see :mod:`.solver` for what each status proves). A group
+   is one feature, a square patch, or a SLIC superpixel of ``x`` (scikit-image;
+   ``granularity="superpixel"``) so that the mask follows the image's edges. The baseline is a
+   constant, ``"blurred"`` (``x`` blurred) or one value per element.
+
+   What a mask guarantees: those first-layer pre-activations, nothing about the later layers.
+   It does *not* guarantee the decision; whether the masked input keeps the class is measured
+   (``grades["smt"].survives``), not promised.
+3. Ranking inside the mask: each group is scored by its *share of the selected neurons'
+   change* from the baseline to ``x``, ``sum_k coeff[g, k] / |pre_k(x) - pre_k(baseline)|``;
+   highest first. The same score orders the groups outside the mask (after it) for the
+   grading curves.
+4. Input IG and SmoothGrad (absolute gradients; Captum) are computed as baselines and every
+   method is graded at the same number of kept groups with the same baseline
+   (:mod:`.grading`); ``winners`` names the best method per measure, ties as ties.
 """
 
 from __future__ import annotations
@@ -27,22 +34,26 @@ from torch import Tensor
 
 from app.analyses.saliency.attribution import input_ig, neuron_ig, smoothgrad
 from app.analyses.saliency.first_layer import (
+    BLURRED,
     SUPERPIXEL,
     auto_patch,
     feature_groups,
     first_relu,
     group_sum,
+    make_baseline,
     mask_coefficients,
     masked_input,
     pre_activations,
     superpixel_groups,
 )
-from app.analyses.saliency.grading import Grade, grade
+from app.analyses.saliency.grading import Grade, grade, ranking, winners
 from app.analyses.saliency.solver import (
     INFEASIBLE,
+    NO_MASK,
     OPTIMAL,
     SOLVERS,
     TIMEOUT,
+    UNPROVEN,
     MaskProblem,
     solve_mask,
 )
@@ -50,7 +61,7 @@ from app.errors import InvalidInputError
 from app.network import Network
 from app.progress import ProgressFn, report
 
-DEFAULT_SOLVER = "bisection"
+DEFAULT_SOLVER = "highs"
 
 
 @dataclass(frozen=True)
@@ -69,7 +80,7 @@ class SaliencyResult:
     threshold: float
     top_k: int
     patch: int | None  # side of the square groups; None for superpixels
-    status: str  # "optimal", "best found at time-out" or "infeasible"
+    status: str  # OPTIMAL, TIMEOUT, INFEASIBLE, NO_MASK or UNPROVEN (see .solver)
     solver: str
     iterations: int
     lower_bound: int
@@ -81,7 +92,9 @@ class SaliencyResult:
     neurons: list[Neuron]
     ig: np.ndarray  # input IG, shaped like x
     smoothgrad: np.ndarray  # SmoothGrad, shaped like x
+    baseline: np.ndarray  # value of masked-out features, shaped like x
     grades: dict[str, Grade] = field(default_factory=dict)  # "smt", "ig", "smoothgrad"
+    winners: dict[str, list[str]] = field(default_factory=dict)  # best per measure (ties)
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -101,12 +114,15 @@ def smt_mask(
     threshold: float = 0.5,
     granularity: int | str | None = None,
     timeout_s: float = 30.0,
-    baseline: float = 0.0,
+    baseline: float | str | np.ndarray | Tensor = 0.0,
     solver: str = DEFAULT_SOLVER,
     progress: ProgressFn | None = None,
 ) -> SaliencyResult:
     """The smallest input mask keeping the top-``k`` first-layer neurons (by IG) at
     ``>= threshold`` of their value, ranked and graded against IG and SmoothGrad.
+
+    The guarantee is about those first-layer neurons only, not the decision.
+    ``baseline``: a number, ``"blurred"`` or one value per element of ``x``.
 
     ``granularity`` is the side of the square patches that share one mask bit (``None``:
     single features up to MNIST size, patches giving at most 256 groups above it), or
@@ -118,7 +134,7 @@ def smt_mask(
             f"need top_k >= 1, 0 < threshold <= 2, timeout_s > 0 and solver in {SOLVERS}")
     net = net.with_dtype(torch.float64).eval().requires_grad_(False)
     x = torch.as_tensor(x, dtype=torch.float64).reshape(net.input_shape)
-    base = torch.full_like(x, float(baseline))
+    base = make_baseline(x, baseline)
     relu = first_relu(net)
     with torch.no_grad():
         logits = net(x[None])[0]
@@ -143,8 +159,9 @@ def smt_mask(
         groups = feature_groups(net.input_shape, patch)
     coeff, const = mask_coefficients(net, relu, x, base, groups, chosen)
     problem = MaskProblem(coeff.numpy(), const.numpy(), threshold * pre[chosen].numpy())
-    need = np.clip(problem.rhs - problem.const, 1e-12, None)
-    share = (problem.coeff / need).sum(axis=1)
+    change = np.abs(problem.coeff.sum(axis=0))
+    share = (problem.coeff / np.where(change > 0, change, 1.0)).sum(axis=1)
+    inert = (group_sum((x - base).abs(), groups) == 0).numpy()
 
     def poll(iterations: int, best: int, lower: int) -> None:
         gap = 1.0 if best <= lower else lower / best
@@ -157,21 +174,22 @@ def smt_mask(
                           "grading against IG and SmoothGrad")
 
     group_mask = torch.from_numpy(solution.mask)
-    order = torch.from_numpy(np.lexsort((-share, ~solution.mask)))  # mask first, by share
+    by_share = ranking(share, inert)
+    order = torch.cat([by_share[group_mask[by_share]], by_share[~group_mask[by_share]]])
     kept = int(group_mask.sum())
-    ranking = order[:kept]
+    top = order[:kept]
     rank_value = torch.zeros(group_mask.numel(), dtype=torch.float64)
-    rank_value[ranking] = (kept - torch.arange(kept, dtype=torch.float64)) / max(kept, 1)
+    rank_value[top] = (kept - torch.arange(kept, dtype=torch.float64)) / max(kept, 1)
     with torch.no_grad():
         masked_pre = pre_activations(
             net, relu, masked_input(x, base, groups, group_mask[None]))[0, chosen]
     ig_map = input_ig(net, x, base, target)
     sg_map = smoothgrad(net, x, target)
     grades = {}
-    if solution.status != INFEASIBLE:
+    if solution.status not in (INFEASIBLE, NO_MASK):
         for name, ranked in (("smt", order),
-                             ("ig", group_sum(ig_map, groups).argsort(descending=True)),
-                             ("smoothgrad", group_sum(sg_map, groups).argsort(descending=True))):
+                             ("ig", ranking(group_sum(ig_map, groups).numpy(), inert)),
+                             ("smoothgrad", ranking(group_sum(sg_map, groups).numpy(), inert))):
             grades[name] = grade(net, x, base, groups, ranked, kept, target)
     timings["total_s"] = time.monotonic() - start
     report(progress, 1.0, f"done: {kept} features, {solution.status}")
@@ -179,11 +197,13 @@ def smt_mask(
         target=target, threshold=threshold, top_k=top_k, patch=patch, status=solution.status,
         solver=solver, iterations=solution.iterations, lower_bound=solution.lower_bound,
         groups=groups.numpy(), group_mask=solution.mask, mask=solution.mask[groups.numpy()],
-        ranking=[int(g) for g in ranking], saliency=rank_value[groups].numpy(),
+        ranking=[int(g) for g in top], saliency=rank_value[groups].numpy(),
         neurons=[Neuron(int(i), float(scores[i]), float(pre[i]), float(m))
                  for i, m in zip(chosen, masked_pre, strict=True)],
-        ig=ig_map.numpy(), smoothgrad=sg_map.numpy(), grades=grades, timings=timings,
+        ig=ig_map.numpy(), smoothgrad=sg_map.numpy(), baseline=base.numpy(), grades=grades,
+        winners=winners(grades), timings=timings,
     )
 
 
-__all__ = ["INFEASIBLE", "OPTIMAL", "SUPERPIXEL", "TIMEOUT", "Grade", "Neuron", "SaliencyResult", "smt_mask"]
+__all__ = ["BLURRED", "INFEASIBLE", "NO_MASK", "OPTIMAL", "SUPERPIXEL", "TIMEOUT", "UNPROVEN",
+           "Grade", "Neuron", "SaliencyResult", "smt_mask"]

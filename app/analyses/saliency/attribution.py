@@ -42,5 +42,5 @@ def smoothgrad(net: Network, x: Tensor, target: int, seed: int = 0) -> Tensor:
         attr = NoiseTunnel(Saliency(net)).attribute(
             x[None], nt_type="smoothgrad", nt_samples=SMOOTHGRAD_SAMPLES,
             nt_samples_batch_size=SMOOTHGRAD_SAMPLES, stdevs=SMOOTHGRAD_NOISE * spread,
-            target=target)
+            target=target, abs=True)
     return attr.detach()[0]

@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 import torch
+from scipy.ndimage import gaussian_filter
 from skimage.segmentation import slic
 from torch import Tensor
 
@@ -22,6 +23,7 @@ from app.network import INPUT, Network
 MNIST_FEATURES = 28 * 28
 MAX_PATCH_GROUPS = 256
 SUPERPIXEL = "superpixel"
+BLURRED = "blurred"
 SLIC_COMPACTNESS = 0.1  # on intensities scaled to [0, 1]: boundaries follow edges, sizes even
 
 
@@ -139,13 +141,41 @@ def mask_coefficients(
     net: Network, relu: int, x: Tensor, baseline: Tensor, groups: Tensor, neurons: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """``(coeff [groups, neurons], const [neurons])`` with
-    ``pre(masked) = const + mask @ coeff`` for the chosen neuron indices."""
+    ``pre(masked) = const + mask @ coeff`` for the chosen neuron indices.
+
+    ``const`` is the baseline's pre-activation and ``coeff[g] = A ((x - baseline) on g)``: each
+    group's effect is measured from the baseline, so the form is exact for any baseline.
+    """
     chain = affine_chain(net, relu)
     n = int(groups.max()) + 1
     eye = torch.eye(n, dtype=torch.bool)
+    delta = x - baseline
     coeff = torch.cat([
-        linear_part(chain, masked_input(x, torch.zeros_like(x), groups, eye[i:i + 64]))[:, neurons]
+        linear_part(chain, masked_input(delta, torch.zeros_like(x), groups, eye[i:i + 64]))[
+            :, neurons]
         for i in range(0, n, 64)
     ])
     const = pre_activations(net, relu, baseline[None])[0, neurons]
     return coeff, const
+
+
+def make_baseline(x: Tensor, baseline: float | str | np.ndarray | Tensor) -> Tensor:
+    """The value of masked-out features, shaped like ``x``: a constant, ``"blurred"`` (``x``
+    under a Gaussian blur of sigma = an eighth of the image side, per channel; scipy), or an
+    array of one value per input element."""
+    if isinstance(baseline, str):
+        if baseline != BLURRED:
+            raise InvalidInputError(f"baseline must be a number, an array or {BLURRED!r}")
+        c, h, w = spatial_shape(tuple(x.shape))
+        image = x.detach().cpu().double().reshape(c, h, w).numpy()
+        sigma = (0, max(h, w) / 8, max(h, w) / 8)
+        return torch.from_numpy(gaussian_filter(image, sigma, mode="nearest")).reshape(x.shape)
+    if isinstance(baseline, (int, float)):
+        if not math.isfinite(baseline):
+            raise InvalidInputError("baseline must be finite")
+        return torch.full_like(x, float(baseline))
+    values = torch.as_tensor(np.asarray(baseline, dtype=np.float64))
+    if values.numel() != x.numel() or not torch.isfinite(values).all():
+        raise InvalidInputError(
+            f"a per-element baseline needs {x.numel()} finite values, got {values.numel()}")
+    return values.reshape(x.shape).to(x.dtype)

@@ -1,7 +1,10 @@
 """Grading a ranked set of feature groups, the same way for every saliency method.
 
-Every method is graded at the same number ``n`` of kept groups (the SMT mask's size): its top
-``n`` groups are kept and everything else is replaced by the baseline.
+Every method is graded at the same number ``n`` of kept groups (the SMT mask's size) and with
+the same baseline as the mask: its top ``n`` groups are kept and everything else is replaced by
+the baseline. Rankings are built the same way for every method (:func:`ranking`): by score,
+ties by group id, and groups equal to the baseline (which masking cannot change) last.
+:func:`winners` compares methods per measure and reports ties as ties.
 
 * ``sparsity``: the fraction of groups dropped (``1 - n / groups``).
 * ``survives``: the masked input is still classified as the target.
@@ -29,6 +32,9 @@ from app.analyses.saliency.first_layer import masked_input, spatial_shape
 from app.network import Network
 
 MIN_AREA = 0.05
+TIE_RTOL = 1e-9
+LOWER_IS_BETTER = {"saliency_metric": True, "insertion_auc": False, "deletion_auc": True,
+                   "sparsity": False}
 
 
 @dataclass
@@ -73,6 +79,26 @@ def grade(net: Network, x: Tensor, baseline: Tensor, groups: Tensor, order: Tens
         insertion_curve=insertion,
         deletion_curve=deletion,
     )
+
+
+def ranking(scores: np.ndarray, inert: np.ndarray) -> Tensor:
+    """Group ids, highest score first; groups equal to the baseline (``inert``) last, ties by
+    group id (a stable order, so equal scores never reorder between runs)."""
+    return torch.from_numpy(np.lexsort((np.arange(len(scores)), -scores, inert)))
+
+
+def winners(grades: dict[str, Grade]) -> dict[str, list[str]]:
+    """Per measure, every method whose value is the best one (within ``TIE_RTOL``): one name
+    is a win, several are a tie."""
+    out = {}
+    for key, lower in LOWER_IS_BETTER.items():
+        values = {name: getattr(g, key) for name, g in grades.items()}
+        if not values:
+            continue
+        best = min(values.values()) if lower else max(values.values())
+        out[key] = [name for name, v in values.items()
+                    if abs(v - best) <= TIE_RTOL * max(1.0, abs(best))]
+    return out
 
 
 def saliency_metric(net: Network, x: Tensor, baseline: Tensor, groups: Tensor,
