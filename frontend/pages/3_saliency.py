@@ -1,4 +1,4 @@
-"""SMT saliency masks: IG picks the neurons, z3 finds the smallest mask that keeps them."""
+"""SMT saliency masks: IG picks the neurons, an exact solver finds the smallest mask keeping them."""
 
 import streamlit as st
 
@@ -9,13 +9,22 @@ ui.sidebar()
 st.title("SMT saliency")
 st.caption(
     "SMUG (Sahoo et al., ICLR 2021): Integrated Gradients selects the first-layer neurons that "
-    "carry the prediction; z3 finds the smallest set of input features that, with everything "
-    "else replaced by the baseline, keeps each of them at or above a fraction of its value. "
-    "Features inside the mask are ranked by their share of the neurons' required activation. "
-    "IG and SmoothGrad are graded beside it at the same number of kept features."
+    "carry the prediction; an exact 0/1 solver (HiGHS, or z3 as in SMUG) finds the smallest set "
+    "of input features that, with everything else replaced by the baseline, keeps each of them "
+    "at or above a fraction of its value. The guarantee is about those first-layer neurons, not "
+    "the decision: whether the masked input keeps the class is measured below. Features inside "
+    "the mask are ranked by their share of the neurons' change from the baseline. IG and "
+    "SmoothGrad are graded beside it with the same baseline at the same number of kept features."
 )
 cols = st.columns(4)
+extra = st.columns(2)
+baseline = extra[0].selectbox("Baseline (masked-out features)", [0.0, 0.5, "blurred"],
+                              format_func=lambda b: b if isinstance(b, str) else f"constant {b}")
 params = {
+    "baseline": baseline,
+    "solver": extra[1].selectbox("Solver", ["highs", "bisection", "optimize"],
+                                 format_func={"highs": "HiGHS (MILP)", "bisection": "z3 bisection",
+                                              "optimize": "z3 Optimize"}.get),
     "threshold": cols[0].slider("Threshold", 0.05, 1.0, 0.5, step=0.05,
                                 help="each neuron keeps at least this fraction of its value"),
     "top_k": cols[1].slider("Top-k neurons", 1, 50, 10),
@@ -36,11 +45,19 @@ if result:
     st.markdown(f"Explaining class **{result['target_class']}**; proven lower bound on the mask "
                 f"size: {result['lower_bound']}.")
     if result["status"] == "infeasible":
-        st.warning("No mask keeps every selected neuron at this threshold (above 1 it can be "
-                   "impossible): lower the threshold.")
+        st.warning("Proven: no mask keeps every selected neuron at this threshold (above 1 it "
+                   "can be impossible): lower the threshold.")
+    elif result["status"] != "optimal":
+        st.info(f"{result['status']}: the mask holds, but no proof that it is the smallest "
+                f"(proven lower bound {result['lower_bound']}).")
     ui.show_figure(figures.maps(result), "saliency_maps")
     st.subheader("Grading at the same number of kept features")
     st.dataframe(figures.grade_rows(result), hide_index=True)
+    names = {"smt": "SMT mask", "ig": "IG", "smoothgrad": "SmoothGrad"}
+    st.markdown("  \n".join(
+        f"Best {key.replace('_', ' ')}: " + ", ".join(names.get(m, m) for m in best)
+        + (" (tie)" if len(best) > 1 else "")
+        for key, best in result.get("winners", {}).items()))
     st.caption("Saliency metric (Dabkowski & Gal): log(max(box area, 0.05)) - log(p(class) on "
                "the input cropped to the box around the kept features); lower is better.")
     if result["grades"]:
