@@ -36,10 +36,12 @@ def _check(net, rule, verdict) -> None:
     """A counterexample must satisfy the premise and change the decision (forward pass)."""
     if verdict.status != "counterexample":
         return
+    net64 = net.with_dtype(torch.float64)
     x = verdict.counterexample.reshape(1, *net.input_shape)
-    assert bool(rule.fires(net, x)[0]), "counterexample outside the premise"
+    assert x.dtype == torch.float64
+    assert bool(rule.fires(net64, x)[0]), "counterexample outside the premise"
     with torch.no_grad():
-        y = net(x)[0]
+        y = net64(x)[0]
     assert int(y.argmin() if rule.lowest else y.argmax()) != rule.target
 
 

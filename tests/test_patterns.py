@@ -93,11 +93,14 @@ def _hit_and_run(member, starts: torch.Tensor, lo: torch.Tensor, hi: torch.Tenso
 
 
 def _check_counterexample(net, rule: Rule, domain: InputDomain, verdict) -> None:
+    """In float64, exactly inside the domain, satisfying the premise, with another class."""
     x = verdict.counterexample.reshape(1, *net.input_shape)
-    assert bool(domain.contains(x)[0])
-    assert bool(_premise(net, rule, x)[0])
-    assert int(_decide(net, x, rule.lowest)[0]) != rule.target
-    assert int(_decide(net, x, rule.lowest)[0]) == verdict.counterexample_class
+    assert x.dtype == torch.float64
+    assert bool(((x >= domain.lo) & (x <= domain.hi)).all())
+    net64 = net.with_dtype(torch.float64)
+    assert bool(_premise(net64, rule, x)[0])
+    assert int(_decide(net64, x, rule.lowest)[0]) != rule.target
+    assert int(_decide(net64, x, rule.lowest)[0]) == verdict.counterexample_class
 
 
 def _check_proven_by_sampling(net, rule: Rule, domain: InputDomain, starts: torch.Tensor) -> None:

@@ -84,7 +84,7 @@ def run(ctx: JobContext, params: Params) -> dict:
             else:
                 domain = InputDomain.linf_ball(ctx.net, covered[0], params.eps, clip=(lo, hi))
             verdict = verify_rule(ctx.net, rule, domain, timeout=params.timeout,
-                                  method=params.method)
+                                  method=params.method, known=covered)
             row |= {"status": verdict.status, "seconds": verdict.seconds,
                     "message": verdict.message, "counterexample": verdict.counterexample,
                     "counterexample_class": verdict.counterexample_class}

@@ -6,6 +6,12 @@ phase variable, M taken from interval bounds; max-pooling gets one binary per wi
 Neurons with a *fixed* phase (the premise of a rule, or a full activation pattern) become
 linear: ``on`` is ``y = x >= 0``, ``off`` is ``y = 0 >= x``. With every phase fixed the
 program is a plain LP.
+
+Every node's variables are scaled by one positive number (its largest bound), so the solver
+sees values of order one whatever the scale of the weights: its absolute feasibility and
+optimality tolerances (1e-7, 1e-6) then act as tolerances relative to that node's scale, and
+coefficients scaled by 1e-9 are not dropped as zeros. Scaling by a positive number keeps every
+sign, so ReLU phases and the order of the logits are unchanged.
 """
 
 from __future__ import annotations
@@ -37,11 +43,21 @@ def satisfies(
     for node, (first, second) in phases.items():
         pre = net.node_inputs(outs, x, node)[0]
         layer, flat = net.layers[node], pre.reshape(x.shape[0], -1)
-        if isinstance(layer, MaxPool2d):
-            ok &= (flat[:, first] >= layer(pre).reshape(x.shape[0], -1)).all(1)
+        if isinstance(layer, MaxPool2d):  # the winner is the argmax (first of ties), as in
+            # the patterns the phases come from
+            winners = layer.windows(pre).reshape(x.shape[0], len(first), -1).argmax(-1)
+            ok &= (_window_entries(layer, pre.shape[1:])[np.arange(len(first)), winners]
+                   == torch.as_tensor(first)).all(1)
         else:
             ok &= (flat[:, first] > 0).all(1) & (flat[:, second] <= 0).all(1)
     return ok
+
+
+def _window_entries(layer: MaxPool2d, in_shape: tuple[int, ...]) -> torch.Tensor:
+    """``[windows, k]``: the flat input index of each window entry (-1 for padding)."""
+    idx = torch.arange(math.prod(in_shape), dtype=torch.float64).reshape(1, *in_shape)
+    win = layer.windows(idx).reshape(-1, math.prod(layer.kernel_size))
+    return torch.nan_to_num(win, nan=-1.0, posinf=-1.0, neginf=-1.0).long()
 
 
 @dataclass
@@ -110,12 +126,26 @@ class Program:
 
 @dataclass
 class Encoding:
-    """The program, the variable indices of the input and of every node, the output bounds."""
+    """The program, the variable indices of the input and of every node, the output bounds.
+
+    Variable ``v`` of node ``i`` stands for the value ``scales[i] * v`` (``input_scale`` for
+    the input); ``output_bounds`` are in the network's own units.
+    """
 
     program: Program
     input: np.ndarray
     nodes: list[np.ndarray]
     output_bounds: tuple[np.ndarray, np.ndarray]
+    scales: list[float]
+    input_scale: float
+
+    @property
+    def output_scale(self) -> float:
+        return self.scales[-1]
+
+    def inputs(self, solution: np.ndarray) -> np.ndarray:
+        """The flat input (network units, float64) of a solver solution."""
+        return np.asarray(solution, dtype=np.float64)[self.input] * self.input_scale
 
 
 def encode(
@@ -134,7 +164,7 @@ def encode(
     by two LPs over the relaxation built so far
     (until ``deadline``, a ``time.perf_counter`` value), which makes the MILP far easier.
     ``margin > 0`` asks fixed-on inputs to be ``>= margin`` and fixed-off ones ``<= -margin``
-    (to find counterexamples strictly inside a pattern).
+    times their node's scale (to find counterexamples strictly inside a pattern).
     """
     shape = (1, *net.input_shape)
     bounds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {
@@ -142,7 +172,8 @@ def encode(
     }
     crown = analyze(net, *bounds[INPUT], "crown") if tighten else None
     prog = Program()
-    nodes: dict[int, np.ndarray] = {INPUT: prog.variables(*_flat(bounds[INPUT]))}
+    scales: dict[int, float] = {INPUT: _scale(bounds[INPUT])}
+    nodes: dict[int, np.ndarray] = {INPUT: prog.variables(*_flat(bounds[INPUT], scales[INPUT]))}
     relus = set(net.relu_indices)
     for i, (layer, ins) in enumerate(zip(net.layers, net.inputs, strict=True)):
         if i in relus:
@@ -150,24 +181,43 @@ def encode(
                 c_lo, c_hi = crown.bounds(ins[0])
                 b_lo, b_hi = bounds[ins[0]]
                 bounds[ins[0]] = torch.maximum(b_lo, c_lo), torch.minimum(b_hi, c_hi)
-            bounds[ins[0]] = _tightened(prog, nodes[ins[0]], bounds[ins[0]], phases.get(i),
-                                        deadline if tighten else -math.inf)
+            bounds[ins[0]] = _tightened(prog, nodes[ins[0]], scales[ins[0]], bounds[ins[0]],
+                                        phases.get(i), deadline if tighten else -math.inf)
         bounds[i] = layer.interval(*(bounds[j] for j in ins))
+        # ReLU and max-pool keep their input's scale (positively homogeneous)
+        scales[i] = (scales[ins[0]] if isinstance(layer, (ReLU, MaxPool2d))
+                     else _scale(bounds[i]))
         encoder = _ENCODERS(layer)
         nodes[i] = encoder(prog, layer, net.in_shape(i), [nodes[j] for j in ins],
-                           [_flat(bounds[j]) for j in ins], _flat(bounds[i]), phases.get(i),
-                           margin)
+                           [_flat(bounds[j], scales[j]) for j in ins],
+                           _flat(bounds[i], scales[i]), phases.get(i), margin,
+                           [scales[j] for j in ins], scales[i])
+        if len(ins) == 1 and nodes[i] is nodes[ins[0]]:
+            scales[i] = scales[ins[0]]  # the same variables (flatten, reshape)
     last = len(net.layers) - 1
-    return Encoding(prog, nodes[INPUT], [nodes[i] for i in range(last + 1)], _flat(bounds[last]))
+    return Encoding(prog, nodes[INPUT], [nodes[i] for i in range(last + 1)],
+                    _flat(bounds[last]), [scales[i] for i in range(last + 1)], scales[INPUT])
 
 
-def _flat(bound: tuple[torch.Tensor, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
-    return bound[0].detach().reshape(-1).numpy(), bound[1].detach().reshape(-1).numpy()
+def _scale(bound: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """A node's scale: its largest finite bound in absolute value (1 when all are zero)."""
+    mags = torch.cat([bound[0].detach().reshape(-1), bound[1].detach().reshape(-1)]).abs()
+    mags = mags[torch.isfinite(mags)]
+    top = float(mags.max()) if mags.numel() else 0.0
+    return top if top > 0 else 1.0
+
+
+def _flat(
+    bound: tuple[torch.Tensor, torch.Tensor], scale: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    return (bound[0].detach().reshape(-1).numpy() / scale,
+            bound[1].detach().reshape(-1).numpy() / scale)
 
 
 def _tightened(
     prog: Program,
     pre: np.ndarray,
+    scale: float,
     bound: tuple[torch.Tensor, torch.Tensor],
     fixed: tuple[list[int], list[int]] | None,
     deadline: float,
@@ -183,13 +233,13 @@ def _tightened(
         objective = np.zeros(prog.size)
         objective[pre[k]] = 1.0
         top = prog.solve(objective, deadline - time.perf_counter(), relax=True)
-        if top.status == 0:
-            hi[k] = min(float(hi[k]), top.fun + 1e-7)
+        if top.status == 0:  # 1e-7: HiGHS' feasibility tolerance, relative to the scale
+            hi[k] = min(float(hi[k]), (top.fun + 1e-7) * scale)
         if hi[k] > 0:
             bottom = prog.solve(objective, deadline - time.perf_counter(), maximize=False,
                                 relax=True)
             if bottom.status == 0:
-                lo[k] = max(float(lo[k]), bottom.fun - 1e-7)
+                lo[k] = max(float(lo[k]), (bottom.fun - 1e-7) * scale)
     shape = bound[0].shape
     return lo.reshape(shape), hi.reshape(shape)
 
@@ -203,26 +253,28 @@ def _eye(n: int) -> sparse.csr_matrix:
 
 
 @_ENCODERS.register(AffineLayer)
-def _affine(prog, layer, in_shape, srcs, src_bounds, out_bounds, fixed, margin):
+def _affine(prog, layer, in_shape, srcs, src_bounds, out_bounds, fixed, margin, scales, scale):
     a, b = (t.detach().to(torch.float64).numpy() for t in layer.matrix(in_shape))
     if a.shape[0] == a.shape[1] and not b.any() and np.array_equal(a, np.eye(a.shape[0])):
         return srcs[0]  # flatten / reshape: the same variables
     y = prog.variables(*out_bounds)
-    coef = sparse.hstack([sparse.csr_matrix(a), -_eye(len(y))])
-    prog.add(coef, np.concatenate([srcs[0], y]), -b, -b)
+    # scale * y = A (s_in * x) + b, divided by scale
+    coef = sparse.hstack([sparse.csr_matrix(a * (scales[0] / scale)), -_eye(len(y))])
+    prog.add(coef, np.concatenate([srcs[0], y]), -b / scale, -b / scale)
     return y
 
 
 @_ENCODERS.register(Add)
-def _add(prog, layer, in_shape, srcs, src_bounds, out_bounds, fixed, margin):
+def _add(prog, layer, in_shape, srcs, src_bounds, out_bounds, fixed, margin, scales, scale):
     y = prog.variables(*out_bounds)
     n = len(y)
-    prog.add(sparse.hstack([_eye(n), _eye(n), -_eye(n)]), np.concatenate([*srcs, y]), 0, 0)
+    prog.add(sparse.hstack([(scales[0] / scale) * _eye(n), (scales[1] / scale) * _eye(n),
+                            -_eye(n)]), np.concatenate([*srcs, y]), 0, 0)
     return y
 
 
 @_ENCODERS.register(ReLU)
-def _relu(prog, layer, in_shape, srcs, src_bounds, out_bounds, fixed, margin):
+def _relu(prog, layer, in_shape, srcs, src_bounds, out_bounds, fixed, margin, scales, scale):
     pre, (lb, ub) = srcs[0], src_bounds[0]
     n = len(pre)
     on, off = (np.zeros(n, bool), np.zeros(n, bool))
@@ -255,7 +307,7 @@ def _relu(prog, layer, in_shape, srcs, src_bounds, out_bounds, fixed, margin):
 
 
 @_ENCODERS.register(MaxPool2d)
-def _maxpool(prog, layer, in_shape, srcs, src_bounds, out_bounds, fixed, margin):
+def _maxpool(prog, layer, in_shape, srcs, src_bounds, out_bounds, fixed, margin, scales, scale):
     idx = torch.arange(math.prod(in_shape), dtype=torch.float64).reshape(1, *in_shape)
     windows = layer.windows(idx).reshape(-1, math.prod(layer.kernel_size)).numpy()
     x, (lb, ub) = srcs[0], src_bounds[0]

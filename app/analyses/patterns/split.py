@@ -34,7 +34,7 @@ from app.layers import ReLU
 from app.network import INPUT, Network
 from app.progress import ProgressFn, report
 
-TOLERANCE = 1e-6  # as the MILP verifier: a margin bound >= -TOLERANCE counts as proven
+ROUNDING = 1e-9  # CROWN margins below this share of the logits' size prove nothing (float64)
 Found = tuple[Tensor, int]  # a confirmed counterexample and the class that wins on it
 LeafCheck = Callable[[Tensor, Tensor, float], tuple[str, "Found | None"]]
 Confirm = Callable[[np.ndarray, Tensor, Tensor], "Found | None"]
@@ -112,6 +112,7 @@ def split_check(
     deadline = start + timeout
     spec = rival_spec(net, target, lowest)
     feat, folded, bias = fold_last_layer(net64, spec.unsqueeze(0))
+    tol = ROUNDING * _logit_size(net64, lo, hi)
     shape = net.input_shape
     full_w = (hi - lo).reshape(-1).to(torch.float64)
     live = full_w > 0
@@ -139,7 +140,7 @@ def split_check(
             crown = PhasedCrown(net64, b_lo, b_hi, phases)
             feasible = crown.premise_feasible()
             margins = crown.lower(feat, folded.expand(n, *folded.shape[1:]), bias.expand(n, -1))
-        proven = feasible & (margins >= -TOLERANCE).all(1)
+        proven = feasible & (margins > tol).all(1)
         if proven.any():
             worst = max(worst, float(-margins[proven].min(1).values.max()))
         done = ~feasible | proven
@@ -185,6 +186,17 @@ def split_check(
         return ("unknown", f"some tiny sub-boxes stayed open after {boxes} boxes", None, None)
     return ("proven", f"holds on every input of the domain satisfying the premise "
             f"({boxes} boxes, {leaves} MILP leaves)", None, worst)
+
+
+def _logit_size(net64: Network, lo: Tensor, hi: Tensor, samples: int = 64) -> float:
+    """Largest |logit| over the box's centre and a few samples: what float rounding in the
+    bounds is relative to."""
+    gen = torch.Generator().manual_seed(1)
+    lo64, hi64 = lo.to(torch.float64).reshape(1, -1), hi.to(torch.float64).reshape(1, -1)
+    u = torch.rand((samples, lo64.shape[1]), generator=gen, dtype=torch.float64)
+    xs = torch.cat([(lo64 + hi64) / 2, lo64 + (hi64 - lo64) * u]).reshape(-1, *net64.input_shape)
+    with torch.no_grad():
+        return float(net64(xs).abs().max())
 
 
 def _worst_margin(net64: Network, x: Tensor, spec: Tensor) -> Tensor:

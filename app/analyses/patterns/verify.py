@@ -2,8 +2,11 @@
 
 For each rival class ``j`` one MILP maximises ``y_j - y_target`` (``y_target - y_j`` for
 lowest-score properties) over inputs in the domain satisfying the rule's premise. All maxima
-``<= 0`` prove the rule; a positive one gives a candidate that a forward pass must confirm
-before it is reported as a counterexample; a solver time-out leaves the rule unknown.
+below ``-TOLERANCE`` (relative to the logits' scale: the encoding is scaled) prove the rule; a
+positive one gives a candidate that float64 forward passes must confirm before it is reported
+as a counterexample; a time-out, or a maximum within the tolerance of 0, leaves it unknown.
+The solver's "no input satisfies the premise" is only believed when no known input (the
+caller's, the domain's centre, uniform samples) satisfies it.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ from app.progress import ProgressFn, report
 Status = Literal["proven", "counterexample", "unknown"]
 Method = Literal["auto", "milp", "split"]
 SPLIT_MAX_INPUTS = 16  # "auto" splits the input box up to this many input dimensions
-TOLERANCE = 1e-6  # objective values up to this count as "<= 0" (solver feasibility tolerance)
-MARGIN = 1e-4  # distance from pattern and decision boundaries asked of a repaired counterexample
+TOLERANCE = 1e-6  # score gaps, relative to the logits' scale, that the solver cannot tell from 0
+MARGIN = 1e-4  # distance (relative) from pattern and decision boundaries of a repaired candidate
 
 
 @dataclass(frozen=True)
@@ -83,16 +86,19 @@ def verify_rule(
     timeout: float = 30.0,
     method: Method = "auto",
     progress: ProgressFn | None = None,
+    known: Tensor | None = None,
 ) -> Verdict:
     """Prove ``rule`` on ``input_domain``, refute it with a confirmed input, or say unknown.
 
     ``method``: ``"milp"`` solves one MILP over the whole domain; ``"split"`` splits the
     input box (branch and bound, MILP on small leaves), which wins on few inputs such as
     ACAS Xu's; ``"auto"`` splits up to :data:`SPLIT_MAX_INPUTS` input dimensions.
+    ``known``: inputs (e.g. the covered input a ball is centred on) that the solver's
+    verdicts are cross-checked against.
     """
     domain = _as_domain(net, input_domain)
     return check_property(net, {rule.node: (rule.on, rule.off)}, domain, rule.target,
-                          rule.lowest, timeout, method=method, progress=progress)
+                          rule.lowest, timeout, method=method, progress=progress, known=known)
 
 
 def verify_rules(
@@ -126,27 +132,34 @@ def check_property(
     net64: Network | None = None,
     method: Method = "milp",
     progress: ProgressFn | None = None,
+    known: Tensor | None = None,
 ) -> Verdict:
-    """Does every input of ``domain`` with the fixed ``phases`` get decision ``target``?"""
+    """Does every input of ``domain`` with the fixed ``phases`` get decision ``target``?
+
+    ``known``: inputs to cross-check the solver against (those outside the domain are
+    ignored); the domain's centre and uniform samples are always used too.
+    """
     start = time.perf_counter()
     if not 0 <= target < net.num_outputs:
         raise InvalidInputError(f"target {target} is not a class of this {net.num_outputs}-way model")
     net64 = net64 if net64 is not None else net.with_dtype(torch.float64)
     if method == "split" or (method == "auto" and math.prod(net.input_shape) <= SPLIT_MAX_INPUTS):
-        return _check_by_splitting(net, net64, phases, domain, target, lowest, timeout, progress)
-    found = _falsify(net, net64, phases, domain, target, lowest)
+        return _check_by_splitting(net, net64, phases, domain, target, lowest, timeout, progress,
+                                   known)
+    found, witness = _falsify(net, net64, phases, domain, target, lowest, known)
     if found is not None:
         return Verdict("counterexample", time.perf_counter() - start,
                        f"class {found[1]} wins instead of {target} (found by sampling)", *found)
     enc = encode(net64, domain.lo, domain.hi, phases, deadline=start + timeout / 2)
     out_lo, out_hi = enc.output_bounds
+    scale = enc.output_scale
     rivals = [j for j in range(net.num_outputs) if j != target]
-    # rivals whose interval gap is already <= 0 need no MILP; hardest rivals first
+    # rivals whose interval gap is clearly < 0 need no MILP; hardest rivals first
     gap = {j: (out_hi[j] - out_lo[target]) if not lowest else (out_hi[target] - out_lo[j])
            for j in rivals}
-    open_rivals = sorted((j for j in rivals if gap[j] > TOLERANCE), key=lambda j: -gap[j])
+    open_rivals = sorted((j for j in rivals if gap[j] > -TOLERANCE * scale), key=lambda j: -gap[j])
     worst = max((gap[j] for j in rivals if j not in open_rivals), default=-math.inf)
-    timed_out = unconfirmed = False
+    timed_out = unconfirmed = tie = False
     for j in open_rivals:
         left = timeout - (time.perf_counter() - start)
         if left <= 0:
@@ -154,38 +167,56 @@ def check_property(
             break
         res = enc.program.solve(_objective(enc, j, target, lowest), left)
         if res.status == 2:
-            return Verdict("proven", time.perf_counter() - start,
-                           "no input in the domain satisfies the premise", worst_margin=None)
-        bound = _upper_bound(res)
+            return _infeasible(start, witness)
+        bound = _upper_bound(res)  # of the gap over the output scale
         if res.x is not None and res.fun is not None and res.fun > TOLERANCE:
-            found = _confirm(net, net64, res.x[enc.input], phases, target, lowest, domain)
+            found = _confirm(net, net64, enc.inputs(res.x), phases, target, lowest, domain,
+                             toward=witness)
             if found is None:
-                found = _repair(net, net64, phases, domain, j, target, lowest, left)
+                found = _repair(net, net64, phases, domain, j, target, lowest, left, witness)
             if found is not None:
                 x, cls = found
                 return Verdict("counterexample", time.perf_counter() - start,
-                               f"class {cls} wins instead of {target}", x, cls, float(res.fun))
+                               f"class {cls} wins instead of {target}", x, cls,
+                               float(res.fun) * scale)
             unconfirmed = True
         if res.status != 0 or bound is None or bound > TOLERANCE:
             timed_out = True
             continue
-        worst = max(worst, bound)
+        if bound > -TOLERANCE:
+            tie = True  # optimal, but too close to 0 to tell which class wins
+            continue
+        worst = max(worst, bound * scale)
     seconds = time.perf_counter() - start
     if unconfirmed:
         return Verdict("unknown", seconds, "the solver's candidate counterexample did not survive "
                        "a forward pass (numerically on a boundary)")
     if timed_out:
         return Verdict("unknown", seconds, f"solver stopped after {seconds:.1f}s without an answer")
+    if tie:
+        return Verdict("unknown", seconds, "the largest score gap of a rival is within the "
+                       f"solver's tolerance ({TOLERANCE:g} of the logits' scale {scale:.3g}) of 0")
     return Verdict("proven", seconds, "holds on every input of the domain satisfying the premise",
                    worst_margin=float(worst))
 
 
-def _check_by_splitting(net, net64, phases, domain, target, lowest, timeout, progress) -> Verdict:
+def _infeasible(start: float, witness: Tensor | None) -> Verdict:
+    """The solver found no input satisfying the premise: a proof only if none is known."""
+    seconds = time.perf_counter() - start
+    if witness is not None:
+        return Verdict("unknown", seconds, "the solver reports that no input of the domain "
+                       "satisfies the premise, but a known input does (numerical trouble)")
+    return Verdict("proven", seconds, "no input in the domain satisfies the premise (solver; "
+                   "no known or sampled input does either)", worst_margin=None)
+
+
+def _check_by_splitting(net, net64, phases, domain, target, lowest, timeout, progress,
+                        known) -> Verdict:
     start = time.perf_counter()
 
     def leaf_check(lo: Tensor, hi: Tensor, seconds: float):
         leaf = InputDomain(lo.reshape(net.input_shape), hi.reshape(net.input_shape))
-        v = check_property(net, phases, leaf, target, lowest, seconds, net64=net64)
+        v = check_property(net, phases, leaf, target, lowest, seconds, net64=net64, known=known)
         found = None if v.counterexample is None else (v.counterexample, v.counterexample_class)
         return v.status, found
 
@@ -205,21 +236,28 @@ def _check_by_splitting(net, net64, phases, domain, target, lowest, timeout, pro
     return Verdict(status, seconds, message, worst_margin=margin)
 
 
-def _falsify(net, net64, phases, domain, target, lowest, samples: int = 2048):
-    """A counterexample among uniform samples of the domain, if one is that easy to find."""
+def _falsify(net, net64, phases, domain, target, lowest, known=None, samples: int = 2048):
+    """``(counterexample, witness)`` from the known inputs in the domain, its centre and
+    uniform samples: a confirmed counterexample if one is that easy to find, and an input
+    that satisfies the premise (``None`` when none does)."""
     gen = torch.Generator().manual_seed(0)
     u = torch.rand((samples, *net.input_shape), generator=gen, dtype=torch.float64)
-    xs = domain.lo + (domain.hi - domain.lo) * u
+    xs = torch.cat([((domain.lo + domain.hi) / 2).unsqueeze(0),
+                    domain.lo + (domain.hi - domain.lo) * u])
+    if known is not None:
+        given = known.to(torch.float64).reshape(-1, *net.input_shape)
+        xs = torch.cat([given[domain.contains(given)], xs])
     with torch.no_grad():
         outs = net64.trace(xs)
-    ok = satisfies(net64, outs, xs, phases)
-    y = outs[-1].reshape(samples, -1)
-    ok &= (y.argmin(1) if lowest else y.argmax(1)) != target
+    premise = satisfies(net64, outs, xs, phases)
+    witness = xs[premise][:1] if bool(premise.any()) else None
+    y = outs[-1].reshape(xs.shape[0], -1)
+    ok = premise & ((y.argmin(1) if lowest else y.argmax(1)) != target)
     for k in torch.nonzero(ok).reshape(-1)[:5].tolist():
         found = _confirm(net, net64, xs[k].reshape(-1).numpy(), phases, target, lowest, domain)
         if found is not None:
-            return found
-    return None
+            return found, witness
+    return None, witness
 
 
 def _upper_bound(res) -> float | None:
@@ -239,7 +277,7 @@ def _objective(enc, rival: int, target: int, lowest: bool) -> np.ndarray:
     return objective
 
 
-def _repair(net, net64, phases, domain, rival, target, lowest, left):
+def _repair(net, net64, phases, domain, rival, target, lowest, left, witness=None):
     """Re-solve with margins so the candidate sits strictly inside the pattern and the flip.
 
     The margin encoding has its own variables, so the objective is built on it afresh.
@@ -248,13 +286,33 @@ def _repair(net, net64, phases, domain, rival, target, lowest, left):
     res = enc.program.solve(_objective(enc, rival, target, lowest), max(0.5, left))
     if res.x is None or res.fun is None or res.fun <= MARGIN:
         return None
-    return _confirm(net, net64, res.x[enc.input], phases, target, lowest, domain)
+    return _confirm(net, net64, enc.inputs(res.x), phases, target, lowest, domain,
+                    toward=witness)
 
 
-def _confirm(net, net64, x_flat, phases, target, lowest, domain) -> tuple[Tensor, int] | None:
-    """``(x, class)`` when forward passes (model dtype and float64) confirm the violation."""
+def _confirm(net, net64, x_flat, phases, target, lowest, domain,
+             toward: Tensor | None = None) -> tuple[Tensor, int] | None:
+    """``(x, class)``: ``x`` projected into the domain, in float64, when forward passes (float64
+    and the model's dtype) confirm that it satisfies the premise and changes the decision.
+
+    A solver's optimum lies on the boundary of the premise (a tie in a max-pool window, a
+    pre-activation at 0); when ``toward`` (an input satisfying the premise) is given, points
+    slightly towards it are tried too: inside a convex premise they leave the boundary.
+    """
     x64 = torch.as_tensor(x_flat, dtype=torch.float64).reshape(1, *net.input_shape)
     x64 = torch.min(torch.max(x64, domain.lo.unsqueeze(0)), domain.hi.unsqueeze(0))
+    found = _confirm_point(net, net64, x64, phases, target, lowest)
+    if found is None and toward is not None:
+        w = toward.to(torch.float64).reshape(1, *net.input_shape)
+        for t in (1e-9, 1e-7, 1e-5, 1e-3):
+            found = _confirm_point(net, net64, x64 + t * (w - x64), phases, target, lowest)
+            if found is not None:
+                break
+    return found
+
+
+def _confirm_point(net, net64, x64, phases, target, lowest) -> tuple[Tensor, int] | None:
+    classes = []
     for model in (net64, net):
         x = x64.to(model.dtype)
         with torch.no_grad():
@@ -262,10 +320,10 @@ def _confirm(net, net64, x_flat, phases, target, lowest, domain) -> tuple[Tensor
         if not bool(satisfies(model, outs, x, phases)[0]):
             return None
         y = outs[-1].reshape(-1)
-        cls = int(y.argmin() if lowest else y.argmax())
-        if cls == target:
+        classes.append(int(y.argmin() if lowest else y.argmax()))
+        if classes[-1] == target:
             return None
-    return x64.reshape(net.input_shape).to(net.dtype), cls
+    return x64.reshape(net.input_shape), classes[0]
 
 
 def _as_domain(net: Network, domain) -> InputDomain:
