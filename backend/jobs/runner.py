@@ -6,11 +6,13 @@ task-level failures (a worker killed too often, an unpicklable error) into faile
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import uuid
 
 import dask
+import psutil
 from distributed import Client, Future, LocalCluster
 
 from backend.config import Settings
@@ -55,16 +57,30 @@ class JobRunner:
         except Exception:  # noqa: BLE001 - only an optimisation
             log.warning("worker preload failed", exc_info=True)
 
-    def close(self) -> None:
-        """Disconnect; jobs still queued or running stay so in the DB for the next start."""
+    def close(self, grace_s: float = 2.0) -> None:
+        """Disconnect; jobs still queued or running stay so in the DB for the next start.
+
+        The embedded cluster's processes (workers and their job processes) are ended within
+        ``grace_s`` seconds: left to themselves they outlive the API by tens of seconds,
+        and a nanny may even restart a worker it sees die during shutdown.
+        """
         self._closing = True
+        children = psutil.Process().children(recursive=True) if self.cluster else []
         for closable in (self.client, self.cluster):
             if closable is not None:
                 try:
-                    closable.close()
+                    closable.close(timeout=grace_s)
                 except Exception:  # noqa: BLE001 - best effort at shutdown
                     log.warning("error while closing %s", closable, exc_info=True)
         self.client = self.cluster = None
+        alive = [p for p in children if p.is_running()]
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.terminate()
+        _, alive = psutil.wait_procs(alive, timeout=grace_s)
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
 
     def submit(self, job_id: str) -> None:
         if self.client is None:
