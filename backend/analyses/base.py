@@ -38,6 +38,9 @@ class Analysis:
     run: Callable[[JobContext, Any], dict]
     params: type[BaseModel] = NoParams
     needs_input: bool = True
+    # called with the model's summary (``Network.summary()``) and the validated params before
+    # a job is queued; raises ``app.errors.InvalidInputError`` to refuse it (answered 422)
+    check: Callable[[dict, Any], None] | None = None
 
     def info(self) -> dict:
         """The listing shown by ``GET /api/analyses``."""

@@ -41,7 +41,7 @@ def submit_batch(req: BatchRequest, services: ServicesDep, owner: Owner) -> Batc
     params = checked_params(analysis, req.params)
     pairs = [(m, i) for m in dict.fromkeys(req.model_ids) for i in dict.fromkeys(req.input_ids)]
     for model_id, input_id in pairs:
-        check_target(services, analysis, model_id, input_id, owner)
+        check_target(services, analysis, model_id, input_id, owner, params)
     batch = fanout.fanout(services.runner, analysis.name, params, pairs, req.limits.pair(),
                           owner)
     return _info_of(*services.store.batch(batch.id), with_children=True)

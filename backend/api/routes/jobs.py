@@ -54,12 +54,14 @@ def checked_params(analysis: Analysis, params: dict) -> dict:
 
 
 def check_target(services: ServicesDep, analysis: Analysis, model_id: str,
-                 input_id: str | None, owner: str) -> None:
+                 input_id: str | None, owner: str, params: dict | None = None) -> None:
     """404/422 unless ``owner`` sees the model and the input exists for it (or is not
-    needed)."""
+    needed), and the analysis' own ``check`` accepts the model with ``params``."""
     model = services.storage.model(model_id, owner)
     if model is None:
         raise HTTPException(404, f"unknown model '{model_id}'")
+    if analysis.check is not None and params is not None:
+        analysis.check(model.summary or {}, analysis.params.model_validate(params))
     if input_id is not None:
         try:
             services.storage.load_input(model, input_id, owner)
@@ -78,7 +80,7 @@ def submit_job(req: JobRequest, services: ServicesDep, owner: Owner,
                                             owner))
     reused = job is not None
     if job is None:
-        check_target(services, analysis, req.model_id, req.input_id, owner)
+        check_target(services, analysis, req.model_id, req.input_id, owner, params)
         job, reused = services.runner.run_or_reuse(analysis.name, req.model_id, req.input_id,
                                                    params, req.limits.pair(), owner)
     if reused:
