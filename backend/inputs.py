@@ -1,12 +1,18 @@
 """Turn an uploaded input file (PNG/JPEG image, .npy, .csv) into an array the model takes.
 
 Images are converted to the model's channel count, resized to its HxW and scaled from
-[0, 255] to the card's ``input_range``; arrays must already have the model's input shape.
+[0, 255] to the card's ``input_range``; arrays must already have the model's input shape (a
+CSV row may start with its label, as ERAN's test files do).
+
+Decoding is bounded before it allocates: an image's pixel count is read from its header, an
+array's shape from the .npy header and a CSV's value count from its separators, so what is
+decoded is at most a few times the model's input size (or ``MAX_IMAGE_PIXELS``).
 """
 
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from app import InvalidInputError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
-MAX_IMAGE_PIXELS = 50_000_000
+MAX_IMAGE_PIXELS = 4096 * 4096
 
 
 def decode_input(filename: str, data: bytes, input_shape: tuple[int, ...],
@@ -25,8 +31,10 @@ def decode_input(filename: str, data: bytes, input_shape: tuple[int, ...],
     if suffix in IMAGE_SUFFIXES:
         x = _image(data, input_shape, input_range)
     elif suffix == ".npy":
+        _check_npy_size(data, tuple(input_shape))
         x = read_npy(data)
     elif suffix == ".csv":
+        _check_csv_size(data, math.prod(input_shape))
         x = _csv(data)
     else:
         raise InvalidInputError(
@@ -42,7 +50,10 @@ def _image(data: bytes, input_shape: tuple[int, ...],
             f"{tuple(input_shape)}: upload .npy or .csv instead")
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise InvalidInputError(f"the image is {img.width}x{img.height}; at most "
+                                        f"{MAX_IMAGE_PIXELS:,} pixels are decoded")
             return image_to_input(img, input_shape, input_range)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
         raise InvalidInputError(f"not a readable image: {exc}") from exc
@@ -72,9 +83,25 @@ def read_npy(data: bytes) -> np.ndarray:
     return x
 
 
-def _check_npy_header(data: bytes) -> None:
-    """Refuse a header that declares more data than the file holds (np.load would try to
-    allocate the declared size first: a 20-byte header can ask for terabytes)."""
+def _check_npy_size(data: bytes, input_shape: tuple[int, ...]) -> None:
+    """Refuse an array whose header declares another element count than one input's."""
+    shape, dtype, _ = _npy_header(data)
+    if dtype.hasobject:
+        raise InvalidInputError("the .npy array holds Python objects (pickles are refused)")
+    if math.prod(shape) != math.prod(input_shape):
+        raise InvalidInputError(f"input shape {tuple(shape)} does not match the model's input "
+                                f"shape {input_shape}")
+
+
+def _check_csv_size(data: bytes, expected: int) -> None:
+    """Count values by their separators before parsing (a label column adds one)."""
+    values = len(data.replace(b"\n", b",").strip(b",\r \t").split(b","))
+    if values > expected + 1:
+        raise InvalidInputError(f"the CSV holds {values} values; the model takes {expected}")
+
+
+def _npy_header(data: bytes) -> tuple[tuple[int, ...], np.dtype, int]:
+    """``(shape, dtype, where the data starts)`` from a .npy header."""
     f = io.BytesIO(data)
     try:
         version = np.lib.format.read_magic(f)
@@ -83,10 +110,17 @@ def _check_npy_header(data: bytes) -> None:
         shape, _, dtype = read(f)
     except (ValueError, OSError, EOFError) as exc:
         raise InvalidInputError(f"not a readable .npy array: {exc}") from exc
+    return shape, dtype, f.tell()
+
+
+def _check_npy_header(data: bytes) -> None:
+    """Refuse a header that declares more data than the file holds (np.load would try to
+    allocate the declared size first: a 20-byte header can ask for terabytes)."""
+    shape, dtype, start = _npy_header(data)
     declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
-    if not dtype.hasobject and declared > len(data) - f.tell():
+    if not dtype.hasobject and declared > len(data) - start:
         raise InvalidInputError(f"the .npy header declares shape {shape} ({declared} bytes) "
-                                f"but the file holds only {len(data) - f.tell()} bytes")
+                                f"but the file holds only {len(data) - start} bytes")
 
 
 def _csv(data: bytes) -> np.ndarray:
@@ -101,6 +135,9 @@ def _fit(x: np.ndarray, input_shape: tuple[int, ...], allow_flat: bool) -> np.nd
     shape = tuple(input_shape)
     if x.shape == (1, *shape):
         x = x[0]
+    if allow_flat and x.ndim == 1 and x.size == math.prod(shape) + 1 > 2 \
+            and float(x[0]).is_integer():
+        x = x[1:]  # a label first, as in ERAN's CSV rows
     if x.shape != shape:
         if not (allow_flat and x.size == int(np.prod(shape))):
             raise InvalidInputError(

@@ -220,12 +220,20 @@ class Storage:
         salt = f"{owner}\0".encode() if owner else b""
         digest = hashlib.sha256(salt + repr(x.shape).encode() + x.tobytes()).hexdigest()
         filename = f"{digest}.npy"
-        np.save(self.data_dir / "inputs" / filename, x, allow_pickle=False)
+        path = self.data_dir / "inputs" / filename
+        np.save(path, x, allow_pickle=False)
         record = InputRecord(model_id=model_id, id=f"upload:{digest}", label=label[:200],
                              filename=filename, owner=owner, created_at=utcnow())
-        with self.sessions() as s:
-            s.merge(record)
-            s.commit()
+        try:
+            with self.sessions() as s:
+                s.merge(record)
+                s.commit()
+        except BaseException:
+            with self.sessions() as s:
+                kept = s.scalar(select(exists().where(InputRecord.filename == filename)))
+            if not kept:
+                path.unlink(missing_ok=True)
+            raise
         return record
 
     def inputs(self, model: ModelRecord, owner: str = "") -> list[dict]:

@@ -361,3 +361,69 @@ def test_the_api_stays_small_and_healthy_on_a_hidden_fold(sqlite_server: Server)
     assert r.status_code in (413, 422), r.text
     assert (_peak_kb(sqlite_server.proc.pid) - before) / 1024 < 200
     assert sqlite_server.client.get("/api/health").status_code == 200
+
+
+def test_inputs_are_bounded_before_they_are_decoded(sqlite_server: Server,
+                                                    tmp_path: Path) -> None:
+    """An oversized image, a CSV of millions of values and a large .npy of the wrong shape
+    are refused from their headers; an ERAN-style CSV row (label first) is taken."""
+    from PIL import Image
+
+    srv = sqlite_server
+    model_id = srv.client.post("/api/models", files={"file": (
+        "in.onnx", mlp_onnx(tmp_path / "in.onnx", seed=83).read_bytes())}).json()["id"]
+    before = _peak_kb(srv.proc.pid)
+    big = io.BytesIO()
+    Image.new("L", (5000, 5000)).save(big, format="PNG")  # 25M pixels in ~25 kB
+    csv = b",".join([b"0"] * 800_000)
+    wide = io.BytesIO()
+    np.save(wide, np.zeros((500, 500), np.float32))
+    for name, data, word in (("big.png", big.getvalue(), "image"),
+                             ("many.csv", csv, "values"), ("wide.npy", wide.getvalue(), "shape")):
+        r = srv.client.post(f"/api/models/{model_id}/inputs", files={"file": (name, data)})
+        assert r.status_code == 422 and word in r.json()["detail"], (name, r.text)
+    assert (_peak_kb(srv.proc.pid) - before) / 1024 < 100
+    values = np.round(np.random.default_rng(5).random(64), 3)
+    row = ",".join(["7", *map(str, values)]).encode()
+    r = srv.client.post(f"/api/models/{model_id}/inputs", files={"file": ("eran.csv", row)})
+    assert r.status_code == 201, r.text
+    got = srv.client.get(f"/api/models/{model_id}/inputs/{r.json()['id']}").json()
+    np.testing.assert_allclose(np.ravel(got["values"]), values, atol=1e-6)
+
+
+def test_files_are_kept_only_when_their_row_commits(tmp_path: Path) -> None:
+    """A database that fails at commit (here: every commit raises) leaves no model or input
+    file behind; the same storage with a working database keeps both."""
+    from sqlalchemy.exc import OperationalError
+
+    from app.loaders.limits import LoadLimits
+    from backend.sandbox import ModelChecker
+    from backend.storage import Storage
+
+    for sub in ("models", "inputs"):
+        (tmp_path / sub).mkdir()
+    checker = ModelChecker(2048, 120, LoadLimits(), 1 << 24)
+    storage = Storage(tmp_path, f"sqlite:///{tmp_path / 'atlas.db'}", checker)
+    model = mlp_onnx(tmp_path / "m.onnx", seed=84)
+    working = storage.sessions
+
+    def failing():  # noqa: ANN202 - a sessionmaker stand-in whose commits fail
+        session = working()
+        session.commit = lambda: (_ for _ in ()).throw(OperationalError("COMMIT", {}, None))
+        return session
+
+    try:
+        storage.sessions = failing
+        with pytest.raises(OperationalError):
+            storage.add_model(model, "m.onnx")
+        with pytest.raises(OperationalError):
+            storage.add_input("m", np.zeros((1, 8, 8), np.float32), "x.npy")
+        assert list((tmp_path / "models").iterdir()) == []
+        assert list((tmp_path / "inputs").iterdir()) == []
+        storage.sessions = working
+        record = storage.add_model(model, "m.onnx")
+        storage.add_input(record.id, np.zeros((1, 8, 8), np.float32), "x.npy")
+        assert len(list((tmp_path / "models").iterdir())) == 1
+        assert len(list((tmp_path / "inputs").iterdir())) == 1
+    finally:
+        checker.close()
