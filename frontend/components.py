@@ -119,8 +119,10 @@ def _render_sidebar() -> Selection:
     _to_url("model", model_id)
     with st.expander("Upload a model", expanded=not models):
         st.file_uploader(
-            "ONNX, torch.export (.pt2) or TorchScript (.pt)", type=["onnx", "pt2", "pt"],
+            "ONNX or torch.export (.pt2)", type=["onnx", "pt2"],
             key="model_upload", on_change=_upload_model,
+            help="TorchScript runs code when it loads, so it is not accepted: convert it on "
+                 "your machine with `relu-atlas convert model.pt --input-shape 1,28,28`",
         )
     model = models.get(model_id)
     if model is None:
