@@ -6,11 +6,18 @@ pattern are ``{x : A x <= b}``. Around the input, the largest ball inside the po
 radius ``min_i slack_i / ||a_i||_*`` (a certified radius within which the pattern, and so the
 network's affine behaviour, does not change); the largest ball anywhere inside it is the
 Chebyshev centre LP.
+
+Whether the decision holds on the whole polytope (within the input domain) is Prophecy's
+input property (Gopinath et al.): when the pattern fixes every ReLU and max-pool of the
+network the logits are affine on the polytope, so each rival's largest score gap is one LP;
+when later layers still branch it is the MILP of :func:`check_property`, with input
+splitting on few input dimensions.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,10 +28,19 @@ from torch import Tensor
 
 from app.analyses.patterns.milp import Phases
 from app.analyses.patterns.rules import decisions, relu_node
-from app.analyses.patterns.verify import InputDomain, Verdict, _as_domain, check_property
+from app.analyses.patterns.verify import (
+    InputDomain,
+    Method,
+    Verdict,
+    _as_domain,
+    _confirm,
+    check_property,
+)
 from app.errors import InvalidInputError
 from app.layers import Add, AffineLayer, KindTable, MaxPool2d, ReLU
 from app.network import INPUT, Network
+
+GAP_DISTANCE = 1e-6  # input-space distance below the decision boundary asked of an LP proof
 
 
 @dataclass
@@ -60,11 +76,13 @@ def input_property(
     lowest: bool = False,
     count_facets: bool = True,
     timeout: float = 30.0,
+    method: Method = "auto",
 ) -> InputPolytope:
     """The polytope of inputs sharing ``x``'s pattern up to ReLU ``layer``, and what it implies.
 
-    ``target`` defaults to the network's decision at ``x``. When later layers still branch the
-    output check is the MILP of :func:`check_property`; otherwise it is an LP.
+    ``target`` defaults to the network's decision at ``x``. When the pattern fixes every
+    nonlinearity the output check is one LP per rival; otherwise :func:`check_property`
+    with ``method`` (``"auto"`` splits the input box on few input dimensions).
     """
     ordinal, node = relu_node(net, layer)
     domain = _as_domain(net, input_domain)
@@ -77,7 +95,14 @@ def input_property(
         target = int(decisions(net64, x64, lowest)[0])
     slack = b - a @ x64.reshape(-1).numpy()
     box_a, box_b = _box_rows(domain)
-    verdict = check_property(net, phases, domain, target, lowest, timeout, net64=net64)
+    last = max(net64.relu_indices + net64.maxpool_indices)
+    if node >= last:  # every nonlinearity fixed: the logits are affine on the polytope
+        _, _, _, (m, c) = _symbolic(net64, x64, len(net64.layers) - 1)
+        verdict = _check_affine(net, net64, x64, a, b, m, c, domain, phases, target, lowest)
+    else:
+        # every input with the pattern lies in the polytope's bounding box: search only there
+        verdict = check_property(net, phases, _bounding_box(a, b, domain, x64), target, lowest,
+                                 timeout, net64=net64, method=method, known=x64)
     return InputPolytope(
         ordinal, node, a, b, len(b),
         _count_facets(a, b, box_a, box_b) if count_facets else None,
@@ -92,6 +117,15 @@ def pattern_constraints(
 ) -> tuple[np.ndarray, np.ndarray, Phases]:
     """``(A, b, phases)``: inputs with ``x64``'s pattern at every ReLU (and max-pool winners)
     up to ``node``."""
+    a, b, phases, _ = _symbolic(net64, x64, node)
+    return a, b, phases
+
+
+def _symbolic(
+    net64: Network, x64: Tensor, node: int
+) -> tuple[np.ndarray, np.ndarray, Phases, tuple[np.ndarray, np.ndarray]]:
+    """:func:`pattern_constraints` and the affine map ``(M, c)`` of node ``node``'s output
+    on the polytope (flat input to flat output)."""
     n_in = math.prod(net64.input_shape)
     with torch.no_grad():
         outs = net64.trace(x64)
@@ -113,7 +147,63 @@ def pattern_constraints(
             phases[i] = phase
     a, b = np.concatenate(rows_a), np.concatenate(rows_b)
     keep = np.abs(a).sum(1) > 1e-12  # a neuron constant over the inputs adds no constraint
-    return a[keep], b[keep], phases
+    return a[keep], b[keep], phases, maps[node]
+
+
+def _check_affine(net, net64, x64, a, b, m, c, domain, phases, target, lowest) -> Verdict:
+    """The decision on ``{A x <= b} ∩ domain`` where the logits are ``M x + c``: one LP per
+    rival, maximising its score gap over the target's.
+
+    Rows and objective are normalised to unit length, so the LP's value is a signed distance
+    in input space: a rival is beaten when its gap stays ``GAP_DISTANCE`` below 0, which no
+    scaling of the weights or logits changes. A positive optimum is confirmed by float64
+    forward passes (nudged towards ``x``, inside the convex polytope) before it is reported.
+    """
+    start = time.perf_counter()
+    norms = np.linalg.norm(a, axis=1)
+    a_n, b_n = a / norms[:, None], b / norms
+    bounds = list(zip(domain.lo.reshape(-1).tolist(), domain.hi.reshape(-1).tolist(),
+                      strict=True))
+    sign = -1.0 if lowest else 1.0
+    worst, tie, unconfirmed = -math.inf, False, False
+    for j in range(m.shape[0]):
+        if j == target:
+            continue
+        w, const = sign * (m[j] - m[target]), sign * (c[j] - c[target])
+        size = float(np.linalg.norm(w))
+        if size == 0.0:  # the gap is the constant on the whole polytope
+            if const >= 0:
+                return Verdict("unknown", time.perf_counter() - start,
+                               f"class {j} ties or beats {target} by a constant {const:.3g}")
+            worst = max(worst, const)
+            continue
+        res = linprog(-w / size, A_ub=a_n, b_ub=b_n, bounds=bounds, method="highs")
+        if res.status != 0:
+            return Verdict("unknown", time.perf_counter() - start,
+                           f"the LP for class {j} ended with status {res.status} although the "
+                           "input lies in the polytope (numerical trouble)")
+        distance = -res.fun + const / size
+        if distance > 0:
+            found = _confirm(net, net64, res.x, phases, target, lowest, domain, toward=x64)
+            if found is not None:
+                x, cls = found
+                return Verdict("counterexample", time.perf_counter() - start,
+                               f"class {cls} wins instead of {target} (LP on the affine "
+                               "polytope)", x, cls, distance * size)
+            unconfirmed = True
+        if distance > -GAP_DISTANCE:
+            tie = True
+            continue
+        worst = max(worst, distance * size)
+    seconds = time.perf_counter() - start
+    if unconfirmed:
+        return Verdict("unknown", seconds, "the LP's point where a rival wins did not survive "
+                       "a forward pass (numerically on a boundary)")
+    if tie:
+        return Verdict("unknown", seconds, "a rival's largest score gap on the polytope is "
+                       "within the LP's tolerance of 0")
+    return Verdict("proven", seconds, "holds on the whole polytope within the domain (the "
+                   "network is affine there: one LP per rival)", worst_margin=float(worst))
 
 
 Symbolic = Callable[..., tuple]
@@ -166,6 +256,27 @@ def _maxpool(layer, in_shape, srcs, values):
     return ((m[winners], c[winners]),
             (np.concatenate(ra) if ra else np.zeros((0, n_in)),
              np.concatenate(rb) if rb else np.zeros(0)), (winners, []))
+
+
+def _bounding_box(a: np.ndarray, b: np.ndarray, domain: InputDomain, x64: Tensor) -> InputDomain:
+    """The smallest box around ``{A x <= b} ∩ domain`` (two LPs per input), widened by the LP
+    tolerance; the domain itself where an LP fails or the box would miss ``x64``."""
+    norms = np.linalg.norm(a, axis=1)
+    a_n, b_n = a / norms[:, None], b / norms
+    lo, hi = domain.lo.reshape(-1).numpy().copy(), domain.hi.reshape(-1).numpy().copy()
+    bounds = list(zip(lo.tolist(), hi.tolist(), strict=True))
+    for i in range(lo.size):
+        unit = np.zeros(lo.size)
+        unit[i] = 1.0
+        low = linprog(unit, A_ub=a_n, b_ub=b_n, bounds=bounds, method="highs")
+        high = linprog(-unit, A_ub=a_n, b_ub=b_n, bounds=bounds, method="highs")
+        if low.status != 0 or high.status != 0:
+            return domain
+        pad = 1e-7 * (hi[i] - lo[i]) + 1e-9 * max(1.0, abs(lo[i]), abs(hi[i]))
+        lo[i], hi[i] = max(lo[i], low.fun - pad), min(hi[i], -high.fun + pad)
+    shape = domain.lo.shape
+    box = InputDomain(torch.from_numpy(lo).reshape(shape), torch.from_numpy(hi).reshape(shape))
+    return box if bool(box.contains(x64)[0]) else domain
 
 
 def _ball_radius(slack: np.ndarray, norms: np.ndarray) -> float:
