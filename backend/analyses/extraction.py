@@ -13,10 +13,11 @@ import torch
 from pydantic import BaseModel, Field
 
 from app.analyses.extraction import QueryOracle, extract, first_layer_pairs, grade
-from app.errors import AtlasError
+from app.errors import AtlasError, InvalidInputError
 from backend.analyses.base import Analysis, JobContext, jsonable, register
 
 MAX_PAIRS = 16
+SUPPORTED = {"linear", "relu", "flatten", "reshape", "elementwise_affine"}
 
 
 class Params(BaseModel):
@@ -27,9 +28,47 @@ class Params(BaseModel):
     )
     max_hidden_layers: int = Field(3, ge=1, le=3)
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    time_limit_s: float = Field(
+        900.0, ge=10.0, le=3600.0,
+        description="stop searching after this many seconds and return a partial result",
+    )
+
+
+def queries_needed(summary: dict) -> int:
+    """A lower bound on the queries the attack needs for this network.
+
+    Every hidden neuron's boundary normal costs ``2 d`` queries (forward differences on both
+    sides of one critical point, ``d`` inputs), and a tenth more is kept for the final check.
+    """
+    dim = math.prod(summary.get("input_shape") or [1])
+    hidden = sum(math.prod(layer["out_shape"]) for layer in summary.get("layers", [])
+                 if layer["kind"] == "relu")
+    return int(1.1 * 2 * dim * hidden)
+
+
+def check(summary: dict, params: Params) -> None:
+    """Refuse, before the job starts, what the attack cannot do (with the reason)."""
+    layers = summary.get("layers", [])
+    other = sorted({layer["kind"] for layer in layers} - SUPPORTED)
+    if other or not summary.get("sequential", True):
+        what = ", ".join(other) or "non-sequential connections"
+        raise InvalidInputError(
+            f"weight recovery supports fully connected ReLU networks (linear and ReLU layers "
+            f"in sequence); this model has {what}")
+    if not any(layer["kind"] == "relu" for layer in layers):
+        raise InvalidInputError("weight recovery needs at least one hidden ReLU layer; this "
+                                "model is affine")
+    need = queries_needed(summary)
+    if params.budget < need:
+        raise InvalidInputError(
+            f"a query budget of {params.budget:,} is too small for this network: recovering "
+            f"its {sum(math.prod(la['out_shape']) for la in layers if la['kind'] == 'relu'):,} "
+            f"hidden neurons from {math.prod(summary['input_shape']):,} inputs needs at least "
+            f"{need:,} queries (2 per input per neuron, plus the final check)")
 
 
 def run(ctx: JobContext, params: Params) -> dict:
+    check(ctx.net.summary(), params)
     lo, hi = (ctx.card.get("input_range") or [-1.0, 1.0])[:2]
     width = hi - lo
     net = ctx.net
@@ -37,7 +76,7 @@ def run(ctx: JobContext, params: Params) -> dict:
     result = extract(
         QueryOracle(net), dim, params.budget, lo=lo - params.domain_margin * width,
         hi=hi + params.domain_margin * width, max_hidden_layers=params.max_hidden_layers,
-        seed=params.seed, progress=ctx.progress,
+        seed=params.seed, progress=ctx.progress, time_limit_s=0.9 * params.time_limit_s,
     )
     out: dict = {
         "input_shape": list(net.input_shape), "input_range": [lo, hi],
@@ -49,6 +88,8 @@ def run(ctx: JobContext, params: Params) -> dict:
         "grading": None, "pairs": None, "region_map": None,
     }
     try:
+        if result.network is None:
+            raise AtlasError("nothing was recovered")
         report = grade(net, result, lo, hi)
         out["grading"] = {"layers": report.table(), "argmax_agreement": report.argmax_agreement,
                           "max_abs_logit_diff": report.max_abs_logit_diff}
@@ -83,4 +124,5 @@ register(Analysis(
     params=Params,
     run=run,
     needs_input=False,
+    check=check,
 ))

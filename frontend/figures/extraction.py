@@ -8,8 +8,13 @@ from plotly.subplots import make_subplots
 
 
 def discovery(result: dict) -> go.Figure:
-    """Neurons found against queries spent, as the attack went along."""
+    """Neurons found against queries spent, as the attack went along.
+
+    Both axes start at zero, so a run that stopped early still gets a readable scale.
+    """
     log = result["log"]
+    top_q = max([e["queries"] for e in log] + [1])
+    top_n = max([e["neurons"] for e in log] + [1])
     fig = go.Figure(go.Scatter(
         x=[e["queries"] for e in log], y=[e["neurons"] for e in log], mode="lines+markers",
         text=[e["phase"] for e in log],
@@ -17,6 +22,8 @@ def discovery(result: dict) -> go.Figure:
     ))
     fig.update_layout(title="Neurons found vs queries spent", xaxis_title="queries",
                       yaxis_title="neurons found", margin={"t": 40, "b": 10}, height=320)
+    fig.update_xaxes(range=[0, 1.05 * top_q])
+    fig.update_yaxes(range=[0, 1.1 * top_n])
     return fig
 
 

@@ -23,11 +23,14 @@ params = {"budget": int(budget), "domain_margin": float(margin), "max_hidden_lay
 
 result = ui.run_job("extraction", params=params, key="extraction")
 if result:
-    found = " + ".join(map(str, result["layer_sizes"])) or "none"
-    st.markdown(
-        f"Recovered hidden layers: **{found}** neurons, with **{result['queries']:,}** queries "
-        f"in {result['seconds']:.1f} s." + ("" if result["complete"] else " *(partial)*")
-    )
+    spent = f"**{result['queries']:,}** queries in {result['seconds']:.1f} s"
+    if result["layer_sizes"]:
+        found = " + ".join(map(str, result["layer_sizes"]))
+        st.markdown(f"Recovered hidden layers: **{found}** neurons, with {spent}."
+                    + (" **Complete**: every critical point found is explained and the outputs "
+                       "agree on validation queries." if result["complete"] else " *(partial)*"))
+    else:
+        st.markdown(f"No hidden layer was recovered ({spent}); the notes below say why.")
     for note in result["notes"]:
         st.warning(note)
     grading = result.get("grading")

@@ -9,6 +9,7 @@ query budget runs out and reports progress (queries spent, neurons found).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -56,9 +57,11 @@ class Budget:
     The progress callback may raise :class:`app.Cancelled`; it is called after every batch.
     """
 
-    def __init__(self, oracle: Oracle, budget: int, progress: ProgressFn | None) -> None:
+    def __init__(self, oracle: Oracle, budget: int, progress: ProgressFn | None,
+                 deadline: float | None = None) -> None:
         self._oracle = oracle
         self.budget = int(budget)
+        self.deadline = deadline  # time.perf_counter() value after which no query is made
         self.used = 0
         self.neurons = 0
         self.phase = "search"
@@ -71,7 +74,9 @@ class Budget:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.atleast_2d(np.asarray(x, dtype=np.float64))
         if self.used + len(x) > self.budget:
-            raise BudgetExhausted(f"query budget of {self.budget} exhausted")
+            raise BudgetExhausted(f"query budget of {self.budget} exhausted in {self.phase}")
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            raise BudgetExhausted(f"time limit reached in {self.phase}")
         self.used += len(x)
         out = np.asarray(self._oracle(x), dtype=np.float64).reshape(len(x), -1)
         report(

@@ -31,15 +31,19 @@ import torch
 from app.analyses.extraction.lines import Hyperplane, boundary_normals, kinks_on_line
 from app.analyses.extraction.oracle import Budget, BudgetExhausted, Oracle
 from app.analyses.extraction.second_layer import assemble, critical_points, group_neurons
+from app.analyses.extraction.verify import check
 from app.errors import InvalidInputError
 from app.layers import Layer, Linear, ReLU
 from app.network import Network
 from app.progress import ProgressFn
 
 FIT_RTOL = 1e-7  # output fit counted exact below this relative residual
+SIGN_RTOL = 1e-6  # relative misfit of the sign equations still counted as exact
 MAX_EXHAUSTIVE_SIGNS = 20
 MAX_UNKNOWNS = 100  # per deeper neuron in the second-layer equations (n1 + d + 1)
 VALIDATION_QUERIES = 2000  # fresh queries that check a recovered two-layer network
+MAX_DEEP_CHECKED = 200  # deeper boundary points checked beside by the one-layer test
+VERIFY_RESERVE = 10_000  # queries kept back for the final check (at most a tenth of the budget)
 PROBE_ROUNDS = 3  # rounds of short lines near rare neurons and undetermined weights
 EXPANSIVE_ROUNDS = 8  # rounds of lines collecting critical points behind an expansive layer
 
@@ -49,9 +53,10 @@ class ExtractionResult:
     """What the attack recovered, and what it cost.
 
     ``network`` is ``None`` only when the budget ran out before a first layer was fitted.
-    ``critical_points`` are the boundary points found in input space; ``point_neuron[i]`` is the
-    recovered first-layer neuron point ``i`` lies on, or ``-1`` for a deeper neuron's boundary.
-    ``first_layer`` holds the recovered first-layer ``(W, b)`` (unit-norm rows, signed).
+    ``critical_points`` are the boundary points found in input space (on every level);
+    ``point_neuron[i]`` is the recovered first-layer neuron point ``i`` lies on, or ``-1`` for
+    none. ``first_layer`` holds the recovered first-layer ``(W, b)`` (signed). ``complete`` only
+    when the final check (:mod:`.verify`) explained every point and validated the outputs.
     """
 
     network: Network | None
@@ -78,6 +83,13 @@ class _Level:
     dim: int
     first: list[Hyperplane] = field(default_factory=list)
     deep: list[Hyperplane] = field(default_factory=list)
+    to_input: Callable[[np.ndarray], np.ndarray] = lambda p: p  # this level's points as inputs
+    anywhere: bool = True  # the oracle may be queried outside the sampled domain
+
+    def points(self) -> np.ndarray:
+        """Every critical point found on this level, in input space."""
+        pts = [p for plane in self.first + self.deep for p in plane.points]
+        return self.to_input(np.stack(pts)) if pts else np.zeros((0, 0))
 
     def scale(self, rng: np.random.Generator) -> float:
         """The typical extent of the sampled domain (for tolerances and probe steps)."""
@@ -93,6 +105,8 @@ class _Run:
     notes: list[str] = field(default_factory=list)
     found: list[int] = field(default_factory=list)
     complete: bool = True
+    levels: list[_Level] = field(default_factory=list)
+    check_rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(1))
 
 
 def extract(
@@ -105,22 +119,30 @@ def extract(
     max_hidden_layers: int = 3,
     seed: int = 0,
     progress: ProgressFn | None = None,
+    time_limit_s: float | None = None,
 ) -> ExtractionResult:
     """Recover a fully connected ReLU network from ``oracle`` (``[B, input_dim] -> [B, k]``).
 
     Only the oracle is called; lines are sampled in the box ``[lo, hi]``. Neurons whose
     boundary never crosses the box cannot be seen and are reported in ``notes``. ``progress``
-    hears queries spent and neurons found and may raise :class:`app.Cancelled`.
+    hears queries spent and neurons found and may raise :class:`app.Cancelled`. The search
+    stops at ``time_limit_s`` seconds (and at the budget) with a partial result; a share of
+    the budget is kept for the final check (:mod:`.verify`), which alone may call it complete.
     """
     if input_dim < 1 or budget < 1:
         raise InvalidInputError("input_dim and budget must be positive")
+    if time_limit_s is not None and time_limit_s <= 0:
+        raise InvalidInputError("time_limit_s must be positive")
     lo_v = np.broadcast_to(np.asarray(lo, dtype=np.float64), (input_dim,)).copy()
     hi_v = np.broadcast_to(np.asarray(hi, dtype=np.float64), (input_dim,)).copy()
     if np.any(hi_v <= lo_v):
         raise InvalidInputError("the domain box needs lo < hi in every coordinate")
     start = time.perf_counter()
-    run = _Run(Budget(oracle, budget, progress), np.random.default_rng(seed))
+    reserve = min(budget // 10, VERIFY_RESERVE)
+    deadline = None if time_limit_s is None else start + time_limit_s
+    run = _Run(Budget(oracle, budget - reserve, progress, deadline), np.random.default_rng(seed))
     top = _Level(run.budget, lambda rng, n: rng.uniform(lo_v, hi_v, (n, input_dim)), input_dim)
+    run.levels.append(top)
     layers: list[Layer] | None
     try:
         layers = _extract_level(top, run, max_hidden_layers)
@@ -128,16 +150,62 @@ def extract(
         run.notes.append(f"{exc}: stopped after {len(run.found)} layer(s)")
         run.complete = False
         layers = None
-    run.log.append(_entry(run, "done" if layers else "stopped"))
-    network = Network(layers, (input_dim,), name="recovered") if layers else None
-    points, owner = _points(top)
-    first_w, first_b = _first_layer(layers, top)
+    if not layers and top.first:
+        run.budget.budget += reserve
+        reserve, run.budget.deadline = 0, None
+        normals = np.stack([p.normal for p in top.first])
+        offsets = np.array([p.offset for p in top.first])
+        try:
+            layers = _output_layer(top, normals, offsets, run, 1)
+            run.notes.append(f"returning one hidden layer of {len(offsets)} neurons found so "
+                             "far with a least-squares output layer")
+        except BudgetExhausted:
+            layers = None
+    if not layers:
+        run.log.append(_entry(run, "stopped"))
+        points, owner = _points(top)
+        first_w, first_b = _first_layer(top)
+        return ExtractionResult(
+            network=None, layer_sizes=list(run.found), queries=run.budget.used,
+            seconds=time.perf_counter() - start, log=run.log, critical_points=points,
+            point_neuron=owner, first_layer=(first_w, first_b), notes=run.notes,
+            complete=False,
+        )
+    run.budget.phase = "validation"
+    run.budget.budget += reserve
+    run.budget.deadline = None  # the check is short and decides what the result may claim
+    points = np.vstack([p for p in (lv.points() for lv in run.levels) if p.size]
+                       or [np.zeros((0, input_dim))])
+    verdict = check(_dense(layers), run.budget, points, lo_v, hi_v, run.rng, run.budget.left,
+                    uniform=run.budget.used // 2)
+    if verdict.pruned:
+        run.notes.append(f"{verdict.pruned} redundant unit(s) with negligible outgoing "
+                         "weights pruned")
+    run.notes += verdict.notes
+    sizes = [len(b) for _, b in verdict.layers[:-1]]
+    run.budget.neurons = sum(sizes)
+    run.log.append(_entry(run, "done"))
+    network = Network(_torch_layers(verdict.layers), (input_dim,), name="recovered")
     return ExtractionResult(
-        network=network, layer_sizes=list(run.found), queries=run.budget.used,
+        network=network, layer_sizes=sizes, queries=run.budget.used,
         seconds=time.perf_counter() - start, log=run.log, critical_points=points,
-        point_neuron=owner, first_layer=(first_w, first_b), notes=run.notes,
-        complete=run.complete and network is not None,
+        point_neuron=verdict.owner, first_layer=verdict.layers[0], notes=run.notes,
+        complete=run.complete and verdict.passed,
     )
+
+
+def _dense(layers: list[Layer]) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(lin.weight.detach().numpy().copy(), lin.bias.detach().numpy().copy())
+            for lin in layers if isinstance(lin, Linear)]
+
+
+def _torch_layers(dense: list[tuple[np.ndarray, np.ndarray]]) -> list[Layer]:
+    out: list[Layer] = []
+    for i, (w, b) in enumerate(dense):
+        out.append(Linear(torch.from_numpy(w.copy()), torch.from_numpy(b.copy())))
+        if i < len(dense) - 1:
+            out.append(ReLU())
+    return out
 
 
 def _extract_level(level: _Level, run: _Run, layers_left: int) -> list[Layer]:
@@ -152,6 +220,11 @@ def _extract_level(level: _Level, run: _Run, layers_left: int) -> list[Layer]:
         raise BudgetExhausted(f"no boundary of layer {depth} crosses the domain")
     normals = np.stack([p.normal for p in level.first])
     offsets = np.array([p.offset for p in level.first])
+    if level.deep and layers_left > 1 and _one_layer_suffices(level, normals, offsets, run):
+        run.notes.append(f"layer {depth}: the outputs are one ReLU layer of its {n1} neurons "
+                         f"(checked on fresh queries); {len(level.deep)} boundary piece(s) "
+                         "off its planes are taken for measurement artefacts")
+        level.deep = []
     if not level.deep or layers_left == 1:
         if level.deep:
             run.notes.append(f"layer {depth}: deeper boundaries seen but max_hidden_layers reached")
@@ -183,6 +256,32 @@ def _extract_level(level: _Level, run: _Run, layers_left: int) -> list[Layer]:
             or not _equations_solvable(n1, level.dim)):
         return layers
     return _second_opinion(level, normals, offsets, run, depth, layers, before)
+
+
+def _one_layer_suffices(level: _Level, normals: np.ndarray, offsets: np.ndarray,
+                        run: _Run) -> bool:
+    """Whether one ReLU layer of the found neurons reproduces the outputs exactly.
+
+    Boundary pieces off the found planes usually mean a deeper layer, but two close first-layer
+    planes can also produce one (a kink measured between them); deciding by a vote of signs from
+    such a piece breaks single-output networks. So the exact one-layer solve is tried first and
+    checked on fresh queries, including beside every such piece, where a deeper neuron would
+    show.
+    """
+    run.budget.phase = "one-layer check"
+    rng = run.check_rng  # its own stream: the search after it goes as it would without it
+    fit = _fit_one_layer(level, normals, offsets, run, rng)
+    if fit.residual > FIT_RTOL:
+        return False
+    pts = np.stack([p for plane in level.deep for p in plane.points])[:MAX_DEEP_CHECKED]
+    scale = level.scale(rng)
+    beside = [pts + 1e-3 * scale * rng.normal(size=pts.shape) / np.sqrt(level.dim)
+              for _ in range(2)]
+    x = np.vstack([level.sample(rng, VALIDATION_QUERIES // 4), *beside])
+    f = level.oracle(x)
+    with torch.no_grad():
+        ours = Network(fit.layers, (level.dim,))(torch.from_numpy(x)).numpy()
+    return float(np.abs(ours - f).max() / (np.abs(f).max() + 1e-300)) <= FIT_RTOL
 
 
 def _equations_solvable(n1: int, dim: int) -> bool:
@@ -244,7 +343,8 @@ def _expansive(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Ru
             offsets = np.array([p.offset for p in level.first])
             run.found[depth - 1] = len(offsets)
         pts = critical_points(planes)
-        neurons = group_neurons(pts, normals, offsets, start=neurons)
+        neurons = group_neurons(pts, normals, offsets, start=neurons,
+                                    deadline=run.budget.deadline)
         run.budget.neurons = sum(run.found) + len(neurons)
         run.log.append(_entry(run, f"layer {depth + 1} grouped", critical_points=len(pts.x)))
         stable = stable + 1 if len(neurons) == before else 0
@@ -257,15 +357,17 @@ def _expansive(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Ru
             planes += _probe(level, normals, offsets, run, tol, stop_at, *_targets(
                 pts, neurons, normals, offsets, level.scale(run.rng), run.rng))
             pts = critical_points(planes)
-            neurons = group_neurons(pts, normals, offsets, start=neurons)
+            neurons = group_neurons(pts, normals, offsets, start=neurons,
+                                    deadline=run.budget.deadline)
             if (len(neurons), sum(n.rank_deficit for n in neurons)) == before:
                 break
     except BudgetExhausted:
         run.notes.append(f"layer {depth + 1}: budget ran out while probing")
+    level.deep = planes
     if not neurons:
         run.notes.append(f"layer {depth + 1}: no neuron recovered behind the expansive layer "
-                         f"{depth}; the returned network fits one hidden layer only")
-        run.complete = False
+                         f"{depth}; the returned network has one hidden layer (the final "
+                         "check says whether that explains everything)")
         return _output_layer(level, normals, offsets, run, depth)
     run.budget.phase = "output layer"
     n1 = len(offsets)
@@ -467,12 +569,14 @@ def _split_first_layer(level: _Level, run: _Run, trials: int = 8) -> None:
     first, deep = [], [plane for plane, pts in witnessed if not len(pts)]
     for k, (plane, pts) in enumerate(candidates):
         others = [p for i, (p, _) in enumerate(candidates) if i != k]
-        (first if _regions(pts, others) >= 2 or not others else deep).append(plane)
+        (first if not others or _regions(pts, others) >= 2 else deep).append(plane)
     level.first, level.deep = first, deep
 
 
 def _regions(points: np.ndarray, planes: list[Hyperplane]) -> int:
     """How many cells of the arrangement of ``planes`` the ``points`` fall in."""
+    if not planes:
+        return 1
     normals = np.stack([p.normal for p in planes])
     offsets = np.array([p.offset for p in planes])
     return len(np.unique(points @ normals.T + offsets > 0, axis=0))
@@ -504,12 +608,31 @@ def _kinks_on_extension(level: _Level, plane: Hyperplane, rng: np.random.Generat
     return p[kinked]
 
 
-def _output_layer(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Run,
-                  depth: int) -> list[Layer]:
-    """Signs of the last hidden layer and the output layer, from one least-squares fit."""
-    run.budget.phase = "output layer"
+@dataclass
+class _OneLayer:
+    """The last hidden layer's signs and the output layer, and how well they fit."""
+
+    layers: list[Layer]
+    residual: float
+    sign_err: float
+    stand_ins: int = 0
+
+
+def _fit_one_layer(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Run,
+                   rng: np.random.Generator | None = None) -> _OneLayer:
+    """Signs of the last hidden layer and the output layer, from one least-squares fit.
+
+    ``relu(s z) = (s z + |z|) / 2``: the outputs are linear in ``[|z_j|, x, 1]``. Those columns
+    are only independent when every plane has sampled points on both sides, so besides random
+    points each plane gets two points just across it from one of its critical points (a plane
+    near the box's edge is crossed by few random points). Exact when the outputs are one ReLU
+    layer of the found neurons.
+    """
+    rng = run.rng if rng is None else rng
     n, d = normals.shape
-    x = level.sample(run.rng, 2 * (n + d + 1) + 16)
+    x = level.sample(rng, 2 * (n + d + 1) + 16)
+    if level.anywhere:
+        x = np.vstack([x, _both_sides(level, normals, offsets, rng)])
     f = level.oracle(x)
     z = x @ normals.T + offsets
     features = np.hstack([np.abs(z), x, np.ones((len(x), 1))])
@@ -517,19 +640,62 @@ def _output_layer(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: 
     residual = np.abs(features @ theta - f).max() / (np.abs(f).max() + 1e-300)
     a, linear, const = theta[:n], theta[n:n + d].T, theta[-1]
     signs, sign_err = _solve_signs(a, normals, linear)
+    out_w = 2 * a.T
+    out_b = const - (signs[:, None] * a * offsets[:, None]).sum(axis=0)
+    weight, bias = signs[:, None] * normals, signs * offsets
+    stand_ins = 0
+    if sign_err > SIGN_RTOL:  # neurons that never switch in the domain act linearly there
+        rest = linear - np.einsum("j,jk,jd->kd", signs, a, normals)
+        u, sv, vt = np.linalg.svd(rest, full_matrices=False)
+        keep = sv > 1e-9 * max(np.abs(linear).max(), 1e-300)
+        rows = vt[keep]
+        vals = level.sample(rng, 4096) @ rows.T
+        lift = -vals.min(axis=0) + (vals.max(axis=0) - vals.min(axis=0))  # on in the domain
+        weight = np.vstack([weight, rows])
+        bias = np.concatenate([bias, lift])
+        out_w = np.hstack([out_w, u[:, keep] * sv[keep]])
+        out_b = out_b - (u[:, keep] * sv[keep]) @ lift
+        stand_ins = int(keep.sum())
+    layers: list[Layer] = [Linear(torch.from_numpy(weight), torch.from_numpy(bias)), ReLU(),
+                           Linear(torch.from_numpy(out_w), torch.from_numpy(out_b))]
+    return _OneLayer(layers, float(residual), sign_err, stand_ins)
+
+
+def _both_sides(level: _Level, normals: np.ndarray, offsets: np.ndarray,
+                rng: np.random.Generator) -> np.ndarray:
+    """For each plane, one point on each side of it, near a point of the plane in the domain.
+
+    Only for a level whose oracle is valid everywhere (a peeled layer's is not, below zero).
+    """
+    if len(level.first) != len(offsets):
+        return np.zeros((0, level.dim))
+    scale = level.scale(rng)
+    base = np.stack([p.points[0] for p in level.first])
+    base -= (np.einsum("jd,jd->j", base, normals) + offsets)[:, None] * normals
+    step = 0.02 * scale * normals
+    return np.vstack([base + step, base - step])
+
+
+def _output_layer(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Run,
+                  depth: int) -> list[Layer]:
+    """Signs of the last hidden layer and the output layer (:func:`_fit_one_layer`)."""
+    run.budget.phase = "output layer"
+    fit = _fit_one_layer(level, normals, offsets, run)
+    residual, sign_err = fit.residual, fit.sign_err
     if residual > FIT_RTOL:
         run.notes.append(f"layer {depth}: outputs are not one ReLU layer of the found neurons "
                          f"(relative fit residual {residual:.1e})")
         run.complete = False
-    if sign_err > 1e-3:
-        run.notes.append(f"layer {depth}: sign recovery inexact (misfit {sign_err:.1e})")
+    if fit.stand_ins:
+        run.notes.append(
+            f"layer {depth}: the signs of its neurons do not fit the outputs' linear part "
+            f"(misfit {sign_err:.1e}): neurons whose boundary never crosses the domain act "
+            f"linearly there. {fit.stand_ins} always-on stand-in neuron(s) reproduce them, and "
+            "the signs of the others are not identifiable from outputs in the domain "
+            "(least-squares choice)")
         run.complete = False
-    out_w = 2 * a.T
-    out_b = const - (signs[:, None] * a * offsets[:, None]).sum(axis=0)
     run.log.append(_entry(run, "output layer fitted"))
-    weight, bias = signs[:, None] * normals, signs * offsets
-    return [Linear(torch.from_numpy(weight), torch.from_numpy(bias)), ReLU(),
-            Linear(torch.from_numpy(out_w), torch.from_numpy(out_b))]
+    return fit.layers
 
 
 def _solve_signs(a: np.ndarray, normals: np.ndarray, linear: np.ndarray) -> tuple[np.ndarray, float]:
@@ -586,9 +752,13 @@ class _Peeled:
 
         self._seen: list[tuple[np.ndarray, np.ndarray]] = []
 
+    def inputs(self, h: np.ndarray) -> np.ndarray:
+        """The inputs queried for activations ``h``."""
+        return (np.atleast_2d(h) - self._bias) @ self._pinv.T
+
     def __call__(self, h: np.ndarray) -> np.ndarray:
         h = np.atleast_2d(h)
-        out = self._oracle((h - self._bias) @ self._pinv.T)
+        out = self._oracle(self.inputs(h))
         if sum(len(a) for a, _ in self._seen) < 20_000:
             self._seen.append((h, out))
         return out
@@ -609,7 +779,11 @@ def _peel(level: _Level, weight: np.ndarray, bias: np.ndarray, run: _Run) -> _Le
     def sample(rng: np.random.Generator, n: int) -> np.ndarray:
         return np.maximum(level.sample(rng, n) @ weight.T + bias, 0.0) + margin
 
-    return _Level(_Peeled(level.oracle, weight, bias), sample, len(bias))
+    peeled = _Peeled(level.oracle, weight, bias)
+    inner = _Level(peeled, sample, len(bias), anywhere=False,
+                   to_input=lambda h: level.to_input(peeled.inputs(h)))
+    run.levels.append(inner)
+    return inner
 
 
 def _entry(run: _Run, phase: str, **extra: int) -> dict:
@@ -629,9 +803,7 @@ def _points(top: _Level) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(pts), np.array(owner)
 
 
-def _first_layer(layers: list[Layer] | None, top: _Level) -> tuple[np.ndarray, np.ndarray]:
-    if layers:
-        return layers[0].weight.detach().numpy(), layers[0].bias.detach().numpy()
+def _first_layer(top: _Level) -> tuple[np.ndarray, np.ndarray]:
     if top.first:
         return np.stack([p.normal for p in top.first]), np.array([p.offset for p in top.first])
     return np.zeros((0, top.dim)), np.zeros(0)

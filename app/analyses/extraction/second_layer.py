@@ -20,6 +20,7 @@ Then ``e`` yields the first-layer signs, and a least-squares fit of the outputs 
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,14 +118,18 @@ class _System:
 
 
 def group_neurons(pts: Critical, weight: np.ndarray, bias: np.ndarray,
-                  start: list[Neuron] = (), min_members: int = 8) -> list[Neuron]:
+                  start: list[Neuron] = (), min_members: int = 8,
+                  deadline: float | None = None) -> list[Neuron]:
     """Partition the critical points into neurons whose equations are jointly consistent.
 
     Neurons in ``start`` (found on a prefix of the same points) first take the new points
     that fit them. Seeds are triples of points with one output direction whose equations
     (under one of the four relative signs) are consistent; the most consistent seeds are grown
-    first, rounds repeat on the points left over, and sets of one neuron are merged.
+    first, rounds repeat on the points left over, and sets of one neuron are merged. Past
+    ``deadline`` (a ``time.perf_counter()`` value) no new seed is tried.
     """
+    if not len(pts.x):
+        return list(start)
     system = _System(pts, weight, bias)
     on = system.on
     free = np.ones(len(pts.x), dtype=bool)
@@ -146,6 +151,8 @@ def group_neurons(pts: Critical, weight: np.ndarray, bias: np.ndarray,
             triples, signs = _consistent_triples(system, pool, on[pool])
             misses = 0
             for triple, sign in zip(triples, signs, strict=True):
+                if deadline is not None and time.perf_counter() > deadline:
+                    break
                 if not free[triple].all():
                     continue
                 members, member_signs = _verified(
