@@ -258,6 +258,29 @@ def test_cancel_a_long_job(server: Server, model: dict) -> None:
     assert r.status_code == 409 and "cancelled" in r.json()["detail"]
 
 
+def test_cancel_stops_a_job_stuck_between_progress_reports(server: Server,
+                                                          model: dict) -> None:
+    """An analysis inside one long call (no progress report for 5 s) is stopped by the
+    worker's watchdog before it would look at the cancel flag itself; the worker then runs
+    the next job as usual."""
+    inp = _upload_npy(server, model["id"], np.full((1, 8, 8), 0.25, np.float32)).json()["id"]
+    r = _submit(server, analysis="test_slow", model_id=model["id"], input_id=inp,
+                params={"steps": 6, "step_s": 5, "tag": "stuck"})
+    job_id = r.json()["id"]
+    server.wait_job(job_id, until=("running",))
+    time.sleep(0.5)
+    start = time.monotonic()
+    assert server.client.post(f"/api/jobs/{job_id}/cancel").status_code == 200
+    job = server.wait_job(job_id, timeout=30)
+    took = time.monotonic() - start
+    print(f"cancel took effect after {took:.2f} s")
+    assert job["status"] == "cancelled" and job["progress"] < 0.5, job
+    assert took < 4.5, f"cancelled only after {took:.1f} s: at the analysis' own next report"
+    after = _submit(server, analysis="test_slow", model_id=model["id"], input_id=inp,
+                    params={"steps": 1, "step_s": 0, "tag": "after-stuck"}).json()["id"]
+    assert server.wait_job(after)["status"] == "finished"
+
+
 def test_failing_analysis_fails_the_job_with_its_reason(server: Server, model: dict) -> None:
     inp = _upload_npy(server, model["id"], np.ones((1, 8, 8), np.float32)).json()["id"]
     r = _submit(server, analysis="test_slow", model_id=model["id"], input_id=inp,

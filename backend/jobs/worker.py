@@ -19,6 +19,7 @@ import resource
 import signal
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing import forkserver
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from backend.storage import Storage
 
 log = logging.getLogger(__name__)
 PROGRESS_INTERVAL_S = 0.25
+CANCEL_POLL_S = 0.5
 CHILDREN = multiprocessing.get_context("forkserver")
 PR_SET_PDEATHSIG = 1
 
@@ -106,9 +108,15 @@ def run_job(job_id: str, data_dir: str, db_url: str, extra_analyses: str = "",
         return "failed"
     if not hasattr(_THREAD, "process"):
         _THREAD.process = JobProcess()
+
+    def cancelled() -> bool:
+        return bool(store.get(job_id).cancel_requested)
+
     outcome = _THREAD.process.run((job_id, data_dir, db_url, extra_analyses, attempt,
-                                   memory_limit), time_limit)
-    if outcome == "timeout":
+                                   memory_limit), time_limit, cancelled)
+    if outcome == "cancelled":
+        store.mark_cancelled(job_id, attempt)
+    elif outcome == "timeout":
         store.fail(job_id, f"the job exceeded its time limit of {time_limit:g} s", attempt)
     elif store.get(job_id).status in ACTIVE:  # the process died without recording an end
         store.fail(job_id, f"the analysis process died ({outcome}); it may have exceeded "
@@ -126,20 +134,48 @@ class JobProcess:
     def __init__(self) -> None:
         self.proc: multiprocessing.process.BaseProcess | None = None
         self.conn = None
+        self._starting: threading.Thread | None = None
 
-    def run(self, args: tuple, time_limit: float) -> str:
-        """Run one job: "done", "timeout" (the process was killed) or why it died."""
-        if self.proc is None or not self.proc.is_alive():
+    def _ready(self, cancelled: Callable[[], bool]) -> bool:
+        """Start the process if needed; False if the job was cancelled meanwhile (a cold
+        forkserver imports torch and every analysis first: seconds). The start goes on in
+        the background and the next job uses the process."""
+        if self._starting is None and (self.proc is None or not self.proc.is_alive()):
             self.conn, child_end = CHILDREN.Pipe()
             self.proc = CHILDREN.Process(target=_serve, args=(child_end,), daemon=True,
                                          name="atlas-job-process")
-            self.proc.start()
-            child_end.close()
+
+            def start() -> None:
+                self.proc.start()
+                child_end.close()
+
+            self._starting = threading.Thread(target=start, daemon=True)
+            self._starting.start()
+        while self._starting is not None:
+            self._starting.join(CANCEL_POLL_S)
+            if not self._starting.is_alive():
+                self._starting = None
+            elif cancelled():
+                return False
+        return True
+
+    def run(self, args: tuple, time_limit: float,
+            cancelled: Callable[[], bool] = lambda: False) -> str:
+        """Run one job: "done", "timeout" or "cancelled" (the process was killed), or why it
+        died. ``cancelled`` is asked every ``CANCEL_POLL_S``: an analysis that reports
+        progress stops itself sooner, one stuck in a solver call is killed."""
+        if not self._ready(cancelled):
+            return "cancelled"
         try:
             self.conn.send(args)
-            if not self.conn.poll(time_limit):
-                self._discard()
-                return "timeout"
+            deadline = time.monotonic() + time_limit
+            while not self.conn.poll(min(CANCEL_POLL_S, max(0.0, deadline - time.monotonic()))):
+                if time.monotonic() >= deadline:
+                    self._discard()
+                    return "timeout"
+                if cancelled():
+                    self._discard()
+                    return "cancelled"
             return self.conn.recv()
         except (EOFError, OSError):
             self.proc.join(5)
