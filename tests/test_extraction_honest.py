@@ -110,3 +110,16 @@ def test_time_limit_ends_a_hard_case_with_a_partial_result() -> None:
     assert not result.complete
     assert any("time limit" in note for note in result.notes)
     claims_are_true(layers, result)
+
+
+@pytest.mark.parametrize(("sizes", "seed"), [((100, 20, 1), 0), ((100, 20, 1), 1),
+                                             ((784, 32, 1), 2)])
+def test_single_output_wide_nets_recovered_at_default_settings(sizes, seed) -> None:
+    """One output: signs come through the output layer (the exact one-layer solve), not from
+    boundary pieces off the first-layer planes, which two close planes can produce."""
+    layers = he_net(sizes, seed, 0.1)
+    result = extract(lambda x: forward(layers, x), sizes[0], seed=seed)
+    assert result.complete, result.notes
+    assert result.layer_sizes == [sizes[1]]
+    assert relative_error(layers, result, sizes[0]) < 1e-6
+    assert aligned(*layers[0], *result.first_layer, tol=1e-6)

@@ -177,7 +177,7 @@ def extract(
     points = np.vstack([p for p in (lv.points() for lv in run.levels) if p.size]
                        or [np.zeros((0, input_dim))])
     verdict = check(_dense(layers), run.budget, points, lo_v, hi_v, run.rng, run.budget.left,
-                    uniform=run.budget.used // 2)
+                    uniform=run.budget.used // 4)
     if verdict.pruned:
         run.notes.append(f"{verdict.pruned} redundant unit(s) with negligible outgoing "
                          "weights pruned")
