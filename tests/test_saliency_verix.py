@@ -181,3 +181,24 @@ def test_bad_parameters_are_refused() -> None:
     for kwargs in ({"eps": 0.0}, {"eps": float("nan")}, {"eps": 0.1, "input_range": (1, 0)}):
         with pytest.raises(InvalidInputError):
             verified_explanation(net, np.full(5, 0.5), **kwargs)
+
+
+def test_job_returns_the_explanation_with_checked_counterexamples(tmp_path) -> None:
+    from backend.analyses import verified_explanation as job
+    from backend.analyses.base import JobContext
+
+    net = load_network(str(SAMPLE_MODELS / "digits_fc_standard.onnx"))
+    x = torch.from_numpy(np.load(SAMPLE_MODELS / "gallery" / "digits.npz")["x"][0])
+    seen: list[float] = []
+    ctx = JobContext(net=net, x=x, label=None, card={"input_range": [0.0, 1.0]},
+                     artifacts=tmp_path, progress=lambda f, m: seen.append(f))
+    out = job.run(ctx, job.Params(eps=0.1, timeout_s=2, check_timeout_s=1))
+    assert seen and seen[-1] == 1.0
+    expl = np.asarray(out["explanation"], bool).reshape(-1)
+    assert out["size"] == expl.sum() == len(out["witnessed"]) + len(out["unproven"])
+    assert sorted(out["freed"] + out["witnessed"] + out["unproven"]) == list(range(64))
+    for item in out["counterexamples"]:
+        point = torch.tensor(item["input"], dtype=torch.float64).reshape(1, 1, 8, 8)
+        with torch.no_grad():
+            cls = int(net.with_dtype(torch.float64)(point).argmax())
+        assert cls == item["predicted"] != out["target"] and expl[item["feature"]]
