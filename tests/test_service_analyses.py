@@ -41,6 +41,7 @@ JOBS: dict[str, tuple[str, str, str | None, dict]] = {
     "saliency_conv": (CONV, "saliency", X1, {"top_k": 4, "threshold": 0.5, "timeout_s": 20}),
     "saliency_superpixel": (FC, "saliency", X1, {"top_k": 5, "threshold": 0.6,
                                                  "granularity": "superpixel", "timeout_s": 20}),
+    "verified_explanation": (FC, "verified_explanation", X0, {"eps": 0.05, "timeout_s": 20}),
     "proof_features": (FC, "proof_features", X0, {"eps": 0.03, "method": "crown"}),
     "proof_eps": (FC, "proof_eps", X0, {"eps_max": 0.2, "tol": 0.01}),
     "proof_compare": (FC, "proof_compare", None, {"eps": 0.03, "n_inputs": 6}),
