@@ -15,7 +15,7 @@ from torch import nn
 
 from app import load_network
 from app.attacks import pgd
-from app.bounds import METHODS, analyze, input_box, property_lower_bounds
+from app.bounds import QUICK_METHODS, analyze, input_box, property_lower_bounds
 from app.network import Network
 from tests.conftest import SAMPLE_MODELS, SHARED, shared_path
 
@@ -121,7 +121,7 @@ def test_bounds_contain_samples_and_pgd_point(case: str) -> None:
     with torch.no_grad():
         traces = [net.trace(p) for p in pts.split(2000)] + [net.trace(adv)]
     feature = net.inputs[-1][0]
-    for method in METHODS:
+    for method in QUICK_METHODS:
         with torch.no_grad():
             analysis = analyze(net, lo, hi, method)
             margins = property_lower_bounds(net, lo, hi, labels, method)
@@ -163,7 +163,7 @@ def test_linear_relaxations_are_strictly_tighter_on_standard_models(case: str) -
     net, x, eps = _case(case)
     lo, hi = input_box(x, eps / 3)
     with torch.no_grad():
-        widths = {m: analyze(net, lo, hi, m).bounds(len(net.layers) - 1) for m in METHODS}
+        widths = {m: analyze(net, lo, hi, m).bounds(len(net.layers) - 1) for m in QUICK_METHODS}
     width = {m: float((u - low).mean()) for m, (low, u) in widths.items()}
     assert width["crown"] < width["interval"] and width["deepz"] < width["interval"]
 
@@ -262,7 +262,7 @@ def test_all_bounds_enclose_the_exact_range_from_milp(seed: int, residual: bool)
         outs = copy.deepcopy(model).double()(_samples_in_box(lo, hi, 20_000)).numpy()
     assert (outs.min(0) >= exact_lo - 1e-7).all() and (outs.max(0) <= exact_hi + 1e-7).all()
     gaps = []
-    for method in METHODS:
+    for method in QUICK_METHODS:
         with torch.no_grad():
             low, up = analyze(net, lo, hi, method).bounds(len(net.layers) - 1)
         assert (low[0].numpy() <= exact_lo + 1e-9).all() and (up[0].numpy() >= exact_hi - 1e-9).all()
@@ -282,7 +282,7 @@ def test_pgd_broken_properties_are_never_certified(name: str) -> None:
         with torch.no_grad():
             broken = net(adv).argmax(1) != y
             lo, hi = input_box(x, eps)
-            for method in METHODS:
+            for method in QUICK_METHODS:
                 certified = (property_lower_bounds(net, lo, hi, y, method) > 0).all(1)
                 assert not (certified & broken).any(), f"{method} certified a PGD-broken input"
     assert broken.any()  # eps = 0.25 breaks some inputs, so the check above bit

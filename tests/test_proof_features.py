@@ -14,7 +14,7 @@ from torch import nn
 from app import load_network
 from app.analyses.proof_features import certify, largest_certified_eps, proof_features
 from app.attacks import pgd
-from app.bounds import METHODS, analyze, input_box
+from app.bounds import QUICK_METHODS, analyze, input_box
 from tests.conftest import SAMPLE_MODELS, shared_path
 
 CONV = ["digits_conv_standard", "digits_conv_pgd", "digits_conv_ibp"]
@@ -66,8 +66,8 @@ def _certified_input(net, xs, ys, method: str) -> tuple[torch.Tensor, int, float
     pytest.fail("no gallery input is certified")
 
 
-@pytest.mark.parametrize("name", CONV + FC[:1])
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("name,method", [(n, m) for n in CONV + FC[:1] for m in QUICK_METHODS]
+                         + [("digits_fc_standard", "alpha-crown")])
 def test_pruned_proof_is_sufficient_when_rechecked_from_the_onnx_file(name: str, method: str) -> None:
     path = _sample(name)
     net = load_network(path)
@@ -101,7 +101,7 @@ def load_network_bytes(model: onnx.ModelProto):
         return load_network(f.name)
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", list(QUICK_METHODS))
 def test_priority_follows_the_paper_formula_from_the_onnx_weights(method: str) -> None:
     path = _sample("digits_fc_pgd")
     net = load_network(path)
@@ -119,7 +119,7 @@ def test_priority_follows_the_paper_formula_from_the_onnx_weights(method: str) -
     np.testing.assert_allclose(result.priority, expected, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", list(QUICK_METHODS))
 def test_feature_intervals_contain_sampled_penultimate_values(method: str) -> None:
     path = _sample("digits_conv_pgd")
     net = load_network(path)
@@ -134,7 +134,7 @@ def test_feature_intervals_contain_sampled_penultimate_values(method: str) -> No
     assert (feats >= result.lower - 1e-5).all() and (feats <= result.upper + 1e-5).all()
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", list(QUICK_METHODS))
 def test_gradient_maps_match_finite_differences_of_the_midpoints(method: str) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
@@ -167,7 +167,7 @@ def test_uncertified_input_gives_no_proof_and_pgd_agrees() -> None:
         broken = (net(adv).argmax(1) != y).nonzero().squeeze(1)
     assert broken.numel() > 0
     i = int(broken[0])
-    for method in METHODS:
+    for method in QUICK_METHODS:
         result = proof_features(net, x[i], int(y[i]), 0.3, method)
         assert not result.certificate.certified and result.certificate.margin <= 0
         assert len(result.kept) == 0 and not result.sufficient
@@ -178,7 +178,7 @@ def test_largest_certified_eps_is_safe_against_pgd_and_ordered_by_method() -> No
     xs, ys = _gallery(3)
     for x, y in zip(xs, ys, strict=True):
         x_t, y_t = torch.tensor(x), int(y)
-        found = {m: largest_certified_eps(net, x_t, y_t, m, tol=1e-3) for m in METHODS}
+        found = {m: largest_certified_eps(net, x_t, y_t, m, tol=1e-3) for m in QUICK_METHODS}
         # intersecting with intervals makes the linear relaxations never weaker than IBP
         assert found["crown"] >= found["interval"] - 1e-3
         assert found["deepz"] >= found["interval"] - 1e-3

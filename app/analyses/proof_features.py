@@ -107,7 +107,8 @@ def proof_features(net: Network, x: Tensor, label: int, eps: float, method: str 
         node, folded, bias = fold_last_layer(net, spec)
         lo, hi = input_box(x, eps, domain)
         analysis = analyze(net, lo, hi, method)
-        full = float_safe(net, lo, hi, torch.tensor([label]), method,
+        offset = torch.zeros(spec.shape[:2], dtype=net.dtype)
+        full = float_safe(net, lo, hi, spec, offset, method,
                           analysis.lower(node, folded, bias))[0]
         f_lo, f_hi = (b[0].reshape(-1) for b in analysis.bounds(node))
     cert = _certificate(net, method, eps, label, full)

@@ -1,4 +1,5 @@
-"""Bound propagators over the engine's network representation: interval, DeepZ, CROWN.
+"""Bound propagators over the engine's network representation: interval, DeepZ, CROWN,
+alpha-CROWN.
 
 ``analyze(net, lo, hi, method)`` returns a :class:`BoundAnalysis` answering ``bounds(node)``
 and ``lower(node, spec, bias)`` for a batch of input boxes; ``property_lower_bounds`` is the
@@ -12,6 +13,7 @@ import weakref
 import torch
 from torch import Tensor
 
+from app.bounds.alpha_crown import AlphaCrownAnalysis
 from app.bounds.base import (
     BoundAnalysis,
     box_lower,
@@ -32,9 +34,12 @@ METHODS: dict[str, type[BoundAnalysis]] = {
     "interval": IntervalAnalysis,
     "deepz": DeepZAnalysis,
     "crown": CrownAnalysis,
+    "alpha-crown": AlphaCrownAnalysis,
 }
+# One pass each, no optimisation: the methods quick enough for bisections and comparisons.
+QUICK_METHODS = ("interval", "deepz", "crown")
 # Optimising methods run in float64 from the start (no float32 screen to repeat).
-FLOAT64_METHODS: set[str] = set()
+FLOAT64_METHODS = {"alpha-crown"}
 
 
 # Relative slack subtracted from a margin bound, times the largest magnitude any node reaches
@@ -43,45 +48,54 @@ SLACK = {torch.float64: 1e-10, torch.float32: 1e-5}
 _FLOAT64: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def analyze(net: Network, lo: Tensor, hi: Tensor, method: str) -> BoundAnalysis:
+def analyze(net: Network, lo: Tensor, hi: Tensor, method: str, **options) -> BoundAnalysis:
     """Run the propagator ``method`` (one of :data:`METHODS`) on the boxes ``[lo, hi]``.
 
     The box is rounded outward to the network's precision; a box that is not finite,
     ordered and of the network's input shape raises :class:`InvalidInputError`.
+    ``options`` go to the method (e.g. alpha-CROWN's ``iterations`` and ``time_limit``).
     """
     if method not in METHODS:
         raise InvalidInputError(f"unknown bound method {method!r}; use one of {list(METHODS)}")
     check_box(net, lo, hi)
-    return METHODS[method](net, *round_outward(lo, hi, net.dtype))
+    return METHODS[method](net, *round_outward(lo, hi, net.dtype), **options)
 
 
 def property_lower_bounds(net: Network, lo: Tensor, hi: Tensor, labels: Tensor,
                           method: str) -> Tensor:
-    """Float-safe lower bounds ``[B, n_out - 1]`` of ``y_label - y_j`` (``j != label``).
+    """Float-safe lower bounds ``[B, n_out - 1]`` of ``y_label - y_j`` (``j != label``)."""
+    labels = _check_labels(net, labels)
+    spec = margin_spec(net.num_outputs, labels, torch.float64)
+    return spec_lower_bounds(net, lo, hi, spec, torch.zeros(spec.shape[:2]), method)
+
+
+def spec_lower_bounds(net: Network, lo: Tensor, hi: Tensor, spec: Tensor, offset: Tensor,
+                      method: str, **options) -> Tensor:
+    """Float-safe lower bounds ``[B, m]`` of ``spec . y + offset`` (``spec`` ``[B, m, n_out]``).
 
     A positive entry holds in exact arithmetic for the network's weights: a float32 network
     is screened in float32 and, where anything looks proven, bounded again in float64; the
     result is lowered by :data:`SLACK` times the box's largest node magnitude.
     """
-    labels = _check_labels(net, labels)
     if method in FLOAT64_METHODS:
         net, lo, hi = float64(net), lo.to(torch.float64), hi.to(torch.float64)
-    screen = _margins(net, lo, hi, labels, method)
-    return float_safe(net, lo, hi, labels, method, screen)
+    screen = _spec_lower(net, lo, hi, spec, offset, method, **options)
+    return float_safe(net, lo, hi, spec, offset, method, screen, **options)
 
 
-def float_safe(net: Network, lo: Tensor, hi: Tensor, labels: Tensor, method: str,
-               screen: Tensor) -> Tensor:
-    """``screen`` (margin bounds in ``net``'s precision) made float-safe as described above."""
+def float_safe(net: Network, lo: Tensor, hi: Tensor, spec: Tensor, offset: Tensor,
+               method: str, screen: Tensor, **options) -> Tensor:
+    """``screen`` (bounds of ``spec . y + offset`` in ``net``'s precision) made float-safe."""
     if net.dtype != torch.float64 and bool((screen > 0).any()):
         net = float64(net)
         lo, hi = lo.to(torch.float64), hi.to(torch.float64)
-        screen = _margins(net, lo, hi, labels, method)
+        screen = _spec_lower(net, lo, hi, spec, offset, method, **options)
     with torch.no_grad():
         lo_r, hi_r = round_outward(lo, hi, net.dtype)
         scale = torch.stack([torch.maximum(a.abs(), b.abs()).flatten(1).amax(1)
                              for a, b in net.interval_bounds(lo_r, hi_r)]).amax(0)
-    return screen - SLACK.get(net.dtype, 1e-3) * scale.to(screen.dtype).unsqueeze(1)
+        scale = torch.maximum(scale.to(screen.dtype), offset.abs().amax(1).to(screen.dtype))
+    return screen - SLACK.get(net.dtype, 1e-3) * scale.unsqueeze(1)
 
 
 def float64(net: Network) -> Network:
@@ -96,10 +110,10 @@ def float64(net: Network) -> Network:
     return cached[1]
 
 
-def _margins(net: Network, lo: Tensor, hi: Tensor, labels: Tensor, method: str) -> Tensor:
-    spec = margin_spec(net.num_outputs, labels, net.dtype)
-    node, folded, bias = fold_last_layer(net, spec)
-    return analyze(net, lo, hi, method).lower(node, folded, bias)
+def _spec_lower(net: Network, lo: Tensor, hi: Tensor, spec: Tensor, offset: Tensor,
+                method: str, **options) -> Tensor:
+    node, folded, bias = fold_last_layer(net, spec.to(net.dtype))
+    return analyze(net, lo, hi, method, **options).lower(node, folded, bias + offset.to(net.dtype))
 
 
 def _check_labels(net: Network, labels: Tensor) -> Tensor:
@@ -111,6 +125,7 @@ def _check_labels(net: Network, labels: Tensor) -> Tensor:
 
 __all__ = [
     "METHODS",
+    "QUICK_METHODS",
     "BoundAnalysis",
     "analyze",
     "box_lower",
@@ -121,4 +136,5 @@ __all__ = [
     "input_box",
     "margin_spec",
     "property_lower_bounds",
+    "spec_lower_bounds",
 ]

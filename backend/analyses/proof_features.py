@@ -10,10 +10,10 @@ import torch
 from pydantic import BaseModel, Field
 
 from app.analyses.proof_features import certify, largest_certified_eps, proof_features
-from app.bounds import METHODS
+from app.bounds import QUICK_METHODS
 from backend.analyses.base import Analysis, JobContext, jsonable, register
 
-Method = Literal["interval", "deepz", "crown"]
+Method = Literal["interval", "deepz", "crown", "alpha-crown"]
 
 
 class Params(BaseModel):
@@ -65,9 +65,9 @@ def run(ctx: JobContext, params: Params) -> dict:
 def run_eps(ctx: JobContext, params: EpsParams) -> dict:
     x, predicted = _target(ctx)
     found = {}
-    for k, method in enumerate(METHODS):
+    for k, method in enumerate(QUICK_METHODS):
         def step(frac: float, msg: str, k: int = k) -> None:
-            ctx.progress((k + frac) / len(METHODS), msg)
+            ctx.progress((k + frac) / len(QUICK_METHODS), msg)
 
         found[method] = largest_certified_eps(ctx.net, x, predicted, method, params.eps_max,
                                               params.tol, _domain(ctx), progress=step)
@@ -80,8 +80,8 @@ def run_compare(ctx: JobContext, params: CompareParams) -> dict:
     if len(xs) == 0:
         raise ValueError("this model has no gallery to compare on")
     rows = []
-    total = len(METHODS) * len(xs)
-    for k, method in enumerate(METHODS):
+    total = len(QUICK_METHODS) * len(xs)
+    for k, method in enumerate(QUICK_METHODS):
         certified, kept, margins = 0, [], []
         for i, (x, y) in enumerate(zip(xs, ys.tolist(), strict=True)):
             ctx.progress((k * len(xs) + i) / total, f"{method}: input {i + 1} of {len(xs)}")
@@ -101,7 +101,7 @@ def run_compare(ctx: JobContext, params: CompareParams) -> dict:
 register(Analysis(
     name="proof_features", title="Proof features",
     description="Certify the eps-ball around the input with a bound propagator (interval, "
-                "DeepZ, CROWN), prune the proof to its few sufficient penultimate-layer "
+                "DeepZ, CROWN, alpha-CROWN), prune the proof to its few sufficient penultimate-layer "
                 "features (ProFIt) and show what each kept feature looks at.",
     params=Params, run=run,
 ))
