@@ -88,8 +88,8 @@ def test_alpha_crown_is_strictly_tighter_where_crown_fails() -> None:
 
 
 def test_alpha_crown_on_vnncomp_mnistfc() -> None:
-    """Proves a known-safe instance CROWN cannot, proves no known-violated one, and every
-    bound lies below the sampled/PGD margins of the box (the 256x2 network)."""
+    """Never looser than CROWN on a known-safe and a known-violated instance, never proves
+    the violated one, and its bounds lie below the sampled/PGD margins there (256x2 net)."""
     folder = shared_path("vnncomp2021")
     outcomes = _known_outcomes(folder / "results_csv")
     net = load_network(str(folder / "mnistfc" / "mnist-net_256x2.onnx"))

@@ -1,0 +1,241 @@
+"""Verify a VNN-LIB property: proven, counterexample (checked by a forward pass) or unknown.
+
+Each case of the property (an input box and output rows ``C y <= d`` that together make a
+counterexample) is first attacked (random points and projected gradient steps on
+``max_k (c_k y - d_k)``), then bounded: a case is refuted when some row's float-safe lower
+bound of ``c_k y - d_k`` is positive on its whole box. Method ``"bab"`` goes on where that
+fails: on inputs of at most ``MAX_SPLIT_INPUTS`` dimensions, branch and bound over input
+splits (CROWN on batches of sub-boxes, the split
+dimension chosen by width times gradient, "smear"), checking every sub-box's centre by a
+forward pass, until every sub-box is refuted, a counterexample is found, or the time limit.
+On larger inputs ``"bab"`` runs CROWN then alpha-CROWN only: ReLU splitting (beta-CROWN) is
+not implemented, so what alpha-CROWN does not refute stays unknown.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from app.bounds import METHODS, float64, spec_lower_bounds
+from app.errors import InvalidInputError
+from app.network import Network
+from app.progress import ProgressFn, report
+from app.properties.vnnlib import Case, VnnProperty
+
+BATCH = 512  # sub-boxes bounded together
+MAX_BOXES = 500_000  # open sub-boxes before giving up (unknown)
+MAX_SPLIT_INPUTS = 16  # input splitting only for low-dimensional inputs (ACAS Xu: 5)
+
+
+@dataclass
+class Verdict:
+    """The answer for one property; ``counterexample`` is an input meeting a whole case."""
+
+    status: str  # "proven" | "counterexample" | "unknown"
+    method: str
+    seconds: float
+    message: str
+    counterexample: np.ndarray | None = None  # [*input_shape]
+    output: np.ndarray | None = None  # the network's output on it
+    case: int | None = None  # index of the case the counterexample meets
+    boxes: int = 0  # sub-boxes bounded (branch and bound)
+    case_status: list[str] = field(default_factory=list)
+
+
+def verify(net: Network, prop: VnnProperty, method: str = "bab", time_limit: float = 60.0,
+           progress: ProgressFn | None = None, seed: int = 0) -> Verdict:
+    """Decide ``prop`` on ``net`` with a bound ``method`` or ``"bab"``, within ``time_limit`` s."""
+    start = time.monotonic()
+    n_in = int(np.prod(net.input_shape))
+    if prop.n_inputs != n_in or prop.n_outputs != net.num_outputs:
+        raise InvalidInputError(f"the property has {prop.n_inputs} inputs and {prop.n_outputs} "
+                                f"outputs; the network {n_in} and {net.num_outputs}")
+    if method != "bab" and method not in METHODS:
+        raise InvalidInputError(f"unknown method {method!r}; use one of {[*METHODS, 'bab']}")
+    if not (np.isfinite(time_limit) and time_limit > 0):
+        raise InvalidInputError("time_limit must be a positive number of seconds")
+    deadline = start + time_limit
+    gen = torch.Generator().manual_seed(seed)
+    status = ["open"] * len(prop.cases)
+
+    def done(word: str, msg: str, **kw) -> Verdict:
+        return Verdict(word, method, time.monotonic() - start, msg, case_status=status, **kw)
+
+    for k, case in enumerate(prop.cases):
+        report(progress, 0.1 * k / max(1, len(prop.cases)), f"attacking case {k + 1}")
+        found = _attack(net, case, gen)
+        if found is not None:
+            status[k] = "counterexample"
+            return done("counterexample", f"case {k + 1} is met by a point (forward pass)",
+                        counterexample=found[0], output=found[1], case=k)
+    passes = [method]
+    if method == "bab":  # input splitting starts from CROWN; alpha-CROWN where it cannot split
+        passes = ["crown"] + (["alpha-crown"] if prop.n_inputs > MAX_SPLIT_INPUTS else [])
+    for name in passes:
+        for group in _same_box(prop.cases, status):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return done("unknown", "time limit reached")
+            report(progress, 0.2, f"bounding {len(group)} cases with {name}")
+            options = {"time_limit": left} if name == "alpha-crown" else {}
+            for k in _refuted(net, [prop.cases[i] for i in group], name, options):
+                status[group[k]] = "refuted"
+    refuted = status.count("refuted")
+    if refuted == len(status):
+        return done("proven", f"all {len(status)} cases refuted by {' then '.join(passes)}")
+    if method != "bab":
+        return done("unknown", f"{refuted} of {len(status)} cases refuted by {method}")
+    if prop.n_inputs > MAX_SPLIT_INPUTS:
+        return done("unknown", f"{refuted} of {len(status)} cases refuted; input splitting is "
+                               f"limited to {MAX_SPLIT_INPUTS} inputs and ReLU splitting is "
+                               "not implemented")
+    boxes = 0
+    for k, case in enumerate(prop.cases):
+        if status[k] == "refuted":
+            continue
+        if time.monotonic() > deadline:
+            return done("unknown", "time limit reached", boxes=boxes)
+        report(progress, 0.3 + 0.7 * k / len(prop.cases), f"branch and bound on case {k + 1}")
+        word, found, n = _input_bab(net, case, deadline)
+        boxes += n
+        status[k] = word
+        if word == "counterexample":
+            return done("counterexample", f"case {k + 1} is met by a point (forward pass)",
+                        counterexample=found[0], output=found[1], case=k, boxes=boxes)
+        if word != "refuted":
+            return done("unknown", f"case {k + 1}: {word}", boxes=boxes)
+    return done("proven", f"all {len(status)} cases refuted ({boxes} sub-boxes)", boxes=boxes)
+
+
+def check_counterexample(net: Network, case: Case, x: Tensor) -> bool:
+    """Whether ``x`` (in the case's box) meets every output row by the network's forward pass."""
+    flat = x.reshape(-1).double()
+    if (flat < torch.as_tensor(case.lo)).any() or (flat > torch.as_tensor(case.hi)).any():
+        return False
+    with torch.no_grad():
+        y = net(x.reshape(1, *net.input_shape).to(net.dtype))[0].double()
+    return bool((torch.as_tensor(case.rows) @ y <= torch.as_tensor(case.rhs)).all())
+
+
+def _box(net: Network, case: Case) -> tuple[Tensor, Tensor]:
+    shape = (1, *net.input_shape)
+    return (torch.as_tensor(case.lo, dtype=torch.float64).reshape(shape),
+            torch.as_tensor(case.hi, dtype=torch.float64).reshape(shape))
+
+
+def _same_box(cases: list[Case], status: list[str]) -> list[list[int]]:
+    """Indices of the open cases, grouped by identical input boxes (bounded together)."""
+    groups: dict[bytes, list[int]] = {}
+    for k, case in enumerate(cases):
+        if status[k] == "open":
+            groups.setdefault(case.lo.tobytes() + case.hi.tobytes(), []).append(k)
+    return list(groups.values())
+
+
+def _refuted(net: Network, cases: list[Case], method: str, options: dict) -> list[int]:
+    """Which of ``cases`` (one shared box) have a row bounded above zero on the whole box."""
+    sizes = [c.rows.shape[0] for c in cases]
+    if sum(sizes) == 0:
+        return []
+    lo, hi = _box(net, cases[0])
+    spec = torch.as_tensor(np.concatenate([c.rows for c in cases]), dtype=torch.float64)[None]
+    offset = -torch.as_tensor(np.concatenate([c.rhs for c in cases]), dtype=torch.float64)[None]
+    with torch.no_grad():
+        low = spec_lower_bounds(net, lo, hi, spec, offset, method, **options)[0]
+    return [k for k, part in enumerate(low.split(sizes)) if part.numel() and bool((part > 0).any())]
+
+
+def _case_lower(net: Network, lo: Tensor, hi: Tensor, case: Case, method: str) -> Tensor:
+    """``[B]``: per box, the best float-safe lower bound of ``c_k y - d_k`` over its rows."""
+    if case.rows.shape[0] == 0:
+        return torch.full((lo.shape[0],), -torch.inf, dtype=torch.float64)
+    b = lo.shape[0]
+    spec = torch.as_tensor(case.rows, dtype=torch.float64).expand(b, -1, -1)
+    offset = -torch.as_tensor(case.rhs, dtype=torch.float64).expand(b, -1)
+    with torch.no_grad():
+        return spec_lower_bounds(net, lo, hi, spec, offset, method).amax(1)
+
+
+def _violation(net: Network, case: Case, x: Tensor) -> Tensor:
+    """``max_k (c_k y - d_k)`` per point: ``<= 0`` means the point meets the case."""
+    rows = torch.as_tensor(case.rows, dtype=x.dtype)
+    rhs = torch.as_tensor(case.rhs, dtype=x.dtype)
+    return (net(x) @ rows.T - rhs).amax(1)
+
+
+def _attack(net: Network, case: Case, gen: torch.Generator, starts: int = 64,
+            steps: int = 50) -> tuple[np.ndarray, np.ndarray] | None:
+    """A checked counterexample from random points and projected sign-gradient steps."""
+    if case.rows.shape[0] == 0:
+        return _found(net, case, torch.as_tensor(case.lo))
+    lo, hi = (t.to(net.dtype) for t in _box(net, case))
+    z = lo + (hi - lo) * torch.rand(starts, *net.input_shape, generator=gen, dtype=net.dtype)
+    z[0] = (lo + hi)[0] / 2
+    step = (hi - lo) / 10
+    for i in range(steps):
+        z.requires_grad_(True)
+        loss = _violation(net, case, z)
+        best = int(loss.argmin())
+        if float(loss[best].detach()) <= 0 and check_counterexample(net, case, z[best].detach()):
+            return _found(net, case, z[best].detach())
+        (grad,) = torch.autograd.grad(loss.sum(), z)
+        size = step * (1 - i / steps)
+        z = torch.minimum(torch.maximum(z.detach() - size * grad.sign(), lo), hi)
+    with torch.no_grad():
+        loss = _violation(net, case, z)
+    best = int(loss.argmin())
+    if check_counterexample(net, case, z[best]):
+        return _found(net, case, z[best])
+    return None
+
+
+def _found(net: Network, case: Case, x: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    x = x.reshape(net.input_shape).to(net.dtype)
+    with torch.no_grad():
+        y = net(x[None])[0]
+    return x.detach().numpy(), y.detach().numpy()
+
+
+def _input_bab(net: Network, case: Case, deadline: float
+               ) -> tuple[str, tuple[np.ndarray, np.ndarray] | None, int]:
+    """Branch and bound over input splits for one case: refuted, counterexample or why not."""
+    net64 = float64(net)
+    lo, hi = _box(net, case)
+    width0 = (hi - lo).clamp(min=1e-12)
+    rows = torch.as_tensor(case.rows, dtype=torch.float64)
+    bounded = 0
+    while lo.shape[0]:
+        if time.monotonic() > deadline:
+            return "time limit reached", None, bounded
+        if lo.shape[0] > MAX_BOXES:
+            return f"more than {MAX_BOXES} open sub-boxes", None, bounded
+        blo, bhi, lo, hi = lo[:BATCH], hi[:BATCH], lo[BATCH:], hi[BATCH:]
+        bounded += blo.shape[0]
+        keep = _case_lower(net64, blo, bhi, case, "crown") <= 0
+        blo, bhi = blo[keep], bhi[keep]
+        if not blo.shape[0]:
+            continue
+        mid = ((blo + bhi) / 2).requires_grad_(True)
+        y = net64(mid)
+        viol = (y @ rows.T - torch.as_tensor(case.rhs)).detach()
+        for i in (viol.amax(1) <= 0).nonzero().flatten().tolist():
+            if check_counterexample(net, case, mid[i].detach()):
+                return "counterexample", _found(net, case, mid[i].detach()), bounded
+        # smear: width times |d (easiest row) / dx|, widths relative to the case's box
+        target = (y * rows[viol.argmax(1)]).sum()
+        (grad,) = torch.autograd.grad(target, mid)
+        smear = ((bhi - blo) * (grad.abs() + 1e-12 * (bhi - blo) / width0)).flatten(1)
+        dim = smear.argmax(1)
+        centre = mid.detach().flatten(1).gather(1, dim[:, None])
+        left_hi, right_lo = bhi.flatten(1).clone(), blo.flatten(1).clone()
+        left_hi.scatter_(1, dim[:, None], centre)
+        right_lo.scatter_(1, dim[:, None], centre)
+        shape = blo.shape
+        lo = torch.cat([blo, right_lo.reshape(shape), lo])
+        hi = torch.cat([left_hi.reshape(shape), bhi, hi])
+    return "refuted", None, bounded
