@@ -26,6 +26,7 @@ _PENDING_INPUT = "_atlas_pending_input"
 _SIDEBAR_ERROR = "_atlas_sidebar_error"
 _PRIMARY_JOB = "_atlas_primary_job"
 _JOB_PARAM = "job"
+_URL_WRITTEN = "_atlas_url_"  # + key: the value this session last put in the URL
 GALLERY_THUMBNAILS = 12
 POLL_SECONDS = 0.5
 
@@ -152,9 +153,15 @@ def _adopt_shared_job(api: ApiClient) -> None:
 
 
 def _choose_initial(key: str, options: list[str]) -> None:
-    """Before the widget ``key`` renders: keep the session's choice, else take the URL's,
-    else the first option."""
-    for candidate in (st.session_state.get(key), st.query_params.get(key)):
+    """Before the widget ``key`` renders: take the URL's value if it changed from outside
+    (a link such as the Jobs page's "Open", or a shared address), else keep the session's
+    choice, else the URL's, else the first option."""
+    url = st.query_params.get(key)
+    if url in options and url != st.session_state.get(_URL_WRITTEN + key):
+        st.session_state[_URL_WRITTEN + key] = url
+        st.session_state[key] = url
+        return
+    for candidate in (st.session_state.get(key), url):
         if candidate in options:
             st.session_state[key] = candidate
             return
@@ -165,6 +172,7 @@ def _choose_initial(key: str, options: list[str]) -> None:
 
 def _to_url(key: str, value: str | None) -> None:
     """Mirror a choice into the URL so a copied link reopens it."""
+    st.session_state[_URL_WRITTEN + key] = value
     if value is None:
         st.query_params.pop(key, None)
     elif st.query_params.get(key) != value:

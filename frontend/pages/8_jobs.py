@@ -1,5 +1,7 @@
 """Jobs: every analysis job of the service, with live progress, cancel and a link to results."""
 
+import json
+
 import streamlit as st
 
 from frontend import components as ui
@@ -16,12 +18,23 @@ st.caption("All analysis jobs, newest first. Running jobs update live; finished 
 show_done = st.toggle("Show finished, failed and cancelled jobs", value=True)
 
 
-def _job_row(job: dict) -> None:
+def _params_text(params: dict, limit: int = 6) -> str:
+    """The job's parameters as ``eps=0.05, method=crown``; long lists shortened."""
+    parts = []
+    for key, value in list(params.items())[:limit]:
+        text = json.dumps(value) if not isinstance(value, str) else value
+        parts.append(f"{key}={text if len(text) <= 24 else text[:21] + '...'}")
+    return ", ".join(parts) + (", ..." if len(params) > limit else "")
+
+
+def _job_row(job: dict, names: dict[str, str]) -> None:
     cols = st.columns([2, 3, 4, 1.4])
     cols[0].markdown(f"**{job['analysis']}**  \n`{job['id'][:8]}`")
-    model = job["model_id"][:8]
-    cols[1].caption(f"model `{model}`  \ninput `{job.get('input_id') or '–'}`  \n"
+    model = names.get(job["model_id"], job["model_id"][:8])
+    cols[1].caption(f"model **{model}**  \ninput `{job.get('input_id') or '–'}`  \n"
                     f"{job.get('created_at', '')[:19].replace('T', ' ')}")
+    if job.get("params"):
+        cols[1].caption(_params_text(job["params"]))
     status = job["status"]
     with cols[2]:
         if status in ACTIVE:
@@ -52,6 +65,7 @@ def job_list(live: bool) -> None:
     """
     try:
         jobs = ui.client().jobs()
+        names = {m["id"]: m["name"] for m in ui.client().models()}
     except ApiError as exc:
         st.error(str(exc))
         return
@@ -63,7 +77,7 @@ def job_list(live: bool) -> None:
         cols[1].button("Refresh", icon=":material/refresh:", key="jobs_refresh")
     for job in jobs if show_done else active:
         with st.container(border=True, key=f"job_{job['id']}"):
-            _job_row(job)
+            _job_row(job, names)
     if bool(active) != live:
         st.session_state[_LIVE] = bool(active)
         st.rerun()
