@@ -52,6 +52,8 @@ class Hyperplane:
 def kinks_on_line(f: Oracle, a: np.ndarray, b: np.ndarray, n_init: int = 32) -> list[Kink]:
     """Every kink of ``f`` on the segment ``a -> b`` that bisection and the two-line test find."""
     length = float(np.linalg.norm(b - a))
+    if not np.isfinite(length) or length == 0:
+        return []
     direction = (b - a) / length
 
     def at(ts: np.ndarray) -> np.ndarray:

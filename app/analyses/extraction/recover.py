@@ -150,6 +150,11 @@ def extract(
         run.notes.append(f"{exc}: stopped after {len(run.found)} layer(s)")
         run.complete = False
         layers = None
+    except np.linalg.LinAlgError as exc:  # an ill-conditioned layer spoilt a deeper solve
+        run.notes.append(f"numerical failure in {run.budget.phase} ({exc}): stopped after "
+                         f"{len(run.found)} layer(s)")
+        run.complete = False
+        layers = None
     if not layers and top.first:
         run.budget.budget += reserve
         reserve, run.budget.deadline = 0, None
@@ -515,6 +520,10 @@ def _deep_pieces(level: _Level, normals: np.ndarray, offsets: np.ndarray, tol: f
 def _least_squares_output(level: _Level, run: _Run) -> Linear:
     """An affine read-out of the last recovered layer, fitted on points already queried."""
     h, f = level.oracle.cached()
+    finite = np.isfinite(h).all(axis=1) & np.isfinite(f).all(axis=1)
+    h, f = h[finite], f[finite]
+    if len(h) <= h.shape[1]:
+        raise BudgetExhausted("too few finite activations to fit an output layer to")
     features = np.hstack([h, np.ones((len(h), 1))])
     theta, *_ = np.linalg.lstsq(features, f, rcond=None)
     return Linear(torch.from_numpy(theta[:-1].T.copy()), torch.from_numpy(theta[-1].copy()))
@@ -765,6 +774,8 @@ class _Peeled:
 
     def cached(self) -> tuple[np.ndarray, np.ndarray]:
         """Up to 20k points queried so far and their outputs."""
+        if not self._seen:
+            return np.zeros((0, len(self._bias))), np.zeros((0, 1))
         return np.vstack([a for a, _ in self._seen]), np.vstack([b for _, b in self._seen])
 
 
