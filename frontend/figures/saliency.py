@@ -89,3 +89,27 @@ def grade_rows(result: dict) -> list[dict]:
         "deletion AUC": round(g["deletion_auc"], 3),
         "saliency metric": round(g["saliency_metric"], 3),
     } for name, g in result["grades"].items()]
+
+
+def verified(result: dict) -> go.Figure:
+    """Input, VeriX explanation, and for one kept feature its counterexample and the change."""
+    x = as_image(result["input"])
+    panels = [("input", x, "gray", False),
+              (f"explanation ({result['size']} features)", as_image(result["explanation"]),
+               "Reds", False)]
+    if result["counterexamples"]:
+        first = result["counterexamples"][0]
+        cex = as_image(first["input"])
+        panels += [(f"counterexample: class {first['predicted']}", cex, "gray", False),
+                   (f"change (feature {first['feature']} freed)", cex - x, "RdBu", True)]
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[p[0] for p in panels],
+                        horizontal_spacing=0.02)
+    for col, (_, img, scale, signed) in enumerate(panels, start=1):
+        bound = float(np.abs(img).max()) or 1.0
+        fig.add_trace(go.Heatmap(z=img, colorscale=scale, showscale=False,
+                                 zmin=-bound if signed else 0.0, zmax=bound), row=1, col=col)
+        fig.update_yaxes(autorange="reversed", scaleanchor=f"x{col}", showticklabels=False,
+                         row=1, col=col)
+        fig.update_xaxes(showticklabels=False, row=1, col=col)
+    fig.update_layout(height=300, margin={"t": 40, "b": 10, "l": 10, "r": 10})
+    return fig

@@ -64,3 +64,27 @@ if result:
         ui.show_figure(figures.curves(result), "saliency_curves")
     ui.show_figure(figures.neurons(result), "saliency_neurons")
     ui.download_json(result, "saliency.json")
+
+st.subheader("Verified explanation (VeriX)")
+st.caption(
+    "Wu et al., NeurIPS 2023: the features that, fixed at the input's values, provably keep "
+    "the predicted class for every input within eps of it elsewhere (inside the input range). "
+    "Features are freed least sensitive first, each step proven by CROWN bounds or a MILP; "
+    "each kept feature comes with a counterexample once freed, or is marked 'sound, not "
+    "proven irreducible' where the complete check ran out of time.")
+vcols = st.columns(2)
+verix_params = {
+    "eps": vcols[0].number_input("eps", 0.001, 1.0, 0.05, step=0.01, format="%.3f"),
+    "timeout_s": vcols[1].number_input("Time-out (s)", 1.0, 600.0, 60.0, step=10.0),
+}
+verix = ui.run_job("verified_explanation", params=verix_params, key="verix")
+if verix:
+    v = st.columns(4)
+    v[0].metric("Explanation size", f"{verix['size']} of {verix['num_features']}")
+    v[1].metric("Irreducible", "proven" if verix["irreducible"] else "not proven")
+    v[2].metric("Witnessed / unproven", f"{len(verix['witnessed'])} / {len(verix['unproven'])}")
+    v[3].metric("Time", f"{verix['timings']['total_s']:.1f} s")
+    ui.show_figure(figures.verified(verix), "verified_explanation")
+    st.markdown("Freed, in order (first 40): "
+                + ", ".join(str(i) for i in verix["freed"][:40]))
+    ui.download_json(verix, "verified_explanation.json")
