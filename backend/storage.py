@@ -121,6 +121,18 @@ class Storage:
         return (checked.data, checked.suffix, checked.input_shape, checked.num_outputs,
                 checked.summary)
 
+    def set_card(self, model_id: str, owner: str, card: dict) -> ModelRecord:
+        """``owner``'s card for an upload (its name from ``card["name"]`` if given)."""
+        with self.sessions() as s:
+            access = s.get(ModelOwner, (model_id, owner))
+            record = s.get(ModelRecord, model_id)
+            if access is None or record is None:
+                raise KeyError(model_id)
+            access.name = card.get("name") or access.name or record.name
+            access.card = card
+            s.commit()
+            return self._as_seen_by(record, access)
+
     def _grant(self, model_id: str, owner: str, name: str, card: dict) -> None:
         with self.sessions() as s:
             s.merge(ModelOwner(model_id=model_id, owner=owner, name=name, card=card))

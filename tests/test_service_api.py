@@ -281,6 +281,40 @@ def test_cancel_stops_a_job_stuck_between_progress_reports(server: Server,
     assert server.wait_job(after)["status"] == "finished"
 
 
+def test_card_set_after_upload_is_used_and_drops_cached_results(server: Server,
+                                                                tmp_path: Path) -> None:
+    path = mlp_onnx(tmp_path / "carded.onnx", seed=31)
+    info = server.client.post("/api/models", files={"file": ("carded.onnx", path.read_bytes())}
+                              ).json()
+    inp = _upload_npy(server, info["id"], np.full((1, 8, 8), 0.5, np.float32)).json()["id"]
+    body = {"analysis": "predict", "model_id": info["id"], "input_id": inp}
+    first = _submit(server, **body).json()
+    assert server.wait_job(first["id"])["status"] == "finished"
+    assert _submit(server, **body).json()["cached"]
+    card = {"name": "my net", "dataset": "digits", "input_range": [-1, 1],
+            "classes": list("abcdefghij")}
+    r = server.client.put(f"/api/models/{info['id']}/card", json=card)
+    assert r.status_code == 200, r.text
+    assert r.json()["card"] == card and r.json()["name"] == "my net"
+    assert server.client.get(f"/api/models/{info['id']}").json()["card"] == card
+    pixels = np.random.default_rng(6).integers(0, 256, (8, 8), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buf, format="PNG")
+    up = server.client.post(f"/api/models/{info['id']}/inputs",
+                            files={"file": ("d.png", buf.getvalue())}).json()
+    got = server.client.get(f"/api/models/{info['id']}/inputs/{up['id']}").json()
+    np.testing.assert_allclose(got["values"], -1 + 2 * pixels[None].astype(float) / 255,
+                               atol=1e-6)
+    again = _submit(server, **body).json()
+    assert not again["cached"] and again["id"] != first["id"]  # the card may change results
+    for bad in ({"input_range": [1, 0]}, {"classes": "abc"}, {"name": "n" * 300}):
+        _detail(server.client.put(f"/api/models/{info['id']}/card", json=bad), 422)
+    sample = next(m for m in server.client.get("/api/models").json()
+                  if m["source"] == "sample") if SAMPLE_MODELS.exists() else None
+    if sample is not None:
+        _detail(server.client.put(f"/api/models/{sample['id']}/card", json=card), 403)
+
+
 def test_failing_analysis_fails_the_job_with_its_reason(server: Server, model: dict) -> None:
     inp = _upload_npy(server, model["id"], np.ones((1, 8, 8), np.float32)).json()["id"]
     r = _submit(server, analysis="test_slow", model_id=model["id"], input_id=inp,

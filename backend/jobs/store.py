@@ -136,6 +136,15 @@ class JobStore:
         return self._update(job_id, JobRecord.status.in_(ACTIVE), *self._mine(attempt),
                             status="failed", message="failed", error=error[:4000])
 
+    def forget_cached(self, model_id: str, owner: str) -> None:
+        """Stop reusing ``owner``'s finished jobs on the model (its card changed)."""
+        with self.sessions() as s:
+            s.execute(update(JobRecord).where(JobRecord.model_id == model_id,
+                                              owned_by(JobRecord.owner, owner),
+                                              JobRecord.status == "finished")
+                      .values(cache_key="stale"))
+            s.commit()
+
     def mark_cancelled(self, job_id: str, attempt: str | None = None) -> bool:
         return self._update(job_id, JobRecord.status.in_(ACTIVE), *self._mine(attempt),
                             status="cancelled", message="cancelled")

@@ -6,9 +6,9 @@ import json
 import shutil
 import uuid
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, HTTPException, UploadFile
+from fastapi import APIRouter, Body, File, Form, HTTPException, UploadFile
 
 from app import UnsupportedModelError
 from app.loaders.torch_loader import TORCHSCRIPT_REFUSED
@@ -53,6 +53,10 @@ def _parse_card(text: str | None) -> dict | None:
         raise HTTPException(422, f"card input_range must be [low, high], got {rng}")
     if not isinstance(card.get("dataset", ""), str):
         raise HTTPException(422, "card dataset must be a string")
+    classes = card.get("classes")
+    if classes is not None and not (isinstance(classes, list) and len(classes) <= 10_000
+                                    and all(isinstance(c, str | int) for c in classes)):
+        raise HTTPException(422, "card classes must be a list of names")
     name = card.get("name")
     if name is not None and (not isinstance(name, str) or len(name) > MAX_NAME):
         raise HTTPException(422, f"card name must be a string of at most {MAX_NAME} characters")
@@ -102,6 +106,20 @@ def list_models(services: ServicesDep, owner: Owner) -> list[ModelInfo]:
 @router.get("/{model_id}", response_model=ModelInfo)
 def get_model(model: ModelDep) -> ModelInfo:
     return ModelInfo.model_validate(model, from_attributes=True)
+
+
+@router.put("/{model_id}/card", response_model=ModelInfo)
+def set_card(model: ModelDep, services: ServicesDep, owner: Owner,
+             card: Annotated[dict[str, Any], Body(description="dataset, input_range, classes, "
+                                                              "name, notes, ...")]) -> ModelInfo:
+    """Replace the caller's card for an uploaded model (others' cards stay theirs); the
+    analyses use it from the next job on (this owner's cached results are dropped)."""
+    if model.source == "sample":
+        raise HTTPException(403, "sample models' cards are shared; they cannot be changed")
+    checked = _parse_card(json.dumps(card)) or {}
+    record = services.storage.set_card(model.id, owner, checked)
+    services.store.forget_cached(model.id, owner)
+    return ModelInfo.model_validate(record, from_attributes=True)
 
 
 @router.delete("/{model_id}", status_code=204)
