@@ -85,6 +85,9 @@ class ApiClient:
     def upload_model(self, filename: str, data: bytes) -> dict:
         return self._json("POST", "/models", files={"file": (filename, data)})
 
+    def set_card(self, model_id: str, card: dict) -> dict:
+        return self._json("PUT", f"/models/{model_id}/card", json=card)
+
     def delete_model(self, model_id: str) -> None:
         self._request("DELETE", f"/models/{model_id}")
 

@@ -129,6 +129,8 @@ def _render_sidebar() -> Selection:
     if model is None:
         return Selection(None, None)
     _model_card(model)
+    if model.get("source") == "upload":
+        _card_editor(api, model)
 
     st.subheader("Input")
     input_id = _input_chooser(api, model)
@@ -199,6 +201,10 @@ def _model_card(model: dict) -> None:
     if not card:
         st.caption("No model card: training details unknown.")
         return
+    if not {"training", "clean_accuracy"} & card.keys():  # a user's card: data, not training
+        st.caption(f"Dataset: {card.get('dataset') or '–'} · inputs in "
+                   f"{list(card.get('input_range') or [0, 1])}")
+        return
     train_eps = card.get("train_eps")
     st.markdown(f"**Training:** {card.get('training', '?')}"
                 + (f" (eps {train_eps:g})" if train_eps else ""))
@@ -210,6 +216,38 @@ def _model_card(model: dict) -> None:
     for col, (label, field) in zip(cols, accuracies, strict=True):
         value = card.get(field)
         col.metric(label, "–" if value is None else f"{100 * value:.0f}%")
+
+
+def _card_editor(api: ApiClient, model: dict) -> None:
+    """An uploaded model's card: its dataset (for the gallery), input range (how images are
+    scaled) and class names, which every analysis then uses."""
+    card = dict(model.get("card") or {})
+    with st.expander("Edit model card", expanded=not card), \
+            st.form(key=f"card_{model['id']}", border=False):
+        name = st.text_input("Name", value=model.get("name", ""), max_chars=200)
+        dataset = st.text_input("Dataset (e.g. digits, mnist, cifar10)",
+                                value=card.get("dataset", ""))
+        lo, hi = _value_range(model)
+        cols = st.columns(2)
+        low = cols[0].number_input("Input low", value=lo, format="%g")
+        high = cols[1].number_input("Input high", value=hi, format="%g")
+        classes = st.text_input("Class names, comma-separated",
+                                value=", ".join(str(c) for c in card.get("classes") or []))
+        if not st.form_submit_button("Save card", icon=":material/save:"):
+            return
+    names = [c.strip() for c in classes.split(",") if c.strip()]
+    card.update(name=name.strip() or model.get("name"), input_range=[low, high])
+    for key, value in (("dataset", dataset.strip()), ("classes", names)):
+        if value:
+            card[key] = value
+        else:
+            card.pop(key, None)
+    try:
+        api.set_card(model["id"], card)
+    except ApiError as exc:
+        st.error(str(exc))
+        return
+    st.rerun()
 
 
 def _input_chooser(api: ApiClient, model: dict) -> str | None:
