@@ -6,10 +6,12 @@
 * :func:`input_property`: the polytope of inputs sharing an input's pattern, its robustness
   radius and whether the decision holds on all of it.
 * :func:`distill`: a rule-list classifier imitating the network; :func:`rules_firing`.
+* :func:`proven_coverage`: the share of inputs whose decision a proven rule or property implies.
 """
 
+from app.analyses.patterns.coverage import ProvenCoverage, proven_coverage
 from app.analyses.patterns.mining import MinedRules, RuleList, distill, mine_rules
-from app.analyses.patterns.polytope import InputPolytope, input_property
+from app.analyses.patterns.polytope import InputPolytope, input_property, property_verdict
 from app.analyses.patterns.rules import Rule, rules_firing
 from app.analyses.patterns.verify import InputDomain, Verdict, verify_rule, verify_rules
 
@@ -17,12 +19,15 @@ __all__ = [
     "InputDomain",
     "InputPolytope",
     "MinedRules",
+    "ProvenCoverage",
     "Rule",
     "RuleList",
     "Verdict",
     "distill",
     "input_property",
     "mine_rules",
+    "property_verdict",
+    "proven_coverage",
     "rules_firing",
     "verify_rule",
     "verify_rules",

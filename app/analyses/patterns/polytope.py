@@ -95,14 +95,8 @@ def input_property(
         target = int(decisions(net64, x64, lowest)[0])
     slack = b - a @ x64.reshape(-1).numpy()
     box_a, box_b = _box_rows(domain)
-    last = max(net64.relu_indices + net64.maxpool_indices)
-    if node >= last:  # every nonlinearity fixed: the logits are affine on the polytope
-        _, _, _, (m, c) = _symbolic(net64, x64, len(net64.layers) - 1)
-        verdict = _check_affine(net, net64, x64, a, b, m, c, domain, phases, target, lowest)
-    else:
-        # every input with the pattern lies in the polytope's bounding box: search only there
-        verdict = check_property(net, phases, _bounding_box(a, b, domain, x64), target, lowest,
-                                 timeout, net64=net64, method=method, known=x64)
+    verdict = _decide(net, net64, x64, a, b, phases, node, domain, target, lowest, timeout,
+                      method)
     return InputPolytope(
         ordinal, node, a, b, len(b),
         _count_facets(a, b, box_a, box_b) if count_facets else None,
@@ -110,6 +104,41 @@ def input_property(
         _chebyshev(a, b, box_a, box_b, np.inf), _chebyshev(a, b, box_a, box_b, 2),
         target, verdict, phases,
     )
+
+
+def property_verdict(
+    net: Network,
+    x: Tensor,
+    input_domain: InputDomain | tuple[float | Tensor, float | Tensor],
+    layer: int = -1,
+    lowest: bool = False,
+    timeout: float = 30.0,
+    method: Method = "auto",
+    net64: Network | None = None,
+) -> Verdict:
+    """Only the verdict of :func:`input_property` for the network's decision at ``x`` (no
+    radii, no Chebyshev balls): does the polytope of its pattern imply it?"""
+    _, node = relu_node(net, layer)
+    domain = _as_domain(net, input_domain)
+    net64 = net64 if net64 is not None else net.with_dtype(torch.float64)
+    x64 = x.to(torch.float64).reshape(1, *net.input_shape)
+    if not bool(domain.contains(x64)[0]):
+        raise InvalidInputError("the input lies outside the input domain")
+    a, b, phases = pattern_constraints(net64, x64, node)
+    target = int(decisions(net64, x64, lowest)[0])
+    return _decide(net, net64, x64, a, b, phases, node, domain, target, lowest, timeout, method)
+
+
+def _decide(net, net64, x64, a, b, phases, node, domain, target, lowest, timeout,
+            method) -> Verdict:
+    """The LP on the affine polytope where every nonlinearity is fixed, else the MILP
+    (with input splitting on few inputs) on the polytope's bounding box."""
+    if node >= max(net64.relu_indices + net64.maxpool_indices):
+        _, _, _, (m, c) = _symbolic(net64, x64, len(net64.layers) - 1)
+        return _check_affine(net, net64, x64, a, b, m, c, domain, phases, target, lowest)
+    # every input with the pattern lies in the polytope's bounding box: search only there
+    return check_property(net, phases, _bounding_box(a, b, domain, x64), target, lowest,
+                          timeout, net64=net64, method=method, known=x64)
 
 
 def pattern_constraints(

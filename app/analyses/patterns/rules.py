@@ -1,7 +1,8 @@
 """Pattern rules: a conjunction of neuron on/off decisions at one layer implying a class.
 
 A neuron is *on* when its pre-activation is positive, *off* otherwise, as in
-:meth:`app.Network.activation_patterns`. Layers are named by their ReLU ordinal: ``L1`` is the
+:meth:`app.Network.activation_patterns`. A distilled rule may also compare a pre-activation
+with another threshold (``L2.n17 > 0.53``): on/off is the threshold 0. Layers are named by their ReLU ordinal: ``L1`` is the
 network's first ReLU node, and neurons by their flat index, so ``L2.n17`` is the 18th unit of the
 second ReLU layer.
 """
@@ -24,7 +25,8 @@ class Rule:
 
     ``literals`` are ``(neuron, on)`` pairs at ReLU node ``node`` (ReLU layer ``layer``).
     ``lowest`` flips the output property from "highest score" to "lowest score" (ACAS Xu
-    advisories are the lowest score).
+    advisories are the lowest score). ``thresholds`` (one per literal, empty = all 0) make a
+    literal ``pre > t`` (on) or ``pre <= t`` (off).
     """
 
     layer: int
@@ -35,6 +37,15 @@ class Rule:
     support: int = 0
     precision: float = 0.0
     recall: float = 0.0
+    thresholds: tuple[float, ...] = ()
+
+    @property
+    def is_pattern(self) -> bool:
+        """Whether every literal is a plain on/off test (threshold 0)."""
+        return not any(self.thresholds)
+
+    def _threshold(self, k: int) -> float:
+        return self.thresholds[k] if self.thresholds else 0.0
 
     @property
     def on(self) -> list[int]:
@@ -46,7 +57,11 @@ class Rule:
 
     def condition(self) -> str:
         """The rule's premise, e.g. ``L2.n17 on and L2.n40 off`` (``always`` when empty)."""
-        parts = [f"L{self.layer}.n{n} {'on' if is_on else 'off'}" for n, is_on in self.literals]
+        parts = []
+        for k, (n, is_on) in enumerate(self.literals):
+            t = self._threshold(k)
+            test = ("on" if is_on else "off") if t == 0 else f"{'>' if is_on else '<='} {t:.3g}"
+            parts.append(f"L{self.layer}.n{n} {test}")
         return " and ".join(parts) if parts else "always"
 
     def conclusion(self) -> str:
@@ -59,22 +74,32 @@ class Rule:
         )
 
     def fires_on_pattern(self, pattern: Tensor) -> Tensor:
-        """Which rows of a flat on/off ``pattern`` ``[B, neurons]`` satisfy the premise."""
+        """Which rows of a flat on/off ``pattern`` ``[B, neurons]`` satisfy the premise
+        (on/off rules; see :meth:`fires_on_values` for thresholds)."""
+        if not self.is_pattern:
+            raise InvalidInputError("a rule with thresholds needs pre-activation values")
         ok = torch.ones(pattern.shape[0], dtype=torch.bool)
         for n, is_on in self.literals:
             ok &= pattern[:, n] == is_on
         return ok
 
+    def fires_on_values(self, pre: Tensor) -> Tensor:
+        """Which rows of flat pre-activations ``[B, neurons]`` satisfy the premise."""
+        ok = torch.ones(pre.shape[0], dtype=torch.bool)
+        for k, (n, is_on) in enumerate(self.literals):
+            ok &= (pre[:, n] > self._threshold(k)) == is_on
+        return ok
+
     def fires(self, net: Network, x: Tensor) -> Tensor:
         """Which inputs of the batch ``x`` satisfy the premise (a forward pass)."""
-        return self.fires_on_pattern(layer_pattern(net, x, self.node))
+        return self.fires_on_values(layer_values(net, x, self.node))
 
     def to_dict(self) -> dict:
         return {
             "text": str(self), "condition": self.condition(), "layer": self.layer,
             "node": self.node, "on": self.on, "off": self.off, "target": self.target,
             "lowest": self.lowest, "support": self.support, "precision": self.precision,
-            "recall": self.recall,
+            "recall": self.recall, "thresholds": list(self.thresholds),
         }
 
 
@@ -89,12 +114,17 @@ def relu_node(net: Network, layer: int) -> tuple[int, int]:
     return ordinal, relus[ordinal - 1]
 
 
-def layer_pattern(net: Network, x: Tensor, node: int) -> Tensor:
-    """Flat on/off pattern ``[B, neurons]`` of ReLU node ``node`` for the batch ``x``."""
+def layer_values(net: Network, x: Tensor, node: int) -> Tensor:
+    """Flat pre-activations ``[B, neurons]`` of ReLU node ``node`` for the batch ``x``."""
     with torch.no_grad():
         outs = net.trace(x.to(net.dtype))
         pre = net.node_inputs(outs, x, node)[0]
-    return (pre > 0).reshape(x.shape[0], -1)
+    return pre.reshape(x.shape[0], -1)
+
+
+def layer_pattern(net: Network, x: Tensor, node: int) -> Tensor:
+    """Flat on/off pattern ``[B, neurons]`` of ReLU node ``node`` for the batch ``x``."""
+    return layer_values(net, x, node) > 0
 
 
 def decisions(net: Network, x: Tensor, lowest: bool = False) -> np.ndarray:
@@ -107,11 +137,11 @@ def decisions(net: Network, x: Tensor, lowest: bool = False) -> np.ndarray:
 def rules_firing(net: Network, rules: list[Rule], x: Tensor) -> list[Rule]:
     """The rules whose premise holds on the single input ``x`` (shape ``input_shape``)."""
     batch = x.reshape(1, *net.input_shape)
-    patterns: dict[int, Tensor] = {}
+    values: dict[int, Tensor] = {}
     fired = []
     for rule in rules:
-        if rule.node not in patterns:
-            patterns[rule.node] = layer_pattern(net, batch, rule.node)
-        if bool(rule.fires_on_pattern(patterns[rule.node])[0]):
+        if rule.node not in values:
+            values[rule.node] = layer_values(net, batch, rule.node)
+        if bool(rule.fires_on_values(values[rule.node])[0]):
             fired.append(rule)
     return fired

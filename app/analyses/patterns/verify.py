@@ -97,6 +97,7 @@ def verify_rule(
     verdicts are cross-checked against.
     """
     domain = _as_domain(net, input_domain)
+    _check_pattern_rule(rule)
     return check_property(net, {rule.node: (rule.on, rule.off)}, domain, rule.target,
                           rule.lowest, timeout, method=method, progress=progress, known=known)
 
@@ -114,6 +115,7 @@ def verify_rules(
     net64 = net.with_dtype(torch.float64)
     verdicts = []
     for k, rule in enumerate(rules):
+        _check_pattern_rule(rule)
         report(progress, k / max(1, len(rules)), f"verifying rule {k + 1} of {len(rules)}")
         verdicts.append(check_property(net, {rule.node: (rule.on, rule.off)}, domain,
                                        rule.target, rule.lowest, timeout, net64=net64,
@@ -324,6 +326,12 @@ def _confirm_point(net, net64, x64, phases, target, lowest) -> tuple[Tensor, int
         if classes[-1] == target:
             return None
     return x64.reshape(net.input_shape), classes[0]
+
+
+def _check_pattern_rule(rule: Rule) -> None:
+    if not rule.is_pattern:
+        raise InvalidInputError("only on/off pattern rules can be verified, not rules with "
+                                "thresholds (those come from a distilled rule list)")
 
 
 def _as_domain(net: Network, domain) -> InputDomain:
