@@ -250,6 +250,20 @@ def _card_editor(api: ApiClient, model: dict) -> None:
     st.rerun()
 
 
+def sibling_models(model: dict, models: list[dict] | None = None) -> list[dict]:
+    """The model and those trained on its dataset with its architecture (other training
+    methods), in the service's order. Only a card that names both makes siblings: uploads
+    without one have none (they share no inputs and may differ in shape)."""
+    card = model.get("card") or {}
+    if not (card.get("dataset") and card.get("architecture")):
+        return [model]
+    models = client().models() if models is None else models
+    return [m for m in models
+            if (m.get("card") or {}).get("dataset") == card["dataset"]
+            and (m.get("card") or {}).get("architecture") == card["architecture"]
+            and m.get("input_shape") == model.get("input_shape")] or [model]
+
+
 def _input_chooser(api: ApiClient, model: dict) -> str | None:
     mid = model["id"]
     try:

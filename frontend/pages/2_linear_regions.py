@@ -12,16 +12,6 @@ from frontend.client import ApiError
 from frontend.figures import linear_regions as figures
 
 
-def _siblings(model: dict) -> list[dict]:
-    """Models trained on the same dataset with the same architecture (other methods)."""
-    card = model.get("card") or {}
-    if not card.get("dataset"):
-        return []
-    return [m for m in ui.client().models()
-            if (m.get("card") or {}).get("dataset") == card["dataset"]
-            and (m.get("card") or {}).get("architecture") == card.get("architecture")]
-
-
 def _density_rows(models: list[dict], input_id: str, params: dict) -> list[dict]:
     """One line job per model (cached by the service), polled with one progress bar."""
     api = ui.client()
@@ -153,9 +143,9 @@ with robust_tab:
         "random_directions": int(cols[1].number_input("Random lines", 1, 16, 4,
                                                       key="lr_robust_random")),
     }
-    siblings = _siblings(selection.model or {})
+    siblings = ui.sibling_models(selection.model) if selection.model else []
     wanted = (selection.input_id, tuple(sorted(robust_params.items())))
-    if not siblings or selection.input_id is None:
+    if len(siblings) < 2 or selection.input_id is None:
         st.info("Choose a model whose card names its dataset and architecture, and an input.")
     elif st.button("Compare models", type="primary", key="lr_robust_run",
                    icon=":material/play_arrow:"):

@@ -18,7 +18,6 @@ st.caption(
 )
 
 selection = ui.sidebar()
-card = (selection.model or {}).get("card") or {}
 left, right = st.columns(2)
 eps = left.slider("eps (L-inf radius)", 0.005, 0.3, 0.05, step=0.005, format="%.3f")
 method = right.radio("Bound method", ["crown", "deepz", "interval"], horizontal=True)
@@ -43,11 +42,11 @@ if result:
         st.info("The bound method cannot prove this ball, so there is no proof to explain. "
                 "Try a smaller eps or another method.")
 
-    siblings = [m for m in ui.client().models()
-                if selection.model and m["id"] != selection.model_id
-                and (m.get("card") or {}).get("dataset") == card.get("dataset")
-                and (m.get("card") or {}).get("architecture") == card.get("architecture")]
-    if siblings:
+    siblings = [m for m in ui.sibling_models(selection.model) if m["id"] != selection.model_id]
+    if siblings and not str(selection.input_id).startswith("gallery:"):
+        st.caption("Other training methods can be compared on gallery inputs only: an "
+                   "uploaded input belongs to this model.")
+    elif siblings:
         st.subheader("Same input and eps, other training methods")
         if st.button("Compare", key="proof_siblings"):
             api = ui.client()

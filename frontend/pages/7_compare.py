@@ -42,19 +42,11 @@ if anchor is None:
     st.stop()
 
 
-def _siblings(model: dict) -> list[str]:
-    """The model and those trained on its dataset with its architecture (other methods)."""
-    card = model.get("card") or {}
-    same = [m["id"] for m in models.values()
-            if card.get("dataset") and (m.get("card") or {}).get("dataset") == card["dataset"]
-            and (m.get("card") or {}).get("architecture") == card.get("architecture")]
-    return same if model["id"] in same else [model["id"]]
-
-
 candidates = [mid for mid, m in models.items() if m["input_shape"] == anchor["input_shape"]]
 kept = [m for m in st.session_state.get("cmp_models", []) if m in candidates]
 if not kept:  # first visit, or the sidebar's model has another input shape
-    kept = [m for m in query.get("models", "").split(",") if m in candidates] or _siblings(anchor)
+    kept = [m for m in query.get("models", "").split(",") if m in candidates] or [
+        m["id"] for m in ui.sibling_models(anchor, list(models.values()))]
 st.session_state["cmp_models"] = kept[:MAX_MODELS]
 chosen = st.multiselect(
     f"Models (2 to {MAX_MODELS}, input shape "
