@@ -6,11 +6,13 @@ Features are freed one at a time, least sensitive first (sensitivity: how far th
 margin drops when that feature alone moves to either end of its interval). A feature is freed
 when the box "current free set plus it" is proven robust; otherwise it stays in ``E``.
 
-* Proofs: the engine's float-safe CROWN bounds first (:func:`app.bounds.property_lower_bounds`,
-  on a batch of growing prefixes of the order at once, VeriX+-style), then a complete check
-  where they are inconclusive: a box-constrained PGD attack, and a MILP (HiGHS, big-M from
-  CROWN bounds; :mod:`.robust_milp`) for sequential affine/ReLU networks. A MILP proof needs
-  its bound above ``1e-6`` of the logits' scale.
+* Proofs: the engine's float-safe CROWN bounds first (:func:`app.bounds.property_lower_bounds`)
+  on a group of the next features, doubling while it proves and halving when it does not
+  (VeriX+-style binary search), then where they are
+  inconclusive a MILP (HiGHS, big-M from CROWN bounds; :mod:`.robust_milp`, sequential
+  affine/ReLU networks) on a group of the next features (doubling while it proves, halving
+  when it does not), and for a single feature a complete check: a box-constrained PGD attack,
+  then the MILP. A MILP proof: no input with a rival margin below ``1e-5`` of the logits' scale.
 * Soundness: the free set only ever grows by proven steps, so the final one is proven.
 * Irreducibility: a kept feature comes with a counterexample (forward pass checked: another
   class) inside the box "free set at that time plus that feature", which lies inside the
@@ -35,7 +37,8 @@ from app.progress import ProgressFn, report
 
 WITNESSED = "counterexample"
 UNPROVEN = "sound, not proven irreducible"
-FIRST_BATCH, MAX_BATCH = 8, 256
+FIRST_BATCH, MAX_BATCH = 8, 512
+MAX_GROUP = 64  # features one MILP may try to free together
 ATTACK_STEPS, ATTACK_RESTARTS = 40, 8
 
 
@@ -95,9 +98,11 @@ def verified_explanation(
     kept: dict[int, str] = {}
     examples: dict[int, np.ndarray] = {}
     checks = {"bound_batches": 0, "attack_counterexamples": 0, "milp_robust": 0,
-              "milp_counterexamples": 0, "undecided": 0, "unchecked": 0}
+              "milp_counterexamples": 0, "undecided": 0, "unchecked": 0,
+              "milp_robust_groups": 0, "milp_failed_groups": 0}
     deadline = start + timeout_s
-    pos, batch = 0, FIRST_BATCH
+    pos, batch, group, bounds_failed = 0, FIRST_BATCH, 2, False
+    milp = robust_milp.supported(net)
     while pos < n:
         if time.monotonic() >= deadline:
             for i in order[pos:].tolist():
@@ -105,20 +110,40 @@ def verified_explanation(
             checks["unchecked"] = n - pos
             break
         report(progress, pos / n, f"feature {pos} of {n}: {len(freed)} freed, {len(kept)} kept")
-        cand = order[pos: pos + batch]
-        masks = free.repeat(len(cand), 1)
-        for t in range(len(cand)):
-            masks[t:, cand[t]] = True  # row t frees the first t + 1 candidates
-        proven = _proven(net, x, lo_all, hi_all, masks, target)
-        checks["bound_batches"] += 1
-        p = int(proven.long().cumprod(0).sum())
-        free[cand[:p]] = True
-        freed += cand[:p].tolist()
-        pos += p
-        if p == len(cand):
-            batch = min(MAX_BATCH, batch * 2)
+        if not bounds_failed:
+            cand = order[pos: pos + batch]
+            mask = free.clone()
+            mask[cand] = True
+            checks["bound_batches"] += 1
+            if bool(_proven(net, x, lo_all, hi_all, mask[None], target)[0]):
+                free[cand] = True
+                freed += cand.tolist()
+                pos += len(cand)
+                batch = min(MAX_BATCH, batch * 2)
+                continue
+            if len(cand) > 1:  # binary search for the first feature the bounds cannot free
+                batch = len(cand) // 2
+                continue
+        bounds_failed = False
+        several = order[pos: pos + group]
+        if milp and len(several) > 1:  # VeriX+-style: one MILP may free a whole group
+            mask = free.clone()
+            mask[several] = True
+            box_lo, box_hi = (t[0] for t in _box(x, lo_all, hi_all, mask[None]))
+            outcome = robust_milp.check(net, box_lo, box_hi, target, min(
+                deadline, time.monotonic() + check_timeout_s), prove_only=True)
+            if outcome.verdict == robust_milp.ROBUST:
+                checks["milp_robust_groups"] += 1
+                free[several] = True
+                freed += several.tolist()
+                pos += len(several)
+                group = min(MAX_GROUP, group * 2)
+                batch = 1
+                continue
+            checks["milp_failed_groups"] += 1
+            group, bounds_failed = group // 2, True
             continue
-        i = int(cand[p])
+        i = int(order[pos])
         verdict, point, how = _complete(net, x, lo_all, hi_all, free, i, target,
                                         min(deadline, time.monotonic() + check_timeout_s))
         checks[how] += 1
@@ -131,7 +156,7 @@ def verified_explanation(
         else:
             kept[i] = UNPROVEN
         pos += 1
-        batch = FIRST_BATCH
+        batch, group = 1, 2
     report(progress, 1.0, f"done: {n - len(freed)} features kept")
     return VerixResult(
         target=target, eps=float(eps), input_range=(lo_r, hi_r),
