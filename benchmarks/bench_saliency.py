@@ -1,17 +1,23 @@
-"""SMT saliency masks: solve time, optimality and grades against IG and SmoothGrad.
+"""SMT saliency masks and verified explanations: solve time, optimality, grades, soundness.
 
-For every sample digit model (``--inputs`` gallery images each) and the shared MNIST network
-mnist-net_256x2 (``--mnist`` ERAN images): one ``smt_mask`` per input with the default solver
-(z3 bisection), printing per model the median / 90th-percentile solve time, the optimal rate,
-the mask's sparsity and, for SMT vs IG vs SmoothGrad at the same number of kept features, the
-Dabkowski & Gal saliency metric, the survival rate, insertion / deletion AUC and the fewest
-top-ranked features that keep the prediction. Then the two z3 strategies (bisection vs
-Optimize) on the first ``--compare`` inputs of each model, same time-out.
+For every sample digit model (``--inputs`` gallery images each) and the shared MNIST networks
+mnist-net_256x2 and mnist_0.1 (``--mnist`` ERAN images): one ``smt_mask`` per input with the
+default solver (HiGHS), printing per model the median / 90th-percentile solve time, the optimal
+rate, time-outs, the mask's sparsity and, for SMT vs IG vs SmoothGrad at the same number of
+kept features and the same baseline, the Dabkowski & Gal saliency metric (wins / ties /
+losses of SMT against IG), the survival rate, insertion / deletion AUC and the fewest
+top-ranked features that keep the prediction. Then HiGHS against the two z3 strategies on
+the first ``--compare`` inputs of each model, same time-out. Then VeriX explanations
+(``--verix`` ERAN images on mnist-net_256x2 at ``--verix-eps``): time, size, how many kept
+features are witnessed, and whether an independent PGD on the complement of the explanation
+(64 restarts) ever flips the class.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_saliency.py [--inputs 50 --mnist 20]
 
-Ends with ``RESULT median_solve_s=<x> optimal_rate=<y> smt_beats_ig_saliency_rate=<z>``
-(over every input of every model; "beats" = strictly lower saliency metric).
+Ends with ``RESULT median_solve_s=<s> optimal_rate=<r> mnist_timeouts=<n>
+verified_median_s=<s> verified_median_size=<features> verified_unsound=<n>
+smt_beats_ig_saliency_rate=<r>`` (masks over every input of every model; "beats" = the SMT
+mask alone has the best saliency metric, a tie is not a win).
 """
 
 from __future__ import annotations
@@ -20,9 +26,12 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch.nn import functional as F
 
 from app import load_network
-from app.analyses.saliency import OPTIMAL, smt_mask
+from app.analyses.saliency import OPTIMAL, TIMEOUT, smt_mask
+from app.analyses.saliency.verix import WITNESSED, verified_explanation
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -33,12 +42,20 @@ def _models(n_digits: int, n_mnist: int) -> list[tuple[str, Path, np.ndarray]]:
     gallery = np.load(ROOT / "sample_models" / "gallery" / "digits.npz")["x"][:n_digits]
     models = [(p.stem, p, gallery.astype(np.float64))
               for p in sorted((ROOT / "sample_models").glob("digits_*.onnx"))]
-    mnist = SHARED / "vnncomp2021" / "mnistfc" / "mnist-net_256x2.onnx"
-    if mnist.exists() and n_mnist:
-        rows = np.loadtxt(SHARED / "eran" / "mnist_test.csv", delimiter=",", max_rows=n_mnist,
-                          ndmin=2)
-        models.append((mnist.stem, mnist, (rows[:, 1:] / 255.0).reshape(-1, 784, 1)))
+    for mnist in MNIST:
+        if mnist.exists() and n_mnist:
+            net = load_network(mnist)
+            models.append((mnist.stem, mnist, _eran(n_mnist).reshape(-1, *net.input_shape)))
     return models
+
+
+MNIST = (SHARED / "vnncomp2021" / "mnistfc" / "mnist-net_256x2.onnx",
+         SHARED / "profit_nets" / "mnist_0.1.onnx")
+
+
+def _eran(n: int) -> np.ndarray:
+    rows = np.loadtxt(SHARED / "eran" / "mnist_test.csv", delimiter=",", max_rows=n, ndmin=2)
+    return rows[:, 1:] / 255.0
 
 
 def _row(label: str, values: list[float]) -> str:
@@ -53,8 +70,9 @@ def bench_model(name: str, path: Path, xs: np.ndarray, args: argparse.Namespace)
     graded = [r for r in results if r.grades]
     print(f"\n== {name}: {len(results)} inputs, {results[0].num_groups} features, "
           f"top_k={args.top_k}, threshold={args.threshold}")
-    print(f"solve time median {np.median(solve):.3f} s, p90 {np.percentile(solve, 90):.3f} s; "
-          f"optimal {np.mean([r.status == OPTIMAL for r in results]):.2f}; "
+    print(f"solve time median {np.median(solve):.3f} s, p90 {np.percentile(solve, 90):.3f} s, "
+          f"max {solve.max():.3f} s; optimal {np.mean([r.status == OPTIMAL for r in results]):.2f}"
+          f"; time-outs {sum(r.status == TIMEOUT for r in results)}; "
           f"mask size median {np.median([r.mask_size for r in results]):.0f}; "
           f"sparsity mean {np.mean([1 - r.mask_size / r.num_groups for r in results]):.3f}")
     print(f"{'(median unless noted)':<28}" + " ".join(f"{m:>10}" for m in METHODS))
@@ -68,22 +86,68 @@ def bench_model(name: str, path: Path, xs: np.ndarray, args: argparse.Namespace)
     print(_row("features to survive", [np.median([
         r.grades[m].survive_size if r.grades[m].survive_size is not None else r.num_groups
         for r in graded]) for m in METHODS]))
-    beats = [r.grades["smt"].saliency_metric < r.grades["ig"].saliency_metric for r in graded]
-    print(f"SMT beats IG on saliency metric: {np.mean(beats):.2f}")
+    pair = [_versus(r.grades["smt"].saliency_metric, r.grades["ig"].saliency_metric)
+            if r.grades else "ungraded" for r in results]
+    beats = [p == "win" for p in pair]
+    print(f"SMT vs IG on saliency metric: wins {pair.count('win')}, ties {pair.count('tie')}, "
+          f"losses {pair.count('loss')}")
     if args.compare:
         times = {}
-        for solver in ("bisection", "optimize"):
+        for solver in ("highs", "bisection", "optimize"):
             runs = [smt_mask(net, x, top_k=args.top_k, threshold=args.threshold,
                              timeout_s=args.compare_timeout, solver=solver)
                     for x in xs[: args.compare]]
             times[solver] = (np.median([r.timings["solve_s"] for r in runs]),
                              np.mean([r.status == OPTIMAL for r in runs]))
-        print(f"z3 strategies on {args.compare} inputs (time-out {args.compare_timeout} s): "
+        print(f"solvers on {args.compare} inputs (time-out {args.compare_timeout} s): "
               + ", ".join(f"{s} median {t:.3f} s optimal {o:.2f}" for s, (t, o) in times.items())
-              + f"; bisection/optimize time ratio "
-                f"{times['bisection'][0] / max(times['optimize'][0], 1e-9):.3f}")
-    return [(r.timings["solve_s"], r.status == OPTIMAL, beats[i] if i < len(beats) else False)
-            for i, r in enumerate(results)]
+              + f"; z3 bisection / HiGHS time ratio "
+                f"{times['bisection'][0] / max(times['highs'][0], 1e-9):.2f}")
+    mnist = path in MNIST
+    return [(r.timings["solve_s"], r.status == OPTIMAL, b, mnist and r.status == TIMEOUT)
+            for r, b in zip(results, beats, strict=True)]
+
+
+def _versus(smt: float, ig: float) -> str:
+    if abs(smt - ig) <= 1e-9 * max(1.0, abs(ig)):
+        return "tie"
+    return "win" if smt < ig else "loss"
+
+
+def _pgd_flips(net, x: torch.Tensor, res, restarts: int = 64, steps: int = 100) -> bool:
+    """Independent PGD (cross-entropy, random starts) over the features off the explanation."""
+    free = torch.from_numpy(~res.explanation)
+    lo_r, hi_r = res.input_range
+    lo = torch.where(free, (x - res.eps).clamp(lo_r, hi_r), x)
+    hi = torch.where(free, (x + res.eps).clamp(lo_r, hi_r), x)
+    gen = torch.Generator().manual_seed(0)
+    z = lo + (hi - lo) * torch.rand((restarts, *x.shape), generator=gen, dtype=x.dtype)
+    label = torch.full((restarts,), res.target)
+    for _ in range(steps):
+        z.requires_grad_(True)
+        grad, = torch.autograd.grad(F.cross_entropy(net(z), label), z)
+        z = torch.minimum(torch.maximum(z.detach() + res.eps / 8 * grad.sign(), lo), hi)
+    with torch.no_grad():
+        return bool((net(z).argmax(1) != res.target).any())
+
+
+def bench_verix(args: argparse.Namespace) -> list[tuple[float, int, bool]]:
+    path = MNIST[0]
+    if not path.exists() or not args.verix:
+        return []
+    net = load_network(path).with_dtype(torch.float64)
+    rows = []
+    print(f"\n== VeriX on {path.stem}, eps {args.verix_eps}, time-out {args.verix_timeout} s")
+    for x in _eran(args.verix):
+        x = torch.from_numpy(x).reshape(net.input_shape)
+        res = verified_explanation(net, x, args.verix_eps, timeout_s=args.verix_timeout,
+                                   check_timeout_s=args.verix_check_timeout)
+        unsound = _pgd_flips(net, x, res)
+        witnessed = sum(v == WITNESSED for v in res.kept.values())
+        print(f"size {res.size:4d}  witnessed {witnessed:4d}  {res.timings['total_s']:7.2f} s  "
+              f"checks {res.checks}  PGD flips: {unsound}")
+        rows.append((res.timings["total_s"], res.size, unsound))
+    return rows
 
 
 def main() -> None:
@@ -96,12 +160,21 @@ def main() -> None:
     parser.add_argument("--compare", type=int, default=3,
                         help="inputs per model on which bisection and Optimize are compared")
     parser.add_argument("--compare-timeout", type=float, default=5.0)
+    parser.add_argument("--verix", type=int, default=5, help="ERAN inputs for VeriX")
+    parser.add_argument("--verix-eps", type=float, default=0.05)
+    parser.add_argument("--verix-timeout", type=float, default=120.0)
+    parser.add_argument("--verix-check-timeout", type=float, default=5.0)
     args = parser.parse_args()
     rows = []
     for name, path, xs in _models(args.inputs, args.mnist):
         rows += bench_model(name, path, xs, args)
-    solve, optimal, beats = (np.array(c, dtype=float) for c in zip(*rows, strict=True))
+    solve, optimal, beats, timeouts = (np.array(c, dtype=float) for c in zip(*rows, strict=True))
+    verix = bench_verix(args)
+    v_time, v_size, v_bad = ((np.array(c, dtype=float) for c in zip(*verix, strict=True))
+                             if verix else (np.full(1, np.nan),) * 3)
     print(f"\nRESULT median_solve_s={np.median(solve):.3f} optimal_rate={optimal.mean():.3f} "
+          f"mnist_timeouts={int(timeouts.sum())} verified_median_s={np.median(v_time):.2f} "
+          f"verified_median_size={np.median(v_size):.0f} verified_unsound={int(np.nansum(v_bad))} "
           f"smt_beats_ig_saliency_rate={beats.mean():.3f}")
 
 
