@@ -209,9 +209,12 @@ def _model_card(model: dict) -> None:
     st.markdown(f"**Training:** {card.get('training', '?')}"
                 + (f" (eps {train_eps:g})" if train_eps else ""))
     eps = card.get("eps")
-    st.caption("Accuracy on held-out inputs" + (f"; PGD and certified at eps {eps:g}" if eps else ""))
+    method = card.get("certified_method") or ("IBP" if "IBP" in card.get("evaluation", "")
+                                              else "bounds")
+    st.caption("Accuracy on held-out inputs" + (
+        f"; under PGD attack and certified by {method}, both at eps {eps:g}" if eps else ""))
     accuracies = [("clean", "clean_accuracy"), ("PGD", "pgd_accuracy"),
-                  ("certified", "certified_accuracy")]
+                  (f"{method} certified", "certified_accuracy")]
     cols = st.columns(len(accuracies))
     for col, (label, field) in zip(cols, accuracies, strict=True):
         value = card.get(field)

@@ -12,6 +12,29 @@ from frontend.client import ApiError
 from frontend.figures import linear_regions as figures
 
 
+def _measured_outcome(rows: list[dict]) -> str:
+    """What this input shows about "robust training makes networks more linear", as
+    measured: the fewest and most pieces per unit length along FGSM, and whether the standard
+    model has more than every robustly trained one."""
+    ranked = sorted(rows, key=lambda r: r["FGSM density"])
+    fewest, most = ranked[0], ranked[-1]
+    text = (f"Measured here: {fewest['model']} has the fewest pieces per unit length along "
+            f"FGSM ({fewest['FGSM density']:.3g}), {most['model']} the most "
+            f"({most['FGSM density']:.3g}). ")
+    standard = [r for r in rows if r["training"] == "standard"]
+    robust = [r for r in rows if r["training"] not in ("", "standard")]
+    if not standard or not robust:
+        return text + "No standard/robust pair to compare."
+    dense = standard[0]["FGSM density"]
+    if all(r["FGSM density"] < dense for r in robust):
+        return text + "Every robustly trained model is more linear than the standard one."
+    if all(r["FGSM density"] > dense for r in robust):
+        return text + ("Every robustly trained model is denser than the standard one: the "
+                       "\"more linear\" claim does not hold on this input.")
+    return text + ("Mixed: some robust models are denser than the standard one, so the "
+                   "\"more linear\" claim does not hold for all of them on this input.")
+
+
 def _density_rows(models: list[dict], input_id: str, params: dict) -> list[dict]:
     """One line job per model (cached by the service), polled with one progress bar."""
     api = ui.client()
@@ -43,8 +66,8 @@ st.title("Linear regions")
 st.caption(
     "A ReLU network is affine on each piece of a segment. ExactLine (Sotoudeh & Thakur) finds "
     "those pieces exactly, so the curves below are exact, not sampled. Adversarially trained "
-    "networks are reported to be more linear: compare the density of pieces along FGSM and "
-    "random directions, and across models for the same input."
+    "networks are reported to be more linear; \"Robust vs standard\" measures whether that "
+    "holds for these models on this input (density of pieces along FGSM and random lines)."
 )
 line_tab, plane_tab, ig_tab, robust_tab = st.tabs(
     ["Along a line", "In a plane", "Exact IG", "Robust vs standard"])
@@ -158,4 +181,5 @@ with robust_tab:
     if shown and shown[0] == wanted and shown[1]:
         st.subheader("Robust vs standard: density for the same input")
         st.dataframe(pd.DataFrame(shown[1]), hide_index=True)
+        st.caption(_measured_outcome(shown[1]))
         ui.show_figure(figures.density_comparison(shown[1]), "linear_regions_robust")

@@ -176,7 +176,8 @@ def _batch_table(cells: comparison.Cells) -> None:
         at_eps = min(range(len(s.eps_grid)), key=lambda k: abs(s.eps_grid[k] - params.eps))
         rows.append({"model": label, "inputs": s.inputs,
                      "accuracy": None if s.accuracy is None else round(s.accuracy, 3),
-                     f"certified accuracy at {params.eps:g}": s.certified_accuracy[at_eps],
+                     f"certified accuracy ({params.method}, eps {params.eps:g})":
+                         s.certified_accuracy[at_eps],
                      "median features kept": _median(s.kept_counts),
                      "mean density FGSM": _mean(s.fgsm_density),
                      "mean density random": _mean(s.random_density),
