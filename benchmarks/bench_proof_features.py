@@ -7,13 +7,22 @@ CIFAR ConvSmall networks; skipped when ``../shared/data`` is absent). Ends with
 ``RESULT median_proof_s=<x> median_prune_s=<y> kept_fraction=<z>`` over all runs; the target
 is proof plus pruning under 2 s median on 2 CPU cores for the small conv networks.
 
+With the shared VNN-COMP 2021 data the RESULT line adds ``vnn_mnistfc_safe_proven=<k>/<n>
+vnn_violated_proven=<v>/<m> acasxu_safe_proven=<a>/<b>``: ``app.properties.verify`` with
+``bab`` (at most ``--vnn-limit`` seconds per instance) on the instances that the competition's
+tools agree on (``results_csv``: some tool proved it and none found a counterexample, or the
+reverse); ``--acas-max`` takes every k-th known-safe ACAS Xu instance to stay short.
+``crown_speed_vs_auto_lirpa`` (issue 18, item 3) is not measured here yet.
+
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.bench_proof_features [--samples 50]
         [--shared 20] [--methods interval,deepz,crown] [--all-shared]
+        [--vnn-limit 60] [--acas-max 139] [--no-vnn]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import statistics
 import time
 from pathlib import Path
@@ -23,7 +32,8 @@ import torch
 
 from app import load_network
 from app.analyses.proof_features import certify, proof_features
-from app.bounds import METHODS
+from app.bounds import QUICK_METHODS
+from app.properties import read_vnnlib, verify
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -63,12 +73,54 @@ def shared_cases(n: int, everything: bool) -> list[tuple[str, str, np.ndarray, n
     return cases
 
 
+def known_outcomes(benchmark: str) -> dict[tuple[str, str], str]:
+    """``holds``/``violated`` per (onnx, vnnlib) where the 2021 tools do not contradict."""
+    said: dict[tuple[str, str], set[str]] = {}
+    words = {"holds": "holds", "unsat": "holds", "violated": "violated", "sat": "violated"}
+    for tool in sorted((SHARED / "vnncomp2021" / "results_csv").glob("*.csv")):
+        for row in csv.reader(tool.open()):
+            if len(row) >= 5 and row[0] == benchmark and row[4].strip().lower() in words:
+                key = (Path(row[1]).name, Path(row[2]).name)
+                said.setdefault(key, set()).add(words[row[4].strip().lower()])
+    return {k: v.pop() for k, v in sorted(said.items()) if len(v) == 1}
+
+
+def vnn_counts(limit: float, acas_max: int) -> dict[str, str]:
+    """Proven / counterexample / unknown per benchmark and truth, one line per instance."""
+    counts: dict[tuple[str, str], list[int]] = {}
+    for bench in ("mnistfc", "acasxu"):
+        items = list(known_outcomes(bench).items())
+        if bench == "acasxu":
+            safe = [it for it in items if it[1] == "holds"]
+            step = max(1, len(safe) // max(1, acas_max))
+            items = safe[::step][:acas_max] + [it for it in items if it[1] == "violated"]
+        nets: dict[str, object] = {}
+        for (onnx_name, prop_name), truth in items:
+            folder = SHARED / "vnncomp2021" / bench
+            net = nets.setdefault(onnx_name, load_network(str(folder / onnx_name)))
+            verdict = verify(net, read_vnnlib(folder / prop_name), "bab", time_limit=limit)
+            tally = counts.setdefault((bench, truth), [0, 0])
+            tally[0] += verdict.status == "proven"
+            tally[1] += 1
+            print(f"{bench:8s} {onnx_name:34s} {prop_name:20s} {truth:9s} {verdict.status:15s} "
+                  f"{verdict.seconds:6.1f}s {verdict.message}", flush=True)
+    mnist, acas = counts.get(("mnistfc", "holds"), [0, 0]), counts.get(("acasxu", "holds"), [0, 0])
+    bad = [sum(x) for x in zip(*(counts.get((b, "violated"), [0, 0]) for b in ("mnistfc", "acasxu")),
+                                strict=True)]
+    return {"vnn_mnistfc_safe_proven": f"{mnist[0]}/{mnist[1]}",
+            "vnn_violated_proven": f"{bad[0]}/{bad[1]}",
+            "acasxu_safe_proven": f"{acas[0]}/{acas[1]}"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=50)
     parser.add_argument("--shared", type=int, default=20)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(QUICK_METHODS))
     parser.add_argument("--all-shared", action="store_true")
+    parser.add_argument("--vnn-limit", type=float, default=60.0)
+    parser.add_argument("--acas-max", type=int, default=139)
+    parser.add_argument("--no-vnn", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
     methods = args.methods.split(",")
@@ -102,8 +154,11 @@ def main() -> None:
                   f"{statistics.median(t_proof):8.3f} {prune} {ratio}", flush=True)
     median_prune = statistics.median(prunes) if prunes else float("nan")
     kept_fraction = statistics.mean(kept_fracs) if kept_fracs else float("nan")
-    print(f"RESULT median_proof_s={statistics.median(proofs):.4f} "
-          f"median_prune_s={median_prune:.4f} kept_fraction={kept_fraction:.4f}")
+    vnn = {} if args.no_vnn or not SHARED.exists() else vnn_counts(args.vnn_limit, args.acas_max)
+    extra = "".join(f" {k}={v}" for k, v in vnn.items())
+    median_proof = statistics.median(proofs) if proofs else float("nan")
+    print(f"RESULT median_proof_s={median_proof:.4f} "
+          f"median_prune_s={median_prune:.4f} kept_fraction={kept_fraction:.4f}{extra}")
 
 
 if __name__ == "__main__":

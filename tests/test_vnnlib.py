@@ -11,10 +11,11 @@ import z3
 
 from app import load_network
 from app.errors import InvalidInputError
+from app.properties import milp
 from app.properties.verify import check_counterexample, verify
-from app.properties.vnnlib import VnnProperty, read_vnnlib
+from app.properties.vnnlib import Case, VnnProperty, read_vnnlib
 from tests.conftest import shared_path
-from tests.test_bounds import _known_outcomes, _vnnlib
+from tests.test_bounds import _known_outcomes, _milp_range, _tiny_mlp, _vnnlib
 
 
 def _meets(prop: VnnProperty, x: np.ndarray, y: np.ndarray) -> bool:
@@ -176,3 +177,26 @@ def test_verify_refuses_a_property_of_the_wrong_size() -> None:
     prop = read_vnnlib(shared_path("vnncomp2021", "mnistfc", "prop_0_0.03.vnnlib"))
     with pytest.raises(InvalidInputError):
         verify(net, prop)
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_milp_matches_an_independent_milp_and_its_points_are_counterexamples(seed: int) -> None:
+    """The case MILP's minimum of each output equals the test's own big-M MILP (written
+    separately, interval big-M); thresholds just above it are met by a checked point,
+    thresholds just below are refuted."""
+    model, layers = _tiny_mlp(seed, residual=False)
+    net = load_network(model, input_shape=(3,))
+    assert milp.supports(net)
+    x = np.array([0.2, 0.5, 0.7])
+    lo, hi = x - 0.15, x + 0.15
+    exact_lo, _ = _milp_range(layers, lo, hi, residual=False)
+    for j in range(3):
+        row = np.eye(3)[j:j + 1]
+        _, bound, _ = milp.refute(net, Case(lo, hi, row, np.zeros(1)), 30)
+        assert abs(bound - exact_lo[j]) <= 1e-6 * (1 + abs(exact_lo[j]))
+        gap = 1e-2 * (1 + abs(exact_lo[j]))
+        refuted, _, _ = milp.refute(net, Case(lo, hi, row, np.array([exact_lo[j] - gap])), 30)
+        assert refuted
+        below = Case(lo, hi, row, np.array([exact_lo[j] + gap]))
+        refuted, _, point = milp.refute(net, below, 30)
+        assert not refuted and check_counterexample(net, below, torch.as_tensor(point))

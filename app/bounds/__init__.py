@@ -87,9 +87,11 @@ def float_safe(net: Network, lo: Tensor, hi: Tensor, spec: Tensor, offset: Tenso
                method: str, screen: Tensor, **options) -> Tensor:
     """``screen`` (bounds of ``spec . y + offset`` in ``net``'s precision) made float-safe."""
     if net.dtype != torch.float64 and bool((screen > 0).any()):
-        net = float64(net)
+        # boxes with nothing positive keep their screened (non-proving) bounds
+        net, rows = float64(net), (screen > 0).any(1).nonzero().squeeze(1)
         lo, hi = lo.to(torch.float64), hi.to(torch.float64)
-        screen = _spec_lower(net, lo, hi, spec, offset, method, **options)
+        screen = screen.to(torch.float64).index_copy(0, rows, _spec_lower(
+            net, lo[rows], hi[rows], spec[rows], offset[rows], method, **options))
     with torch.no_grad():
         lo_r, hi_r = round_outward(lo, hi, net.dtype)
         scale = torch.stack([torch.maximum(a.abs(), b.abs()).flatten(1).amax(1)

@@ -30,7 +30,8 @@ SLOPE_BUDGET = 2_000_000
 class AlphaCrownAnalysis(CrownAnalysis):
     """CROWN whose ``lower`` optimises the ReLU slopes for the asked specification.
 
-    ``bounds(node)`` are CROWN's; ``lower(node, spec, bias)`` is never looser than CROWN's.
+    ``lower(node, spec, bias)`` is never looser than CROWN's; ``bounds(node)`` are CROWN's,
+    intersected with the intermediate bounds the last ``lower`` optimised.
     """
 
     def __init__(self, net: Network, lo: Tensor, hi: Tensor, iterations: int = 100,
@@ -38,6 +39,14 @@ class AlphaCrownAnalysis(CrownAnalysis):
         super().__init__(net, lo, hi)
         self.iterations, self.lr, self.patience = iterations, lr, patience
         self.time_limit = time_limit
+        self.tightened: dict[int, Bounds] = {}
+
+    def bounds(self, node: int) -> Bounds:
+        lo, hi = super().bounds(node)
+        if node in self.tightened:
+            t_lo, t_hi = self.tightened[node]
+            return torch.maximum(lo, t_lo), torch.minimum(hi, t_hi)
+        return lo, hi
 
     def lower(self, node: int, spec: Tensor, bias: Tensor | None = None) -> Tensor:
         base = super().lower(node, spec, bias)
@@ -80,6 +89,7 @@ class AlphaCrownAnalysis(CrownAnalysis):
             improved = bound.detach() > best
             best = torch.maximum(best, bound.detach())
             stale = 0 if bool(improved.any()) else stale + 1
+            self.tightened = best_inner
             if bool((best > 0).all()) or stale >= self.patience or time.monotonic() > deadline:
                 break
             grads = torch.autograd.grad(-bound[best <= 0].sum(), params, allow_unused=True)

@@ -8,8 +8,9 @@ fails: on inputs of at most ``MAX_SPLIT_INPUTS`` dimensions, branch and bound ov
 splits (CROWN on batches of sub-boxes, the split
 dimension chosen by width times gradient, "smear"), checking every sub-box's centre by a
 forward pass, until every sub-box is refuted, a counterexample is found, or the time limit.
-On larger inputs ``"bab"`` runs CROWN then alpha-CROWN only: ReLU splitting (beta-CROWN) is
-not implemented, so what alpha-CROWN does not refute stays unknown.
+On larger inputs ``"bab"`` runs CROWN, alpha-CROWN, then a MILP per open case (HiGHS, exact
+ReLU encoding, ``app.properties.milp``; chains of affine layers and ReLUs only), its points
+checked as counterexamples by a forward pass. ReLU splitting (beta-CROWN) is not implemented.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from app.bounds import METHODS, float64, spec_lower_bounds
+from app.bounds import METHODS, spec_lower_bounds
 from app.errors import InvalidInputError
 from app.network import Network
 from app.progress import ProgressFn, report
+from app.properties import milp
 from app.properties.vnnlib import Case, VnnProperty
 
 BATCH = 512  # sub-boxes bounded together
@@ -91,9 +93,7 @@ def verify(net: Network, prop: VnnProperty, method: str = "bab", time_limit: flo
     if method != "bab":
         return done("unknown", f"{refuted} of {len(status)} cases refuted by {method}")
     if prop.n_inputs > MAX_SPLIT_INPUTS:
-        return done("unknown", f"{refuted} of {len(status)} cases refuted; input splitting is "
-                               f"limited to {MAX_SPLIT_INPUTS} inputs and ReLU splitting is "
-                               "not implemented")
+        return _by_milp(net, prop, status, deadline, done)
     boxes = 0
     for k, case in enumerate(prop.cases):
         if status[k] == "refuted":
@@ -110,6 +110,34 @@ def verify(net: Network, prop: VnnProperty, method: str = "bab", time_limit: flo
         if word != "refuted":
             return done("unknown", f"case {k + 1}: {word}", boxes=boxes)
     return done("proven", f"all {len(status)} cases refuted ({boxes} sub-boxes)", boxes=boxes)
+
+
+def _by_milp(net: Network, prop: VnnProperty, status: list[str], deadline: float,
+             done) -> Verdict:
+    """The open cases of a high-dimensional property, each by a time-limited MILP."""
+    if not milp.supports(net):
+        return done("unknown", f"{status.count('refuted')} of {len(status)} cases refuted; "
+                               "input splitting is for low-dimensional inputs and the MILP "
+                               "encoding only covers chains of affine layers and ReLUs")
+    open_cases = [k for k, s in enumerate(status) if s == "open"]
+    for n, k in enumerate(open_cases):
+        left = (deadline - time.monotonic()) / (len(open_cases) - n)
+        if left < 1:
+            break
+        ok, bound, point = milp.refute(net, prop.cases[k], left)
+        if point is not None and check_counterexample(net, prop.cases[k], torch.as_tensor(point)):
+            status[k] = "counterexample"
+            found = _found(net, prop.cases[k], torch.as_tensor(point))
+            return done("counterexample", f"case {k + 1} is met by the MILP's point "
+                                          "(forward pass)", counterexample=found[0],
+                        output=found[1], case=k)
+        if not ok:
+            return done("unknown", f"case {k + 1}: MILP lower bound {bound:.3g} within the "
+                                   "time limit")
+        status[k] = "refuted"
+    if all(s == "refuted" for s in status):
+        return done("proven", f"all {len(status)} cases refuted (bounds, then MILP)")
+    return done("unknown", "time limit reached")
 
 
 def check_counterexample(net: Network, case: Case, x: Tensor) -> bool:
@@ -204,7 +232,6 @@ def _found(net: Network, case: Case, x: Tensor) -> tuple[np.ndarray, np.ndarray]
 def _input_bab(net: Network, case: Case, deadline: float
                ) -> tuple[str, tuple[np.ndarray, np.ndarray] | None, int]:
     """Branch and bound over input splits for one case: refuted, counterexample or why not."""
-    net64 = float64(net)
     lo, hi = _box(net, case)
     width0 = (hi - lo).clamp(min=1e-12)
     rows = torch.as_tensor(case.rows, dtype=torch.float64)
@@ -216,12 +243,12 @@ def _input_bab(net: Network, case: Case, deadline: float
             return f"more than {MAX_BOXES} open sub-boxes", None, bounded
         blo, bhi, lo, hi = lo[:BATCH], hi[:BATCH], lo[BATCH:], hi[BATCH:]
         bounded += blo.shape[0]
-        keep = _case_lower(net64, blo, bhi, case, "crown") <= 0
+        keep = _case_lower(net, blo, bhi, case, "crown") <= 0
         blo, bhi = blo[keep], bhi[keep]
         if not blo.shape[0]:
             continue
         mid = ((blo + bhi) / 2).requires_grad_(True)
-        y = net64(mid)
+        y = net(mid.to(net.dtype)).double()
         viol = (y @ rows.T - torch.as_tensor(case.rhs)).detach()
         for i in (viol.amax(1) <= 0).nonzero().flatten().tolist():
             if check_counterexample(net, case, mid[i].detach()):
