@@ -223,6 +223,9 @@ def _extract_level(level: _Level, run: _Run, layers_left: int) -> list[Layer]:
     run.log.append(_entry(run, f"layer {depth} identified"))
     if n1 == 0:
         raise BudgetExhausted(f"no boundary of layer {depth} crosses the domain")
+    if level.anywhere and _repair_first_layer(level, run):
+        n1 = len(level.first)
+        run.found[-1] = n1
     normals = np.stack([p.normal for p in level.first])
     offsets = np.array([p.offset for p in level.first])
     if level.deep and layers_left > 1 and _one_layer_suffices(level, normals, offsets, run):
@@ -287,6 +290,83 @@ def _one_layer_suffices(level: _Level, normals: np.ndarray, offsets: np.ndarray,
     with torch.no_grad():
         ours = Network(fit.layers, (level.dim,))(torch.from_numpy(x)).numpy()
     return float(np.abs(ours - f).max() / (np.abs(f).max() + 1e-300)) <= FIT_RTOL
+
+
+def _repair_first_layer(level: _Level, run: _Run, rounds: int = 3, lines: int = 16,
+                        checks: int = 1000, max_bad: float = 0.25) -> bool:
+    """Find first-layer neurons the search missed because few lines cross them.
+
+    A plane that crosses the box only near a corner is crossed by few random lines. When one
+    ReLU layer of the found neurons fits the outputs except on a small part of the box (at most
+    ``max_bad`` of the fresh queries; a trimmed least-squares fit, so the misfit points do not
+    spoil the fit elsewhere), lines from the points it misfits to points it fits cross the
+    missing plane. A kink there that lies on a plane extending across regions of
+    the known ones (checked by :func:`_kinks_on_plane`) joins the first layer. A deeper layer
+    misfits a large part of the box and is left alone. Returns whether neurons were added.
+    """
+    rng = run.check_rng
+    tol = 1e-6 * level.scale(rng)
+    added = False
+    for _ in range(rounds):
+        run.budget.phase = "first-layer repair"
+        normals = np.stack([p.normal for p in level.first])
+        offsets = np.array([p.offset for p in level.first])
+        x = level.sample(rng, max(checks, 3 * (len(offsets) + level.dim + 1)))
+        f = level.oracle(x)
+        features = np.hstack([np.abs(x @ normals.T + offsets), x, np.ones((len(x), 1))])
+        kept = np.arange(len(x))
+        for share in (0.9, 0.8, 0.7, 0.6, 0.5, 0.5):  # trimmed least squares
+            theta, *_ = np.linalg.lstsq(features[kept], f[kept], rcond=None)
+            err = np.abs(features @ theta - f).max(axis=1)
+            kept = np.argsort(err)[:int(share * len(x))]
+        bad = err > FIT_RTOL * (np.abs(f).max() + 1e-300)
+        if not bad.any() or bad.all() or bad.mean() > max_bad:
+            return added
+        starts = x[bad][:lines]
+        ends = x[~bad][rng.integers(0, int((~bad).sum()), len(starts))]
+        found: list[Hyperplane] = []
+        for a, b in zip(starts, ends, strict=True):
+            found += _deep_pieces(level, normals, offsets, tol, a, b)
+        new = []
+        for plane in found:
+            if any(abs(p.value(plane.points[0])) <= tol for p in new):
+                continue
+            pts = _kinks_on_plane(level, plane, rng)
+            if len(pts) and _regions(pts, level.first) >= 2:
+                new.append(plane)
+        if not new:
+            return added
+        level.first += new
+        level.deep = [p for p in level.deep
+                      if not any(abs(q.value(p.points[0])) <= tol for q in new)]
+        run.notes.append(f"{len(new)} first-layer neuron(s) that few lines cross found where "
+                         "one layer of the others misfits the outputs")
+        added = True
+    return added
+
+
+def _kinks_on_plane(level: _Level, plane: Hyperplane, rng: np.random.Generator,
+                    trials: int = 8) -> np.ndarray:
+    """Points of ``plane`` away from where it was found at which the oracle kinks across it.
+
+    Steps of a tenth to a third of the domain's size along random directions in the plane;
+    empty unless kinks show at more than half of them (a deeper neuron's boundary bends away
+    from its flat piece once it crosses a first-layer plane).
+    """
+    scale = level.scale(rng)
+    v = rng.normal(size=(trials, level.dim))
+    v -= np.outer(v @ plane.normal, plane.normal)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    p = plane.points[0] + v * rng.uniform(0.1, 0.33, (trials, 1)) * scale
+    p -= np.outer(plane.value(p), plane.normal)
+    s = 1e-5 * scale
+    steps = np.array([-2.0, -1.0, 0.0, 1.0, 2.0])
+    probes = p[:, None, :] + s * steps[None, :, None] * plane.normal
+    f = level.oracle(probes.reshape(-1, level.dim)).reshape(trials, 5, -1)
+    second = np.abs(f[:, :-2] - 2 * f[:, 1:-1] + f[:, 2:]).max(axis=2)
+    floor = 1e-12 * (np.abs(f).max() + 1e-300)
+    kinked = (second[:, 1] > floor) & (second[:, 1] > 100 * np.maximum(second[:, 0], second[:, 2]))
+    return p[kinked] if kinked.sum() > trials // 2 else np.zeros((0, level.dim))
 
 
 def _equations_solvable(n1: int, dim: int) -> bool:
