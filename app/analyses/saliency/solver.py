@@ -15,8 +15,9 @@ Float safety: each constraint is divided by its scale ``max(|rhs_k|, |const_k|, 
 rounding of evaluating a constraint, far below any real effect). HiGHS works up to its own
 feasibility tolerance (1e-6), so
 
-* ``infeasible`` means HiGHS found no mask even with that tolerance, and no known candidate
-  (the full mask, the mask of every group with a positive coefficient) holds;
+* ``infeasible`` means HiGHS found no mask (or no fractional one: the LP relaxation) even with
+  that tolerance, and no known candidate (the full mask, the mask of every group with a
+  positive coefficient) holds; with z3, that z3 proved the rounded-up relaxation unsat;
 * a HiGHS mask is returned only after :meth:`MaskProblem.holds` re-checks it in float64; when
   it fails (a constraint met only within HiGHS's tolerance) the problem is re-solved with a
   margin of ``MARGIN`` and, if that changes the size, z3 settles the sizes in between;
@@ -164,7 +165,10 @@ def solve_mask(
     deadline = start + timeout_s
     order = drop_order if drop_order is not None else np.arange(problem.groups)
     enc = _Encoding(problem)
-    if enc.lp_status == 2 and not any(problem.holds(m) for m in known_masks(problem)):
+    # HiGHS may stop at an infeasible LP relaxation; z3 decides feasibility itself, so that
+    # the two solvers cross-check each other's verdicts
+    if (solver == "highs" and enc.lp_status == 2
+            and not any(problem.holds(m) for m in known_masks(problem))):
         return MaskSolution(np.zeros(problem.groups, bool), INFEASIBLE, 0, problem.groups + 1,
                             time.monotonic() - start)
     best = _best(problem, [greedy_mask(problem, order, m) for m in known_masks(problem)]
