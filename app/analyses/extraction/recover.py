@@ -5,7 +5,8 @@
    queries for its normal.
 2. A hyperplane belongs to the first layer when it *extends*: a kink shows up where random
    other lines cross it (Rolnick & Kording 2020), in more than one region of the others. The
-   rest are bent boundaries of deeper neurons.
+   rest are bent boundaries of deeper neurons. Planes few random lines cross (near a corner)
+   are looked for where a one-layer fit misfits a few fresh queries.
 3. Last hidden layer: ``relu(s z) = (s z + |z|) / 2``, so a least-squares fit of the outputs on
    ``[|z_j|, x, 1]`` gives the output weights and the linear part ``A = sum_j s_j a_j u_j^T``,
    which fixes the signs ``s_j`` (least squares, or exhaustive search when underdetermined).
@@ -15,7 +16,11 @@
    ``h -> logits`` over a box of positive hidden activations.
 5. Two hidden layers with an expansive first layer (``n1 > d``), or where peeling gave a
    partial result: the second layer's equations in sign-free form (:mod:`.second_layer`),
-   which also give the first layer's signs.
+   which also give the first layer's signs. Boundary pieces off the first-layer planes do not
+   by themselves mean a deeper layer (two close planes can fake one): when one ReLU layer fits
+   the outputs exactly on fresh queries, that is the answer.
+6. A final check (:mod:`.verify`) prunes negligible units and alone may call the result
+   complete. The search stops at the query budget or the time limit with a partial result.
 """
 
 from __future__ import annotations
