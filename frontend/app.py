@@ -17,7 +17,8 @@ from frontend.catalog import PAGES  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
-st.set_page_config(page_title="ReLU Atlas", layout="wide")
+# A local favicon: without one, each page's ":material/..." icon is fetched from a font host.
+st.set_page_config(page_title="ReLU Atlas", layout="wide", page_icon=components.favicon())
 page = st.navigation([
     st.Page(HERE / p.file, title=p.title, icon=p.icon, url_path=p.url_path,
             default=p is PAGES[0])

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
-from PIL import Image
+from PIL import Image, ImageDraw
 from streamlit.runtime.pages_manager import PagesManager
 
 from frontend.client import ACTIVE, ApiClient, ApiError
@@ -317,6 +317,15 @@ def _is_image(model: dict) -> bool:
 def _value_range(model: dict) -> tuple[float, float]:
     lo, hi = (model.get("card") or {}).get("input_range") or (0.0, 1.0)
     return float(lo), float(hi)
+
+
+def favicon() -> Image.Image:
+    """The app's icon, drawn here (a ReLU's graph on the app's red), so no page fetches one."""
+    image = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    draw.rounded_rectangle((0, 0, 31, 31), radius=7, fill=(217, 54, 62, 255))
+    draw.line([(5, 22), (15, 22), (27, 8)], fill=(255, 255, 255, 255), width=4)
+    return image
 
 
 def to_image(values: np.ndarray, value_range: tuple[float, float], size: int = 96) -> Image.Image:
