@@ -2,34 +2,27 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 
 def rule_neurons(result: dict, index: int) -> go.Figure:
-    """The rule's layer as a grid of neurons: +1 must be on, -1 must be off, 0 unused."""
+    """The neurons the rule names, by index: a bar up for "must be on", down for "must be
+    off" (the layer's other neurons are free and not drawn)."""
     rule = result["rules"][index]
-    n = int(result["num_neurons"])
-    state = np.zeros(n)
-    state[rule["on"]] = 1.0
-    state[rule["off"]] = -1.0
-    cols = min(n, 16)
-    rows = math.ceil(n / cols)
-    grid = np.full(rows * cols, np.nan)
-    grid[:n] = state
-    labels = np.array([f"L{rule['layer']}.n{i}" for i in range(rows * cols)]).reshape(rows, cols)
-    fig = go.Figure(go.Heatmap(
-        z=grid.reshape(rows, cols), zmin=-1, zmax=1, text=labels,
-        colorscale=[[0, "#1f77b4"], [0.5, "#eeeeee"], [1, "#d62728"]], showscale=False,
-        hovertemplate="%{text}: %{z}<extra>+1 on, -1 off</extra>",
-    ))
-    fig.update_yaxes(autorange="reversed", scaleanchor="x", showticklabels=False)
-    fig.update_xaxes(showticklabels=False)
-    fig.update_layout(title=f"Neurons of L{rule['layer']} used by the rule (red on, blue off)",
-                      height=120 + 30 * rows, margin={"l": 10, "r": 10, "t": 40, "b": 10})
+    used = sorted([(i, 1) for i in rule["on"]] + [(i, -1) for i in rule["off"]])
+    labels = [f"n{i}" for i, _ in used]
+    fig = go.Figure(go.Bar(
+        x=labels, y=[v for _, v in used],
+        marker_color=["#2ca02c" if v > 0 else "#7f7f7f" for _, v in used],
+        text=["on" if v > 0 else "off" for _, v in used], textposition="inside",
+        hovertemplate="%{x} must be %{text}<extra></extra>"))
+    fig.update_yaxes(range=[-1.2, 1.2], showticklabels=False, zeroline=True)
+    fig.update_layout(title=f"The {len(used)} of {result['num_neurons']} neurons of "
+                            f"L{rule['layer']} the rule uses (green on, grey off)",
+                      height=220, xaxis_title="neuron", xaxis_type="category",
+                      margin={"l": 10, "r": 10, "t": 40, "b": 40})
     return fig
 
 
@@ -51,7 +44,7 @@ def covered_inputs(result: dict, index: int) -> go.Figure:
     fig = make_subplots(rows=1, cols=len(images), subplot_titles=[t for _, t in images],
                         horizontal_spacing=0.02)
     for k, (img, _) in enumerate(images, start=1):
-        fig.add_trace(go.Heatmap(z=img, colorscale="gray_r", showscale=False,
+        fig.add_trace(go.Heatmap(z=img, colorscale="gray", showscale=False,
                                  hovertemplate="%{z:.2f}<extra></extra>"), row=1, col=k)
         fig.update_yaxes(autorange="reversed", showticklabels=False, scaleanchor=f"x{k}",
                          row=1, col=k)
@@ -75,5 +68,5 @@ def rule_table(result: dict, verdicts: list[dict] | None = None) -> list[dict]:
         rows.append({"rule": r["condition"], "class": r["target"], "support": r["support"],
                      "precision": round(r["precision"], 3), "recall": round(r["recall"], 3),
                      "status": status,
-                     "time_s": None if seconds is None else round(seconds, 2)})
+                     "time_s": "not run" if seconds is None else f"{seconds:.2f}"})
     return rows

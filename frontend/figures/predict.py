@@ -43,13 +43,20 @@ def layer_activity(result: dict) -> go.Figure:
 
 
 def pattern_grid(layer: dict) -> np.ndarray:
-    """A layer's 0/1 pattern as a 2-D grid: fraction of active channels for conv maps,
-    a near-square grid of units for dense layers."""
-    pattern = np.asarray(layer["pattern"], dtype=float)
+    """A conv layer's 0/1 pattern as its spatial map: the fraction of channels on."""
     shape = tuple(layer["shape"])
-    if len(shape) == 3:
-        return pattern.reshape(shape).mean(axis=0)
-    width = int(np.ceil(np.sqrt(pattern.size)))
-    grid = np.full(width * int(np.ceil(pattern.size / width)), np.nan)
-    grid[: pattern.size] = pattern
-    return grid.reshape(-1, width)
+    return np.asarray(layer["pattern"], dtype=float).reshape(shape).mean(axis=0)
+
+
+def pattern_strip(layer: dict, title: str) -> go.Figure:
+    """A dense layer's 0/1 pattern as one row of units in index order: its units have no
+    spatial layout, so none is drawn."""
+    pattern = np.asarray(layer["pattern"], dtype=float).reshape(1, -1)
+    fig = go.Figure(go.Heatmap(
+        z=pattern, x=np.arange(pattern.shape[1]), colorscale=[[0, "#eeeeee"], [1, "#2ca02c"]],
+        zmin=0, zmax=1, showscale=False, xgap=1,
+        hovertemplate="unit %{x}: %{z:.0f}<extra>1 = on</extra>"))
+    fig.update_yaxes(showticklabels=False)
+    fig.update_layout(title=title, height=150, xaxis_title="unit",
+                      margin={"l": 10, "r": 10, "t": 40, "b": 40})
+    return fig

@@ -33,11 +33,9 @@ if result:
         ui.show_figure(figures.layer_activity(result), "layer_activity")
     with st.expander("Activation pattern per layer"):
         for layer in result["layers"]:
-            grid = figures.pattern_grid(layer)
             title = (f"node {layer['node']}: {layer['active']} of {layer['neurons']} on"
                      f" (shape {'x'.join(map(str, layer['shape']))})")
-            ui.show_figure(
-                ui.heatmap(grid, title, colorscale="Greens", symmetric=False,
-                           colorbar_title="on", hover="on"),
-                f"pattern_node{layer['node']}",
-            )
+            figure = (ui.heatmap(figures.pattern_grid(layer), title, colorscale="Greens",
+                                 symmetric=False, colorbar_title="on", hover="on")
+                      if len(layer["shape"]) == 3 else figures.pattern_strip(layer, title))
+            ui.show_figure(figure, f"pattern_node{layer['node']}")

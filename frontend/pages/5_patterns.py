@@ -174,6 +174,12 @@ if result:
             st.markdown("Verified in parallel: "
                         + ", ".join(f"{n} {status}" for status, n in counts.most_common()))
         st.dataframe(figures.rule_table(result, verdicts), hide_index=True)
+        below = sum(r["precision"] < min_precision for r in rules)
+        st.caption(f"A leaf becomes a rule when at least {min_precision:.0%} of the mining "
+                   "inputs it holds have its class; support, precision and recall above are "
+                   "measured on held-out inputs" + (
+                       f", where {below} of the rules fall below that share." if below
+                       else "."))
         names = [f"{i}: {r['text']}" for i, r in enumerate(rules)]
         chosen = st.selectbox("Rule", range(len(rules)), format_func=lambda i: names[i])
         rule = rules[chosen]
