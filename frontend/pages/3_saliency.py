@@ -44,7 +44,11 @@ if result:
     m[3].metric("Solve time", f"{result['timings']['solve_s']:.2f} s")
     st.markdown(f"Explaining class **{result['target_class']}**; proven lower bound on the mask "
                 f"size: {result['lower_bound']}.")
-    if result["status"] == "infeasible":
+    if not result["neurons"]:
+        st.warning("No first-layer neuron is both active on the input and positively "
+                   "attributed (IG) from this baseline: nothing is constrained, so the empty "
+                   "mask is trivially minimal and guarantees nothing. Try another baseline.")
+    elif result["status"] == "infeasible":
         st.warning("Proven: no mask keeps every selected neuron at this threshold (above 1 it "
                    "can be impossible): lower the threshold.")
     elif result["status"] != "optimal":
