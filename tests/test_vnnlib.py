@@ -200,3 +200,26 @@ def test_milp_matches_an_independent_milp_and_its_points_are_counterexamples(see
         below = Case(lo, hi, row, np.array([exact_lo[j] + gap]))
         refuted, _, point = milp.refute(net, below, 30)
         assert not refuted and check_counterexample(net, below, torch.as_tensor(point))
+
+
+def test_verify_property_job_answers_from_the_vnnlib_text() -> None:
+    """The service's ``verify_property`` runner on a shared ACAS Xu instance of each kind;
+    the counterexample it returns is re-checked by onnxruntime."""
+    from types import SimpleNamespace
+
+    from backend.analyses.proof_features import PropertyParams, run_property
+
+    folder = shared_path("vnncomp2021", "acasxu")
+    onnx_path = folder / "ACASXU_run2a_1_3_batch_2000.onnx"
+    ctx = SimpleNamespace(net=load_network(str(onnx_path)), progress=lambda frac, msg: None)
+    seen = {}
+    for prop_name in ("prop_1.vnnlib", "prop_2.vnnlib"):
+        text = (folder / prop_name).read_text()
+        out = run_property(ctx, PropertyParams(vnnlib=text, method="bab", time_limit=60))
+        seen[prop_name] = out["status"]
+        if out["status"] == "counterexample":
+            x = np.array(out["counterexample"], dtype=np.float64).reshape(-1)
+            assert _meets(read_vnnlib(text), x, _onnx_output(onnx_path, x))
+    assert seen == {"prop_1.vnnlib": "proven", "prop_2.vnnlib": "counterexample"}
+    with pytest.raises(InvalidInputError):
+        run_property(ctx, PropertyParams(vnnlib="(assert (<= X_0 1)", method="crown"))

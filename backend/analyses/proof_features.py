@@ -1,5 +1,6 @@
-"""Proof features as jobs: one proof, the largest certified eps per method, and a method
-comparison over gallery inputs (the page lines the latter up across sibling models)."""
+"""Proof features as jobs: one proof, the largest certified eps per method, a method
+comparison over gallery inputs (the page lines the latter up across sibling models), and a
+VNN-LIB property verified on the model (proven / counterexample / unknown)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pydantic import BaseModel, Field
 
 from app.analyses.proof_features import certify, largest_certified_eps, proof_features
 from app.bounds import QUICK_METHODS
+from app.properties import read_vnnlib, verify
 from backend.analyses.base import Analysis, JobContext, jsonable, register
 
 Method = Literal["interval", "deepz", "crown", "alpha-crown"]
@@ -30,6 +32,14 @@ class EpsParams(BaseModel):
 class CompareParams(BaseModel):
     eps: float = Field(0.05, gt=0.0, le=1.0)
     n_inputs: int = Field(20, ge=1, le=200, description="gallery inputs to prove")
+
+
+class PropertyParams(BaseModel):
+    vnnlib: str = Field(..., min_length=1, max_length=4_000_000,
+                        description="the property's VNN-LIB text (X_i: flattened input)")
+    method: Literal["interval", "deepz", "crown", "alpha-crown", "bab"] = Field(
+        "bab", description="bound method, or branch and bound (complete where it finishes)")
+    time_limit: float = Field(60.0, gt=0.0, le=3600.0, description="seconds")
 
 
 def _domain(ctx: JobContext) -> tuple[float, float]:
@@ -98,6 +108,17 @@ def run_compare(ctx: JobContext, params: CompareParams) -> dict:
                      "rows": rows})
 
 
+def run_property(ctx: JobContext, params: PropertyParams) -> dict:
+    prop = read_vnnlib(params.vnnlib)
+    verdict = verify(ctx.net, prop, params.method, params.time_limit, progress=ctx.progress)
+    return jsonable({
+        "status": verdict.status, "method": verdict.method, "seconds": verdict.seconds,
+        "message": verdict.message, "cases": len(prop.cases), "case_status": verdict.case_status,
+        "counterexample": verdict.counterexample, "output": verdict.output,
+        "case": verdict.case, "boxes": verdict.boxes, "input_shape": list(ctx.net.input_shape),
+    })
+
+
 register(Analysis(
     name="proof_features", title="Proof features",
     description="Certify the eps-ball around the input with a bound propagator (interval, "
@@ -114,4 +135,11 @@ register(Analysis(
     name="proof_compare", title="Proof methods compared",
     description="Certified rate and kept proof features per bound method over gallery inputs.",
     params=CompareParams, run=run_compare, needs_input=False,
+))
+register(Analysis(
+    name="verify_property", title="VNN-LIB property",
+    description="Verify a VNN-COMP property (input box, linear output constraints) on the "
+                "model: proven, a counterexample checked by a forward pass, or unknown within "
+                "the time limit.",
+    params=PropertyParams, run=run_property, needs_input=False,
 ))
