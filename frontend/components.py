@@ -230,7 +230,7 @@ def _card_editor(api: ApiClient, model: dict) -> None:
         name = st.text_input("Name", value=model.get("name", ""), max_chars=200)
         dataset = st.text_input("Dataset (e.g. digits, mnist, cifar10)",
                                 value=card.get("dataset", ""))
-        lo, hi = _value_range(model)
+        lo, hi = value_range(model)
         cols = st.columns(2)
         low = cols[0].number_input("Input low", value=lo, format="%g")
         high = cols[1].number_input("Input high", value=hi, format="%g")
@@ -284,13 +284,13 @@ def _input_chooser(api: ApiClient, model: dict) -> str | None:
         placeholder="Upload or draw an input below",
     )
     _to_url("input", input_id)
-    if input_id is not None and _is_image(model):
+    if input_id is not None and is_image(model):
         _show_input_preview(mid, input_id, model)
 
     gallery = [i for i in inputs if i.get("source") == "gallery"]
     tabs = st.tabs(["Gallery", "Upload", "Draw"])
     with tabs[0]:
-        if gallery and _is_image(model):
+        if gallery and is_image(model):
             _gallery_thumbnails(mid, gallery[:GALLERY_THUMBNAILS], model)
         elif not gallery:
             st.caption("This model has no gallery: upload or draw an input.")
@@ -309,12 +309,12 @@ def _input_name(info: dict) -> str:
     return f"{info.get('source', '')} {info.get('label', info['id'])}".strip()
 
 
-def _is_image(model: dict) -> bool:
+def is_image(model: dict) -> bool:
     shape = model.get("input_shape") or []
     return len(shape) == 3 and shape[0] in (1, 3)
 
 
-def _value_range(model: dict) -> tuple[float, float]:
+def value_range(model: dict) -> tuple[float, float]:
     lo, hi = (model.get("card") or {}).get("input_range") or (0.0, 1.0)
     return float(lo), float(hi)
 
@@ -344,14 +344,14 @@ def _show_input_preview(model_id: str, input_id: str, model: dict) -> None:
     except ApiError as exc:
         st.error(str(exc))
         return
-    st.image(to_image(values, _value_range(model), size=128), caption="Selected input")
+    st.image(to_image(values, value_range(model), size=128), caption="Selected input")
 
 
 def _gallery_thumbnails(model_id: str, gallery: list[dict], model: dict) -> None:
     cols = st.columns(4)
     for n, item in enumerate(gallery):
         with cols[n % 4]:
-            st.image(to_image(input_values(model_id, item["id"]), _value_range(model), size=48))
+            st.image(to_image(input_values(model_id, item["id"]), value_range(model), size=48))
             st.button(
                 str(item.get("target", n)), key=f"pick_{item['id']}", on_click=_pick_input,
                 args=(item["id"],), help=f"Use {item['label']}", width="stretch",
@@ -377,7 +377,7 @@ def _upload_input(model_id: str) -> None:
 def _drawing_canvas(model_id: str, model: dict) -> None:
     """Draw a digit (white on black); it is downsampled to the input shape and uploaded."""
     shape = model.get("input_shape") or []
-    if not (_is_image(model) and shape[0] == 1 and max(shape[1:]) <= 64):
+    if not (is_image(model) and shape[0] == 1 and max(shape[1:]) <= 64):
         st.caption("Drawing is offered for small single-channel (digit-like) inputs.")
         return
     from streamlit_drawable_canvas import st_canvas
@@ -392,7 +392,7 @@ def _drawing_canvas(model_id: str, model: dict) -> None:
         if strokes is None or not strokes[..., 3].any():
             st.warning("Draw something first.")
             return
-        values = drawing_to_input(strokes, tuple(shape), _value_range(model))
+        values = drawing_to_input(strokes, tuple(shape), value_range(model))
         buffer = io.BytesIO()
         np.save(buffer, values)
         try:

@@ -7,6 +7,7 @@ cards, the parameters, the inputs, the job of every cell, software versions and 
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import platform
@@ -38,6 +39,8 @@ class ReportContent:
     params: dict
     inputs: list[str]
     figures: list[tuple[str, go.Figure]]
+    summary: list[dict] = field(default_factory=list)  # per model: the page's metric cards
+    input_images: list[tuple[str, bytes]] = field(default_factory=list)  # (input id, PNG)
     jobs: list[dict] = field(default_factory=list)  # {model, input, analysis, job_id, status}
     link: str | None = None
     backend_version: str | None = None
@@ -76,7 +79,12 @@ def build_report(content: ReportContent) -> str:
               "<h2>Parameters</h2>", _table(["parameter", "value"], content.params.items()),
               f"<h2>Inputs ({len(content.inputs)})</h2>",
               "<p>" + ", ".join(f"<code>{e(i)}</code>" for i in content.inputs) + "</p>",
-              "<h2>Figures</h2>"]
+              *_images(content.input_images)]
+    if content.summary:
+        header = list(dict.fromkeys(k for row in content.summary for k in row))
+        parts += ["<h2>Per model</h2>",
+                  _table(header, ([row.get(k, "") for k in header] for row in content.summary))]
+    parts += ["<h2>Figures</h2>"]
     for k, (name, fig) in enumerate(content.figures):
         div = fig.to_html(full_html=False, include_plotlyjs=k == 0, div_id=f"figure-{name}",
                           config={"displaylogo": False,
@@ -95,6 +103,14 @@ def build_report(content: ReportContent) -> str:
                           "inputs": content.inputs}).replace("</", "<\\/"),
               "</script></body></html>"]
     return "\n".join(parts)
+
+
+def _images(images: list[tuple[str, bytes]]) -> list[str]:
+    """Inline PNGs (the report is one file), each captioned with its input id."""
+    e = html.escape
+    return [f"<figure style='display:inline-block;margin:0 1rem 1rem 0'><img alt='{e(name)}' "
+            f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+            f"<figcaption><code>{e(name)}</code></figcaption></figure>" for name, png in images]
 
 
 def _models_table(models: list[dict]) -> str:

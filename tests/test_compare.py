@@ -9,6 +9,8 @@ figure and plotly.js, with no external script.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import math
 import re
@@ -19,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from PIL import Image
 
 from app import load_network
 from backend.analyses import REGISTRY, JobContext, jsonable
@@ -173,9 +176,19 @@ def test_report_embeds_every_figure(batch, models) -> None:
     drawn = figures.batch_figures(labels, summaries, PARAMS.method, PARAMS.eps)
     drawn += figures.one_input_figures(
         labels, [cells.results[(m, input_ids[0])] for m in model_ids])
+    png = io.BytesIO()
+    Image.new("L", (8, 8), 200).save(png, format="PNG")
+    summary = [{"model": label, "certified accuracy (crown, eps 0.05)": 0.25 + k / 8}
+               for k, label in enumerate(labels)]
     html = build_report(ReportContent(title="test", models=models, params=PARAMS.query(),
-                                      inputs=input_ids, figures=drawn,
+                                      inputs=input_ids, figures=drawn, summary=summary,
+                                      input_images=[(input_ids[0], png.getvalue())],
                                       link="http://127.0.0.1/compare?run=1"))
+    for row in summary:  # the per-model metric cards, as a table
+        assert f"<td>{row['model']}</td>" in html
+        assert f"<td>{row['certified accuracy (crown, eps 0.05)']}</td>" in html
+    embedded = re.search(r"src='data:image/png;base64,([^']+)'", html).group(1)
+    assert Image.open(io.BytesIO(base64.b64decode(embedded))).size == (8, 8)
     parser = _Scripts()
     parser.feed(html)
     assert parser.srcs == []  # self-contained: plotly.js is inline

@@ -4,10 +4,12 @@ Every cell is the ordinary single-analysis job (see frontend/comparison.py); the
 the models, inputs and parameters, so a copied link reopens the same comparison.
 """
 
+import io
 import statistics
 from datetime import UTC, datetime
 from urllib.parse import urlencode, urlsplit
 
+import numpy as np
 import streamlit as st
 
 from frontend import comparison
@@ -133,32 +135,42 @@ def _figures(cells: comparison.Cells) -> list:
     return figures.batch_figures(labels, summaries, params.method, params.eps)
 
 
-def _one_input_metrics(cells: comparison.Cells) -> None:
-    for col, mid, label in zip(st.columns(len(chosen)), chosen, labels, strict=True):
+def _one_input_cards(cells: comparison.Cells) -> list[dict]:
+    """Per model, the metric cards shown above the figures: ``{title: (value, note)}``."""
+    cards = []
+    for mid, label in zip(chosen, labels, strict=True):
         prediction = cells.get(mid, input_ids[0], "predict")
         proof = cells.get(mid, input_ids[0], "proof_features")
         found = cells.get(mid, input_ids[0], "proof_eps")
         mask = cells.get(mid, input_ids[0], "saliency")
         line = cells.get(mid, input_ids[0], "linear_regions_line")
+        card: dict = {"model": label}
+        if prediction:
+            card["Prediction"] = (prediction["predicted_class"],
+                                  f"margin {figures.margin(prediction):.2f}")
+        if proof:
+            card[f"Proof features kept ({params.method}, eps {params.eps:g})"] = (
+                f"{proof['num_kept']} / {proof['num_features']}" if proof["certified"]
+                else "not certified", None)
+        if found:
+            card[f"Largest certified eps ({params.method})"] = (
+                f"{found['largest_eps'][params.method]:.3f}", None)
+        if mask:
+            card["SMT mask"] = (f"{mask['mask_size']} / {mask['num_groups']}", mask["status"])
+        if line and line.get("linearity"):
+            card["Region density FGSM / random"] = (
+                f"{line['linearity']['fgsm_density']:.1f} / "
+                f"{line['linearity']['random_density']:.1f}", None)
+        cards.append(card)
+    return cards
+
+
+def _one_input_metrics(cards: list[dict]) -> None:
+    for col, card in zip(st.columns(len(cards)), cards, strict=True):
         with col:
-            st.markdown(f"**{label}**")
-            if prediction:
-                st.metric("Prediction", prediction["predicted_class"],
-                          f"margin {figures.margin(prediction):.2f}", delta_color="off")
-            if proof:
-                st.metric(f"Proof features kept (eps {params.eps:g})",
-                          f"{proof['num_kept']} / {proof['num_features']}" if proof["certified"]
-                          else "not certified")
-            if found:
-                st.metric(f"Largest certified eps ({params.method})",
-                          f"{found['largest_eps'][params.method]:.3f}")
-            if mask:
-                st.metric("SMT mask", f"{mask['mask_size']} / {mask['num_groups']}",
-                          mask["status"], delta_color="off")
-            if line and line.get("linearity"):
-                st.metric("Region density FGSM / random",
-                          f"{line['linearity']['fgsm_density']:.1f} / "
-                          f"{line['linearity']['random_density']:.1f}")
+            st.markdown(f"**{card['model']}**")
+            for title, (value, note) in ((k, v) for k, v in card.items() if k != "model"):
+                st.metric(title, value, note, delta_color="off")
 
 
 def _median(values: list) -> float | None:
@@ -169,7 +181,7 @@ def _mean(values: list) -> float | None:
     return round(statistics.mean(values), 2) if values else None
 
 
-def _batch_table(cells: comparison.Cells) -> None:
+def _batch_rows(cells: comparison.Cells) -> list[dict]:
     rows = []
     for label, s in zip(labels, comparison.summarize(cells, chosen, input_ids, params),
                         strict=True):
@@ -182,14 +194,22 @@ def _batch_table(cells: comparison.Cells) -> None:
                      "mean density FGSM": _mean(s.fgsm_density),
                      "mean density random": _mean(s.random_density),
                      "median sparsity": _median(s.sparsity)})
-    st.dataframe(rows, hide_index=True)
+    return rows
+
+
+def _summary_rows(cells: comparison.Cells) -> list[dict]:
+    """The per-model numbers above the figures, as table rows (also the report's)."""
+    if mode != "One input":
+        return _batch_rows(cells)
+    return [{k: (v if k == "model" else v[0] if v[1] is None else f"{v[0]} ({v[1]})")
+             for k, v in card.items()} for card in _one_input_cards(cells)]
 
 
 def _render(cells: comparison.Cells, key: str) -> list:
     if mode == "One input":
-        _one_input_metrics(cells)
+        _one_input_metrics(_one_input_cards(cells))
     else:
-        _batch_table(cells)
+        st.dataframe(_batch_rows(cells), hide_index=True)
     drawn = _figures(cells)
     for name, fig in drawn:
         ui.show_figure(fig, name, key=f"{key}_{name}")
@@ -244,6 +264,22 @@ if cells.errors:
 board.empty()  # the partial figures give way to the final ones
 drawn = _render(cells, "final")
 
+def _input_images(limit: int = 12) -> list[tuple[str, bytes]]:
+    """The compared inputs as PNGs (the first ``limit``), drawn as in the sidebar."""
+    if not ui.is_image(anchor):
+        return []
+    images = []
+    for input_id in input_ids[:limit]:
+        try:
+            values = np.asarray(api.input(anchor["id"], input_id)["values"], dtype=float)
+        except ApiError:
+            continue
+        buf = io.BytesIO()
+        ui.to_image(values, ui.value_range(anchor), size=128).save(buf, format="PNG")
+        images.append((input_id, buf.getvalue()))
+    return images
+
+
 try:
     backend_version = api.health().get("version")
 except ApiError:
@@ -251,7 +287,8 @@ except ApiError:
 report = build_report(ReportContent(
     title="ReLU Atlas comparison: " + " vs ".join(labels),
     models=[models[m] for m in chosen], params={**params.query(), "mode": mode},
-    inputs=input_ids, figures=drawn,
+    inputs=input_ids, figures=drawn, summary=_summary_rows(cells),
+    input_images=_input_images(),
     link=urlsplit(st.context.url)._replace(query=urlencode(st.query_params.to_dict())).geturl(),
     jobs=[{"model": figures.model_label(models[cell[0]]), "input": cell[1],
            "analysis": cell[2], "job_id": job_id,
