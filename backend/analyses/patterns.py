@@ -21,6 +21,8 @@ from app.analyses.patterns import (
     distill,
     input_property,
     mine_rules,
+    proven_coverage,
+    refine_rule,
     rules_firing,
     verify_rule,
 )
@@ -47,6 +49,10 @@ class Params(BaseModel):
     method: Literal["auto", "milp", "split"] = Field(
         "auto", description="one MILP, or input splitting (auto: for few input dimensions)")
     thumbnails: int = Field(6, ge=0, le=24, description="covered inputs shown per rule")
+    refine: int = Field(3, ge=0, le=8, description="literals added at most to a refuted rule "
+                        "to find a restriction that is proven (0: do not refine)")
+    coverage: int = Field(40, ge=0, le=1000, description="held-out inputs whose input "
+                          "property is decided for the proven coverage (0: skip)")
 
 
 def _range(ctx: JobContext) -> tuple[float, float]:
@@ -72,6 +78,7 @@ def run(ctx: JobContext, params: Params) -> dict:
     held = xs[mined.heldout]
     rows = []
     todo = mined.rules[: params.verify]
+    verdicts = []
     for k, rule in enumerate(mined.rules):
         covered = held[rule.fires(ctx.net, held)]
         row = rule.to_dict() | {"status": "not verified", "seconds": None, "message": "",
@@ -85,13 +92,42 @@ def run(ctx: JobContext, params: Params) -> dict:
                 domain = InputDomain.linf_ball(ctx.net, covered[0], params.eps, clip=(lo, hi))
             verdict = verify_rule(ctx.net, rule, domain, timeout=params.timeout,
                                   method=params.method, known=covered)
+            verdicts.append(verdict)
             row |= {"status": verdict.status, "seconds": verdict.seconds,
                     "message": verdict.message, "counterexample": verdict.counterexample,
-                    "counterexample_class": verdict.counterexample_class}
+                    "counterexample_class": verdict.counterexample_class, "refined": None}
+            if verdict.status == "counterexample" and params.refine:
+                ref = refine_rule(ctx.net, rule, domain, held, max_steps=params.refine,
+                                  timeout=params.timeout, method=params.method, first=verdict)
+                row["refined"] = {"text": f"if {ref.rule.condition()} then "
+                                          f"{ref.rule.conclusion()}",
+                                  "condition": ref.rule.condition(),
+                                  "on": ref.rule.on, "off": ref.rule.off,
+                                  "outcome": ref.outcome, "support": ref.support,
+                                  "message": ref.verdict.message,
+                                  "literals_added": len(ref.steps) - 1}
         rows.append(row)
-    ctx.progress(0.87, "distilling a rule list")
-    rule_list = distill(ctx.net, xs, layer=params.layer, max_depth=params.max_depth + 4,
-                        lowest=params.lowest)
+    ctx.progress(0.8, "distilling rule lists")
+    tradeoff = []
+    for literals in ("threshold", "pattern"):
+        for size in (10, 30, 100, None):
+            listed = distill(ctx.net, xs, layer=params.layer, literals=literals, max_depth=None,
+                             max_rules=size, augment=10, input_range=(lo, hi),
+                             lowest=params.lowest)
+            tradeoff.append({"literals": literals, "max_rules": size,
+                             "rules": len(listed.rules), "fidelity": listed.fidelity})
+            if literals == "threshold" and size == 100:
+                rule_list = listed
+    coverage = None
+    if params.coverage:
+        ctx.progress(0.86, "proven coverage of held-out inputs")
+        on_box = params.domain == "box"  # rules proven on the box cover what they fire on
+        cov = proven_coverage(
+            ctx.net, held[: params.coverage], InputDomain.box(ctx.net, lo, hi),
+            layer=params.layer, lowest=params.lowest, eps=None if on_box else params.eps,
+            rules=todo if on_box else [], verdicts=verdicts if on_box else [],
+            timeout=min(params.timeout, 5.0))
+        coverage = cov.to_dict() | {"domain": params.domain}
     current = None
     if ctx.x is not None:
         ctx.progress(0.92, "explaining the current input")
@@ -112,7 +148,8 @@ def run(ctx: JobContext, params: Params) -> dict:
         "heldout": mined.heldout,
         "input_shape": list(ctx.net.input_shape), "domain": params.domain, "eps": params.eps,
         "rules": rows, "fidelity": rule_list.fidelity, "rule_list_size": len(rule_list.rules),
-        "current": current,
+        "rule_list_literals": "threshold", "rule_list_tradeoff": tradeoff,
+        "proven_coverage": coverage, "current": current,
     })
 
 

@@ -50,9 +50,11 @@ def refine_rule(
     max_steps: int = 8,
     timeout: float = 10.0,
     method: Method = "auto",
+    first: Verdict | None = None,
 ) -> Refinement:
     """Verify ``rule``; while refuted, add the literal that excludes the counterexample and
-    keeps most of the covered ``inputs``, and verify again (at most ``max_steps`` literals)."""
+    keeps most of the covered ``inputs``, and verify again (at most ``max_steps`` literals).
+    ``first``: the rule's verdict on this domain when already known."""
     domain = _as_domain(net, input_domain)
     net64 = net.with_dtype(torch.float64)
     xs = inputs.to(torch.float64).reshape(-1, *net.input_shape)
@@ -62,8 +64,8 @@ def refine_rule(
     pattern = pattern[covered]
     steps: list[tuple[Rule, Verdict]] = []
     while True:
-        verdict = verify_rule(net, rule, domain, timeout=timeout, method=method,
-                              known=xs[covered])
+        verdict = first if first is not None and not steps else verify_rule(
+            net, rule, domain, timeout=timeout, method=method, known=xs[covered])
         steps.append((rule, verdict))
         support = int(rule.fires_on_pattern(torch.from_numpy(pattern)).sum())
         if verdict.status != "counterexample" or len(steps) > max_steps:
