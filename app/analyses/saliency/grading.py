@@ -33,8 +33,7 @@ from app.network import Network
 
 MIN_AREA = 0.05
 TIE_RTOL = 1e-9
-LOWER_IS_BETTER = {"saliency_metric": True, "insertion_auc": False, "deletion_auc": True,
-                   "sparsity": False}
+LOWER_IS_BETTER = {"saliency_metric": True, "insertion_auc": False, "deletion_auc": True}
 
 
 @dataclass

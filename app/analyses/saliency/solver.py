@@ -101,33 +101,22 @@ class MaskSolution:
 def greedy_mask(problem: MaskProblem, order: np.ndarray,
                 start: np.ndarray | None = None) -> np.ndarray | None:
     """An inclusion-minimal mask inside ``start`` (default: the full mask): groups are dropped
-    in ``order`` wherever every constraint still holds, in passes until a pass drops none, so
-    no single kept group can be dropped. ``None`` when ``start`` itself does not hold."""
+    in ``order`` wherever :meth:`MaskProblem.holds` still holds without them, in passes until
+    a pass drops none, so no single kept group can be dropped. ``None`` when ``start`` itself
+    does not hold."""
     mask = np.ones(problem.groups, bool) if start is None else start.copy()
     if not problem.holds(mask):
         return None
-    a, _ = problem.scaled
     dropped = True
     while dropped:
         dropped = False
-        slack = problem.slack(mask)
         for g in order:
-            if mask[g] and np.all(slack - a[g] >= -TOL):
+            if mask[g]:
                 mask[g] = False
-                slack = slack - a[g]
-                dropped = True
-        if not problem.holds(mask):  # float drift of the running slack: recompute and redo
-            mask = _restore(problem, mask, start)
-    return mask
-
-
-def _restore(problem: MaskProblem, mask: np.ndarray, start: np.ndarray | None) -> np.ndarray:
-    """Re-add ``start``'s groups until ``mask`` holds again (``start`` holds, so this ends)."""
-    full = np.ones(problem.groups, bool) if start is None else start
-    for g in np.flatnonzero(full & ~mask):
-        mask[g] = True
-        if problem.holds(mask):
-            break
+                if problem.holds(mask):
+                    dropped = True
+                else:
+                    mask[g] = True
     return mask
 
 
