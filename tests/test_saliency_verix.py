@@ -157,7 +157,7 @@ def test_pgd_never_flips_an_explanation_on_the_digit_models(name: str) -> None:
     digits = np.load(SAMPLE_MODELS / "gallery" / "digits.npz")["x"]
     for index in (0,):
         x = torch.from_numpy(digits[index].astype(np.float64))
-        res = verified_explanation(net, x, 0.1, timeout_s=4, check_timeout_s=1)
+        res = verified_explanation(net, x, 0.1, timeout_s=2, check_timeout_s=1)
         assert len(res.freed) > 0
         assert not _pgd_on_complement(net, x, res)
         _check_counterexamples(net, x.numpy(), res)
