@@ -37,6 +37,7 @@ from app.errors import InvalidInputError, UnsupportedModelError
 from app.layers import AffineLayer, ElementwiseAffine
 from app.network import INPUT, Network
 from app.progress import ProgressFn, report
+from app.properties import Case, VnnProperty, verify
 
 Domain = tuple[float, float] | None
 
@@ -77,19 +78,36 @@ class ProofFeatures:
 
 
 def certify(net: Network, x: Tensor, label: int, eps: float, method: str = "crown",
-            domain: Domain = (0.0, 1.0)) -> Certificate:
+            domain: Domain = (0.0, 1.0), time_limit: float = 60.0) -> Certificate:
     """Try to prove that ``net`` predicts ``label`` everywhere in the clipped eps-ball at ``x``.
 
     ``certified`` is float-safe (see :func:`app.bounds.property_lower_bounds`); a negative or
     non-finite ``eps``, a non-finite input or a label outside the outputs raise
-    :class:`InvalidInputError`.
+    :class:`InvalidInputError`. ``method="bab"`` asks the complete verifier
+    (:func:`app.properties.verify`, at most ``time_limit`` seconds): ``certified`` is its
+    ``proven``, while ``margin(s)`` stay CROWN's lower bounds (a proof by splitting or MILP
+    has no single margin).
     """
     x = _as_batch(net, x)
     _check_label(net, label)
     with torch.no_grad():
         lo, hi = input_box(x, eps, domain)
-        bounds = property_lower_bounds(net, lo, hi, torch.tensor([label]), method)[0]
-    return _certificate(net, method, eps, label, bounds)
+        bound_method = "crown" if method == "bab" else method
+        bounds = property_lower_bounds(net, lo, hi, torch.tensor([label]), bound_method)[0]
+    cert = _certificate(net, method, eps, label, bounds)
+    if method == "bab" and not cert.certified:
+        cert.certified = _proven_by_bab(net, lo, hi, label, time_limit)
+    return cert
+
+
+def _proven_by_bab(net: Network, lo: Tensor, hi: Tensor, label: int, time_limit: float) -> bool:
+    """The ball as a VNN-LIB-style property (some ``y_j >= y_label``) for the verifier."""
+    eye = np.eye(net.num_outputs)
+    box = lo[0].reshape(-1).double().numpy(), hi[0].reshape(-1).double().numpy()
+    cases = [Case(*box, (eye[label] - eye[j])[None], np.zeros(1))
+             for j in range(net.num_outputs) if j != label]
+    prop = VnnProperty(box[0].size, net.num_outputs, cases)
+    return verify(net, prop, "bab", time_limit).status == "proven"
 
 
 def proof_features(net: Network, x: Tensor, label: int, eps: float, method: str = "crown",
