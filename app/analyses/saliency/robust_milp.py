@@ -5,7 +5,10 @@ Consecutive affine layers are composed into one dense map; each ReLU input with 
 ``[l, u]`` is ``0`` when ``u <= 0``, the identity when ``l >= 0`` and otherwise the usual
 big-M encoding with one binary. Every layer's variables are divided by that layer's largest
 bound, so HiGHS's absolute tolerances act relative to each layer's scale. Fixed input
-features are folded into the first layer's bias; only free features are variables.
+features are folded into the first layer's bias; only free features are variables. One MILP
+per rival class j the bounds cannot exclude: minimise the margin ``logit_target - logit_j`` subject to
+``margin <= 1e-5`` of the logits' scale; infeasible for every j is the proof, and an optimum
+is returned as a counterexample only once the forward pass classifies it otherwise.
 """
 
 from __future__ import annotations
@@ -92,59 +95,49 @@ def check(net: Network, lo: Tensor, hi: Tensor, target: int, deadline: float,
         out = np.zeros((len(low), len(keep)))
         out[keep, np.arange(len(keep))] = 1.0
         a_acc, b_acc = out, np.zeros(len(low))
-    # logits = a_acc @ (prev_scale * v_prev) + b_acc; one binary s_j per rival class j:
-    # sum s_j = 1 and margin_j <= PROOF_MARGIN where s_j = 1 (big-M from CROWN elsewhere)
+    # logits = a_acc @ (prev_scale * v_prev) + b_acc. One MILP per rival class j: minimise
+    # the margin logit_target - logit_j under "margin <= PROOF_MARGIN"; infeasible = proof
     out_lo, out_hi = (t.detach().reshape(-1).numpy()
                       for t in crown.bounds(len(net.layers) - 1))
     out_scale = max(float(np.abs(out_lo).max()), float(np.abs(out_hi).max()), 1e-300)
-    rivals = [j for j in range(len(out_lo))
-              if j != target and out_lo[target] - out_hi[j] <= PROOF_MARGIN * out_scale]
-    if not rivals:
-        return Outcome(ROBUST, None)
-    pick = np.arange(len(lb), len(lb) + len(rivals))
-    lb += [0.0] * len(rivals)
-    ub += [1.0] * len(rivals)
-    integer += [1] * len(rivals)
-    first = len(rows.lo)
-    for j, s_j in zip(rivals, pick, strict=True):
-        coef = (a_acc[target] - a_acc[j]) * prev_scale / out_scale
+    rivals = sorted((j for j in range(len(out_lo)) if j != target
+                     and out_lo[target] - out_hi[j] <= PROOF_MARGIN * out_scale),
+                    key=lambda j: out_lo[target] - out_hi[j])
+    n = len(lb)
+    network = [rows.matrix(n)] if rows.lo else []
+    box = Bounds(np.asarray(lb), np.asarray(ub))
+    for j in rivals:
+        objective = np.zeros(n)
+        objective[prev] = (a_acc[target] - a_acc[j]) * prev_scale / out_scale
         offset = (b_acc[target] - b_acc[j]) / out_scale
-        big = (out_hi[target] - out_lo[j]) / out_scale + 1.0
-        # coef @ v + offset - big (1 - s_j) <= level
-        rows.add(s_j, prev, big, coef, -np.inf, big - offset)
-    rows.add_sum(pick)
-    shift = np.zeros(len(rows.lo))
-    shift[first: first + len(rivals)] = 1.0
-    bounds = np.asarray(lb), np.asarray(ub), np.asarray(integer)
-    # a proof: no rival margin even at +PROOF_MARGIN; then a counterexample at -PROOF_MARGIN
-    proof = _solve(*bounds, rows.matrix(len(lb), PROOF_MARGIN * shift), deadline)
-    if proof is None or proof.status not in (0, 2):
-        return Outcome(UNKNOWN, None)
-    if proof.status == 2:
-        return Outcome(ROBUST, None)
-    if prove_only:
-        return Outcome(UNKNOWN, None)
-    found = _solve(*bounds, rows.matrix(len(lb), -PROOF_MARGIN * shift), deadline)
-    if found is None or found.status != 0:
-        return Outcome(UNKNOWN, None)  # a near-tie (or the time limit)
-    point = torch.from_numpy(base.copy())
-    point[torch.from_numpy(free)] = torch.from_numpy(found.x[: int(free.sum())] * scale_in)
-    point = torch.minimum(torch.maximum(point.reshape(lo.shape), lo), hi)
-    with torch.no_grad():
-        if int(net(point[None]).argmax()) != target:
-            return Outcome(COUNTEREXAMPLE, point)
-    return Outcome(UNKNOWN, None)
+        margin = LinearConstraint(objective[None], -np.inf, PROOF_MARGIN - offset)
+        res = _solve(objective, box, np.asarray(integer), network + [margin], deadline)
+        if res is None:
+            return Outcome(UNKNOWN, None)
+        if res.status == 2:
+            continue  # no input where j comes within PROOF_MARGIN of the target
+        if prove_only or res.x is None:
+            return Outcome(UNKNOWN, None)
+        point = torch.from_numpy(base.copy())
+        point[torch.from_numpy(free)] = torch.from_numpy(res.x[: int(free.sum())] * scale_in)
+        point = torch.minimum(torch.maximum(point.reshape(lo.shape), lo), hi)
+        with torch.no_grad():
+            if int(net(point[None]).argmax()) != target:
+                return Outcome(COUNTEREXAMPLE, point)
+        return Outcome(UNKNOWN, None)  # a near-tie, or the time limit before a point
+    return Outcome(ROBUST, None)
 
 
-def _solve(lb: np.ndarray, ub: np.ndarray, integer: np.ndarray, constraint: LinearConstraint,
-           deadline: float):
-    """HiGHS feasibility run (zero objective: it stops at the first point); ``None`` once
-    the deadline passed. Status 0 feasible, 1 time limit, 2 infeasible."""
+def _solve(objective: np.ndarray, box: Bounds, integer: np.ndarray,
+           constraints: list[LinearConstraint], deadline: float):
+    """HiGHS; ``None`` once the deadline passed or on a solver failure. Status 0 optimal,
+    1 time limit, 2 infeasible."""
     left = deadline - time.monotonic()
     if left <= 0:
         return None
-    return milp(np.zeros(len(lb)), integrality=integer, bounds=Bounds(lb, ub),
-                constraints=constraint, options={"time_limit": left, "disp": False})
+    res = milp(objective, integrality=integer, bounds=box, constraints=constraints,
+               options={"time_limit": left, "disp": False})
+    return res if res.status in (0, 1, 2) else None
 
 
 class _Rows:
@@ -169,18 +162,8 @@ class _Rows:
         self.lo.append(lo)
         self.hi.append(hi)
 
-    def add_sum(self, cols: np.ndarray) -> None:
-        """``sum v[cols] == 1``."""
-        row = len(self.lo)
-        self.c.append(cols)
-        self.v.append(np.ones(len(cols)))
-        self.r.append(np.full(len(cols), row))
-        self.lo.append(1.0)
-        self.hi.append(1.0)
-
-    def matrix(self, n: int, shift: np.ndarray) -> LinearConstraint:
-        """The rows, with ``shift`` added to their upper bounds."""
+    def matrix(self, n: int) -> LinearConstraint:
         a = sparse.csr_matrix((np.concatenate(self.v), (np.concatenate(self.r),
                                                         np.concatenate(self.c))),
                               shape=(len(self.lo), n))
-        return LinearConstraint(a, np.asarray(self.lo), np.asarray(self.hi) + shift)
+        return LinearConstraint(a, np.asarray(self.lo), np.asarray(self.hi))
