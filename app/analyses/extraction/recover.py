@@ -36,7 +36,7 @@ import torch
 from app.analyses.extraction.lines import Hyperplane, boundary_normals, kinks_on_line
 from app.analyses.extraction.oracle import Budget, BudgetExhausted, Oracle
 from app.analyses.extraction.second_layer import assemble, critical_points, group_neurons
-from app.analyses.extraction.verify import check
+from app.analyses.extraction.verify import VALID_RTOL, check
 from app.errors import InvalidInputError
 from app.layers import Layer, Linear, ReLU
 from app.network import Network
@@ -284,7 +284,7 @@ def _one_layer_suffices(level: _Level, normals: np.ndarray, offsets: np.ndarray,
     run.budget.phase = "one-layer check"
     rng = run.check_rng  # its own stream: the search after it goes as it would without it
     fit = _fit_one_layer(level, normals, offsets, run, rng)
-    if fit.residual > FIT_RTOL:
+    if fit.residual > VALID_RTOL:
         return False
     pts = np.stack([p for plane in level.deep for p in plane.points])[:MAX_DEEP_CHECKED]
     scale = level.scale(rng)
@@ -294,7 +294,7 @@ def _one_layer_suffices(level: _Level, normals: np.ndarray, offsets: np.ndarray,
     f = level.oracle(x)
     with torch.no_grad():
         ours = Network(fit.layers, (level.dim,))(torch.from_numpy(x)).numpy()
-    return float(np.abs(ours - f).max() / (np.abs(f).max() + 1e-300)) <= FIT_RTOL
+    return float(np.abs(ours - f).max() / (np.abs(f).max() + 1e-300)) <= VALID_RTOL
 
 
 def _repair_first_layer(level: _Level, run: _Run, rounds: int = 3, lines: int = 16,
@@ -324,7 +324,7 @@ def _repair_first_layer(level: _Level, run: _Run, rounds: int = 3, lines: int = 
             theta, *_ = np.linalg.lstsq(features[kept], f[kept], rcond=None)
             err = np.abs(features @ theta - f).max(axis=1)
             kept = np.argsort(err)[:int(share * len(x))]
-        bad = err > FIT_RTOL * (np.abs(f).max() + 1e-300)
+        bad = err > VALID_RTOL * (np.abs(f).max() + 1e-300)
         if not bad.any() or bad.all() or bad.mean() > max_bad:
             return added
         starts = x[bad][:lines]
@@ -776,7 +776,7 @@ def _output_layer(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: 
     run.budget.phase = "output layer"
     fit = _fit_one_layer(level, normals, offsets, run)
     residual, sign_err = fit.residual, fit.sign_err
-    if residual > FIT_RTOL:
+    if residual > VALID_RTOL:  # the final check holds the result to the same tolerance
         run.notes.append(f"layer {depth}: outputs are not one ReLU layer of the found neurons "
                          f"(relative fit residual {residual:.1e})")
         run.complete = False
