@@ -17,6 +17,7 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 from PIL import Image, ImageDraw
+from streamlit.components.v1 import html as components_html
 from streamlit.runtime.pages_manager import PagesManager
 
 from frontend.client import ACTIVE, ApiClient, ApiError
@@ -382,8 +383,11 @@ def _drawing_canvas(model_id: str, model: dict) -> None:
         return
     from streamlit_drawable_canvas import st_canvas
 
+    # The canvas' toolbar waits, invisible, over the canvas' top strip until hovered, and
+    # strokes there drew nothing: keep it above the canvas, where it goes when shown.
+    components_html(_TOOLBAR_ABOVE, height=0)
     canvas = st_canvas(
-        stroke_width=20, stroke_color="#ffffff", background_color="#000000",
+        stroke_width=16, stroke_color="#ffffff", background_color="#000000",
         height=168, width=168, drawing_mode="freedraw", return_image_data=True,
         key=f"canvas_{model_id}",
     )
@@ -404,18 +408,60 @@ def _drawing_canvas(model_id: str, model: dict) -> None:
         st.rerun()
 
 
+# The canvas lives in a shadow root, out of reach of the page's CSS: a script from a
+# same-origin frame adds the rule there (and again when the canvas is redrawn).
+_TOOLBAR_ABOVE = """<script>
+const rule = ".dc-toolbar{top:-2.65rem !important}";
+function place() {
+  for (const el of window.parent.document.querySelectorAll("*")) {
+    const root = el.shadowRoot;
+    if (root && root.querySelector(".dc-toolbar") && !root.querySelector("style[data-atlas]")) {
+      const style = document.createElement("style");
+      style.dataset.atlas = "1";
+      style.textContent = rule;
+      root.appendChild(style);
+    }
+  }
+}
+place();
+setInterval(place, 500);
+</script>"""
+
+
 def drawing_to_input(
     rgba: np.ndarray, shape: tuple[int, ...], value_range: tuple[float, float]
 ) -> np.ndarray:
-    """Canvas RGBA pixels to a ``shape`` array: ink brightness, box-averaged, in range.
+    """Canvas RGBA pixels to a ``shape`` array, prepared the way digit datasets are.
 
-    The brightest cell is stretched to full ink, as in the scanned digits the models saw
-    (a thin pen stroke covers only part of each coarse cell).
+    The ink's bounding box is cut out, padded to a square (aspect kept) and box-averaged
+    into the model's grid: filling it for small grids (scikit-learn's 8x8 digits fill their
+    box), or into a 20/28 box centred by the ink's centre of mass for larger ones (MNIST).
+    The brightest cell is stretched to full ink, as in the scanned digits the models saw.
     """
     ink = rgba[..., :3].max(axis=-1).astype(np.float32) * (rgba[..., 3] / 255.0)
-    small = Image.fromarray(ink.astype(np.uint8)).resize((shape[2], shape[1]), Image.BOX)
-    cells = np.asarray(small, dtype=np.float32)
-    cells /= max(float(cells.max()), 1.0)
+    height, width = shape[1], shape[2]
+    rows, cols = np.nonzero(ink > 0.1 * max(float(ink.max()), 1.0))
+    if rows.size == 0:
+        return np.full(shape, value_range[0], dtype=np.float32)
+    crop = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    side = max(crop.shape)
+    square = np.zeros((side, side), np.float32)
+    top, left = (side - crop.shape[0]) // 2, (side - crop.shape[1]) // 2
+    square[top:top + crop.shape[0], left:left + crop.shape[1]] = crop
+    box = (height, width) if max(height, width) <= 16 else (round(height * 20 / 28),
+                                                             round(width * 20 / 28))
+    small = np.asarray(Image.fromarray(square).resize((box[1], box[0]), Image.BOX), np.float32)
+    cells = np.zeros((height, width), np.float32)
+    if box == (height, width):
+        cells[:] = small
+    else:  # centre of mass at the centre of the grid
+        mass = small.sum() or 1.0
+        cy = (small.sum(1) * np.arange(box[0])).sum() / mass
+        cx = (small.sum(0) * np.arange(box[1])).sum() / mass
+        y0 = int(np.clip(round(height / 2 - cy - 0.5), 0, height - box[0]))
+        x0 = int(np.clip(round(width / 2 - cx - 0.5), 0, width - box[1]))
+        cells[y0:y0 + box[0], x0:x0 + box[1]] = small
+    cells /= max(float(cells.max()), 1e-6)
     lo, hi = value_range
     return (lo + (hi - lo) * cells).reshape(shape).astype(np.float32)
 
