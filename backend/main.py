@@ -35,7 +35,8 @@ def _start(settings: Settings, owners: dict[str, str]) -> Services:
     load_all(settings.extra_analyses)
     store = JobStore(settings.db_url)
     checker = ModelChecker(settings.upload_memory_mb, settings.upload_check_timeout_s,
-                           settings.load_limits(), settings.max_upload_bytes)
+                           settings.load_limits(), settings.max_upload_bytes,
+                           settings.data_dir / "tmp")
     checker.start()
     storage = Storage(settings.data_dir, settings.db_url, checker)
     if settings.register_samples:

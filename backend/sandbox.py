@@ -93,9 +93,10 @@ class ModelChecker:
     """Parses uploads in the sandbox process, one request at a time."""
 
     def __init__(self, memory_mb: float, timeout_s: float, limits: LoadLimits,
-                 max_bytes: int) -> None:
+                 max_bytes: int, workdir_root: Path | None = None) -> None:
         self.memory_mb, self.timeout_s, self.limits = memory_mb, timeout_s, limits
         self.max_bytes = max_bytes
+        self.workdir_root = workdir_root  # the data dir's tmp/: files stay inside it
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
         self._workdir: Path | None = None
@@ -142,7 +143,7 @@ class ModelChecker:
         if self._proc is not None and self._proc.poll() is None:
             return self._proc
         self._stop()
-        self._workdir = Path(tempfile.mkdtemp(prefix="atlas-sandbox-"))
+        self._workdir = Path(tempfile.mkdtemp(prefix="atlas-sandbox-", dir=self.workdir_root))
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self._workdir),
                "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TMPDIR": str(self._workdir),
                "ATLAS_SANDBOX_MEMORY_MB": str(self.memory_mb)}
