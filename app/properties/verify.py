@@ -101,7 +101,7 @@ def verify(net: Network, prop: VnnProperty, method: str = "bab", time_limit: flo
         if time.monotonic() > deadline:
             return done("unknown", "time limit reached", boxes=boxes)
         report(progress, 0.3 + 0.7 * k / len(prop.cases), f"branch and bound on case {k + 1}")
-        word, found, n = _input_bab(net, case, deadline)
+        word, found, n = _input_bab(net, case, deadline, progress)
         boxes += n
         status[k] = word
         if word == "counterexample":
@@ -119,9 +119,9 @@ def _by_milp(net: Network, prop: VnnProperty, status: list[str], deadline: float
         return done("unknown", f"{status.count('refuted')} of {len(status)} cases refuted; "
                                "input splitting is for low-dimensional inputs and the MILP "
                                "encoding only covers chains of affine layers and ReLUs")
-    open_cases = [k for k, s in enumerate(status) if s == "open"]
-    for n, k in enumerate(open_cases):
-        left = (deadline - time.monotonic()) / (len(open_cases) - n)
+    # one open case left unrefuted leaves the property unknown: each may use all the time
+    for k in [k for k, s in enumerate(status) if s == "open"]:
+        left = deadline - time.monotonic()
         if left < 1:
             break
         ok, bound, point = milp.refute(net, prop.cases[k], left)
@@ -229,9 +229,11 @@ def _found(net: Network, case: Case, x: Tensor) -> tuple[np.ndarray, np.ndarray]
     return x.detach().numpy(), y.detach().numpy()
 
 
-def _input_bab(net: Network, case: Case, deadline: float
+def _input_bab(net: Network, case: Case, deadline: float, progress: ProgressFn | None = None
                ) -> tuple[str, tuple[np.ndarray, np.ndarray] | None, int]:
-    """Branch and bound over input splits for one case: refuted, counterexample or why not."""
+    """Branch and bound over input splits for one case: refuted, counterexample or why not.
+
+    ``progress`` hears of every batch (so a cancelled job stops within one batch)."""
     lo, hi = _box(net, case)
     width0 = (hi - lo).clamp(min=1e-12)
     rows = torch.as_tensor(case.rows, dtype=torch.float64)
@@ -241,6 +243,7 @@ def _input_bab(net: Network, case: Case, deadline: float
             return "time limit reached", None, bounded
         if lo.shape[0] > MAX_BOXES:
             return f"more than {MAX_BOXES} open sub-boxes", None, bounded
+        report(progress, 0.5, f"{bounded} sub-boxes bounded, {lo.shape[0]} open")
         blo, bhi, lo, hi = lo[:BATCH], hi[:BATCH], lo[BATCH:], hi[BATCH:]
         bounded += blo.shape[0]
         keep = _case_lower(net, blo, bhi, case, "crown") <= 0
