@@ -11,12 +11,13 @@ With the shared VNN-COMP 2021 data the RESULT line adds ``vnn_mnistfc_safe_prove
 vnn_violated_proven=<v>/<m> acasxu_safe_proven=<a>/<b>``: ``app.properties.verify`` with
 ``bab`` (at most ``--vnn-limit`` seconds per instance) on the instances that the competition's
 tools agree on (``results_csv``: some tool proved it and none found a counterexample, or the
-reverse); ``--acas-max`` takes every k-th known-safe ACAS Xu instance to stay short.
+reverse); ``--acas-max`` (known-safe ACAS Xu) and ``--vnn-max`` (each benchmark and outcome)
+take evenly spread subsets to stay short.
 ``crown_speed_vs_auto_lirpa`` (issue 18, item 3) is not measured here yet.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.bench_proof_features [--samples 50]
         [--shared 20] [--methods interval,deepz,crown] [--all-shared]
-        [--vnn-limit 60] [--acas-max 139] [--no-vnn]
+        [--vnn-limit 60] [--acas-max 139] [--vnn-max N] [--no-vnn]
 """
 
 from __future__ import annotations
@@ -85,15 +86,19 @@ def known_outcomes(benchmark: str) -> dict[tuple[str, str], str]:
     return {k: v.pop() for k, v in sorted(said.items()) if len(v) == 1}
 
 
-def vnn_counts(limit: float, acas_max: int) -> dict[str, str]:
+def _every(items: list, most: int) -> list:
+    """At most ``most`` of ``items``, evenly spread."""
+    return items[::max(1, len(items) // max(1, most))][:most]
+
+
+def vnn_counts(limit: float, acas_max: int, most: int) -> dict[str, str]:
     """Proven / counterexample / unknown per benchmark and truth, one line per instance."""
     counts: dict[tuple[str, str], list[int]] = {}
     for bench in ("mnistfc", "acasxu"):
         items = list(known_outcomes(bench).items())
-        if bench == "acasxu":
-            safe = [it for it in items if it[1] == "holds"]
-            step = max(1, len(safe) // max(1, acas_max))
-            items = safe[::step][:acas_max] + [it for it in items if it[1] == "violated"]
+        safe = _every([it for it in items if it[1] == "holds"],
+                      min(most, acas_max) if bench == "acasxu" else most)
+        items = safe + _every([it for it in items if it[1] == "violated"], most)
         nets: dict[str, object] = {}
         for (onnx_name, prop_name), truth in items:
             folder = SHARED / "vnncomp2021" / bench
@@ -122,6 +127,8 @@ def main() -> None:
     parser.add_argument("--all-shared", action="store_true")
     parser.add_argument("--vnn-limit", type=float, default=60.0)
     parser.add_argument("--acas-max", type=int, default=139)
+    parser.add_argument("--vnn-max", type=int, default=10_000,
+                        help="at most this many instances per benchmark and outcome")
     parser.add_argument("--no-vnn", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -156,7 +163,8 @@ def main() -> None:
                   f"{statistics.median(t_proof):8.3f} {prune} {ratio}", flush=True)
     median_prune = statistics.median(prunes) if prunes else float("nan")
     kept_fraction = statistics.mean(kept_fracs) if kept_fracs else float("nan")
-    vnn = {} if args.no_vnn or not SHARED.exists() else vnn_counts(args.vnn_limit, args.acas_max)
+    vnn = {} if args.no_vnn or not SHARED.exists() else vnn_counts(args.vnn_limit, args.acas_max,
+                                                                  args.vnn_max)
     extra = "".join(f" {k}={v}" for k, v in vnn.items())
     median_proof = statistics.median(proofs) if proofs else float("nan")
     print(f"RESULT median_proof_s={median_proof:.4f} "
