@@ -44,6 +44,7 @@ class Hyperplane:
     points: list[np.ndarray] = field(default_factory=list)
     jump: np.ndarray | None = None  # Jacobian jump [k, d] across it at ``points[0]``
     slope_jump: np.ndarray | None = None  # [k] jump of the slope along the line found on
+    gap: float = 0.0  # distance of the probes that measured ``normal`` from ``points[0]``
 
     def value(self, x: np.ndarray) -> np.ndarray:
         return x @ self.normal + self.offset
@@ -169,5 +170,5 @@ def boundary_normals(f: Oracle, kinks: list[Kink]) -> list[Hyperplane | None]:
             continue
         normal = vt[0] * np.sign(vt[0][np.argmax(np.abs(vt[0]))])
         planes.append(Hyperplane(normal, float(-normal @ kink.x), [kink.x], jump,
-                                 kink.slope_jump))
+                                 kink.slope_jump, kink.gap))
     return planes

@@ -33,7 +33,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from app.analyses.extraction.lines import Hyperplane, boundary_normals, kinks_on_line
+from app.analyses.extraction.lines import (
+    RANK_ONE_RTOL,
+    Hyperplane,
+    boundary_normals,
+    jacobians,
+    kinks_on_line,
+)
 from app.analyses.extraction.oracle import Budget, BudgetExhausted, Oracle
 from app.analyses.extraction.second_layer import assemble, critical_points, group_neurons
 from app.analyses.extraction.verify import VALID_RTOL, check
@@ -239,6 +245,10 @@ def _extract_level(level: _Level, run: _Run, layers_left: int) -> list[Layer]:
                          "off its planes are taken for measurement artefacts")
         level.deep = []
     if not level.deep or layers_left == 1:
+        if level.anywhere and not level.deep:
+            _sharpen(level, run)
+            normals = np.stack([p.normal for p in level.first])
+            offsets = np.array([p.offset for p in level.first])
         if level.deep:
             run.notes.append(f"layer {depth}: deeper boundaries seen but max_hidden_layers reached")
             run.complete = False
@@ -295,6 +305,48 @@ def _one_layer_suffices(level: _Level, normals: np.ndarray, offsets: np.ndarray,
     with torch.no_grad():
         ours = Network(fit.layers, (level.dim,))(torch.from_numpy(x)).numpy()
     return float(np.abs(ours - f).max() / (np.abs(f).max() + 1e-300)) <= VALID_RTOL
+
+
+def _sharpen(level: _Level, run: _Run, gain: float = 2.0) -> None:
+    """Re-measure first-layer normals whose probes had to stay very close to their kink.
+
+    On a line crossing many planes the probes sit a fraction of the distance to the next
+    kink, and the finite-difference Jacobians lose digits. With the whole layer known, each
+    plane's point farthest from the others allows probes ``gain`` times (or more) farther out,
+    straight across the plane; the new normal replaces the old one when the jump is rank one
+    and points the same way (``2 d + 2`` queries per plane re-measured).
+    """
+    planes = level.first
+    if len(planes) < 2:
+        return
+    run.budget.phase = "sharpening normals"
+    normals = np.stack([p.normal for p in planes])
+    offsets = np.array([p.offset for p in planes])
+    scale = level.scale(run.rng)
+    chosen, deltas = [], []
+    for j, plane in enumerate(planes):
+        pts = np.stack(plane.points)
+        others = np.abs(pts @ np.delete(normals, j, 0).T + np.delete(offsets, j)).min(axis=1)
+        k = int(np.argmax(others))
+        delta = min(0.5 * others[k], 0.05 * scale)
+        if delta > gain * plane.gap:
+            chosen.append((j, pts[k]))
+            deltas.append(delta)
+    if not chosen:
+        return
+    delta = np.array(deltas)
+    centre = np.stack([p for _, p in chosen])
+    direction = np.stack([normals[j] for j, _ in chosen])
+    sides = np.vstack([centre - delta[:, None] * direction, centre + delta[:, None] * direction])
+    values = level.oracle(sides)
+    jac = jacobians(level.oracle, sides, values, np.concatenate([1e-3 * delta] * 2))
+    m = len(chosen)
+    for i, (j, point) in enumerate(chosen):
+        _, sv, vt = np.linalg.svd(jac[m + i] - jac[i], full_matrices=False)
+        normal = vt[0] * np.sign(vt[0] @ normals[j])
+        if sv[0] > 0 and (len(sv) < 2 or sv[1] <= RANK_ONE_RTOL * sv[0]) \
+                and normal @ normals[j] > 1 - 1e-4:
+            planes[j].normal, planes[j].offset = normal, float(-normal @ point)
 
 
 def _repair_first_layer(level: _Level, run: _Run, rounds: int = 3, lines: int = 16,
