@@ -27,6 +27,7 @@ from app.analyses.patterns import (
     verify_rule,
 )
 from app.analyses.patterns.rules import relu_node
+from app.errors import InvalidInputError
 from backend.analyses.base import Analysis, JobContext, jsonable, register
 
 
@@ -62,13 +63,13 @@ def _range(ctx: JobContext) -> tuple[float, float]:
 
 def run(ctx: JobContext, params: Params) -> dict:
     if params.layer == 0:
-        raise ValueError("layer counts ReLU layers from 1 (or from the end with -1)")
+        raise InvalidInputError("layer counts ReLU layers from 1 (or from the end with -1)")
     # labels are not used: the rules explain the network's own decisions
     xs = (ctx.load_dataset(params.dataset_id)[0] if params.dataset_id
           else ctx.gallery(params.n_inputs)[0])
     if len(xs) < 10:
         source = "the dataset" if params.dataset_id else "this model's gallery"
-        raise ValueError(f"mining needs at least 10 inputs; {source} has {len(xs)}")
+        raise InvalidInputError(f"mining needs at least 10 inputs; {source} has {len(xs)}")
     xs = xs.to(ctx.net.dtype)
     lo, hi = _range(ctx)
     ctx.progress(0.02, "mining rules")
@@ -172,7 +173,7 @@ def verify(ctx: JobContext, params: VerifyParams) -> dict:
     ordinal, node = relu_node(net, params.layer)
     width = math.prod(net.shapes[node])
     if any(not 0 <= n < width for n in params.on + params.off):
-        raise ValueError(f"neurons of layer {ordinal} are numbered 0..{width - 1}")
+        raise InvalidInputError(f"neurons of layer {ordinal} are numbered 0..{width - 1}")
     literals = tuple((n, True) for n in params.on) + tuple((n, False) for n in params.off)
     rule = Rule(ordinal, node, literals, params.target, params.lowest)
     lo, hi = _range(ctx)
@@ -180,7 +181,7 @@ def verify(ctx: JobContext, params: VerifyParams) -> dict:
         domain = InputDomain.box(net, lo, hi)
     else:
         if params.center is None or len(params.center) != math.prod(net.input_shape):
-            raise ValueError("a ball domain needs its centre: one value per input")
+            raise InvalidInputError("a ball domain needs its centre: one value per input")
         center = torch.tensor(params.center, dtype=net.dtype).reshape(net.input_shape)
         domain = InputDomain.linf_ball(net, center, params.eps, clip=(lo, hi))
     verdict = verify_rule(net, rule, domain, timeout=params.timeout, method=params.method,

@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 
 from app.analyses.proof_features import certify, largest_certified_eps, proof_features
 from app.bounds import QUICK_METHODS
+from app.errors import InvalidInputError
 from app.properties import read_vnnlib, verify
 from backend.analyses.base import Analysis, JobContext, jsonable, register
 
@@ -88,7 +89,7 @@ def run_eps(ctx: JobContext, params: EpsParams) -> dict:
 def run_compare(ctx: JobContext, params: CompareParams) -> dict:
     xs, ys = ctx.gallery(params.n_inputs)
     if len(xs) == 0:
-        raise ValueError("this model has no gallery to compare on")
+        raise InvalidInputError("this model has no gallery to compare on")
     rows = []
     total = len(QUICK_METHODS) * len(xs)
     for k, method in enumerate(QUICK_METHODS):

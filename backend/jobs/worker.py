@@ -231,15 +231,16 @@ def _run_here(job_id: str, data_dir: str, db_url: str, extra_analyses: str,
     except MemoryError:
         store.fail(job_id, memory_error, attempt)
         return
-    except (AtlasError, LookupError, ValueError) as exc:
+    except (AtlasError, LookupError) as exc:  # the request's fault: its message is for the user
         store.fail(job_id, str(exc) or type(exc).__name__, attempt)
         return
     except Exception as exc:  # noqa: BLE001 - every engine failure must end the job
         if "can't allocate memory" in str(exc):  # torch's allocator under the rlimit
             store.fail(job_id, memory_error, attempt)
             return
-        log.exception("job %s failed", job_id)
-        store.fail(job_id, f"{type(exc).__name__}: {exc}", attempt)
+        log.exception("job %s failed with an unexpected error", job_id)
+        store.fail(job_id, f"internal error ({type(exc).__name__}: {exc}); the worker log "
+                           "has the traceback", attempt)
         return
     if store.get(job_id).cancel_requested:
         store.mark_cancelled(job_id, attempt)

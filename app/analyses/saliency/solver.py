@@ -44,6 +44,8 @@ import numpy as np
 import z3
 from scipy.optimize import Bounds, LinearConstraint, linprog, milp
 
+from app.errors import InvalidInputError
+
 OPTIMAL, TIMEOUT, INFEASIBLE = "optimal", "best found at time-out", "infeasible"
 NO_MASK = "time-out before any mask was found"
 UNPROVEN = "best found; the solver gave up before proving optimality"
@@ -149,7 +151,7 @@ def solve_mask(
     ``drop_order`` (least useful group first) steers the greedy upper bound.
     """
     if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+        raise InvalidInputError(f"solver must be one of {SOLVERS}, got {solver!r}")
     start = time.monotonic()
     deadline = start + timeout_s
     order = drop_order if drop_order is not None else np.arange(problem.groups)
