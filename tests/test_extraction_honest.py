@@ -123,3 +123,16 @@ def test_single_output_wide_nets_recovered_at_default_settings(sizes, seed) -> N
     assert result.layer_sizes == [sizes[1]]
     assert relative_error(layers, result, sizes[0]) < 1e-6
     assert aligned(*layers[0], *result.first_layer, tol=1e-6)
+
+
+def test_first_layer_neuron_active_on_a_sliver_of_the_box_is_found() -> None:
+    """12-20-3 with bias sigma 1: one first-layer neuron is active on ~5e-5 of [-1, 1]^12
+    (random lines and 3k uniform checks miss it; it is active on many more of the box's
+    vertices, which the first-layer repair and the final check query)."""
+    layers = he_net((12, 20, 3), 1002, 1.0)
+    w, b = layers[0]
+    z = np.random.default_rng(0).uniform(-1, 1, (400_000, 12)) @ w.T + b
+    assert np.sort(np.minimum((z > 0).mean(0), (z < 0).mean(0)))[1] < 1e-4
+    result = extract(lambda x: forward(layers, x), 12, seed=2)
+    claims_are_true(layers, result)
+    assert result.complete, result.notes

@@ -96,6 +96,7 @@ class _Level:
     deep: list[Hyperplane] = field(default_factory=list)
     to_input: Callable[[np.ndarray], np.ndarray] = lambda p: p  # this level's points as inputs
     anywhere: bool = True  # the oracle may be queried outside the sampled domain
+    vertices: Sampler | None = None  # random vertices of the domain box, where it is a box
 
     def points(self) -> np.ndarray:
         """Every critical point found on this level, in input space."""
@@ -152,7 +153,8 @@ def extract(
     reserve = min(budget // 10, VERIFY_RESERVE)
     deadline = None if time_limit_s is None else start + time_limit_s
     run = _Run(Budget(oracle, budget - reserve, progress, deadline), np.random.default_rng(seed))
-    top = _Level(run.budget, lambda rng, n: rng.uniform(lo_v, hi_v, (n, input_dim)), input_dim)
+    top = _Level(run.budget, lambda rng, n: rng.uniform(lo_v, hi_v, (n, input_dim)), input_dim,
+                 vertices=lambda rng, n: lo_v + (hi_v - lo_v) * rng.integers(0, 2, (n, input_dim)))
     run.levels.append(top)
     layers: list[Layer] | None
     try:
@@ -369,6 +371,8 @@ def _repair_first_layer(level: _Level, run: _Run, rounds: int = 3, lines: int = 
         normals = np.stack([p.normal for p in level.first])
         offsets = np.array([p.offset for p in level.first])
         x = level.sample(rng, max(checks, 3 * (len(offsets) + level.dim + 1)))
+        if level.vertices is not None:  # where neurons active on a sliver of the box show
+            x = np.vstack([x, level.vertices(rng, len(x))])
         f = level.oracle(x)
         features = np.hstack([np.abs(x @ normals.T + offsets), x, np.ones((len(x), 1))])
         kept = np.arange(len(x))

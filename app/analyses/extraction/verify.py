@@ -24,6 +24,7 @@ VALID_RTOL = 1e-6  # output error, relative to the largest output, still counted
 PRUNE_RTOL = 1e-7  # a unit contributing less than this fraction of its layer's largest is dropped
 EXPLAIN_RTOL = 1e-6  # a point this close to a unit's boundary (times the box size) lies on it
 UNIFORM_QUERIES = 2000  # uniform validation queries at least
+VERTEX_QUERIES = 2000  # random vertices of the box
 MAX_UNIFORM = 50_000  # and at most (a region of fraction p is hit about p * n times)
 PER_UNIT = 4  # aimed queries per recovered hidden unit
 PER_POINT = 2  # aimed queries beside each unexplained critical point
@@ -192,7 +193,10 @@ def check(layers: Dense, oracle: Oracle, points: np.ndarray, lo: np.ndarray, hi:
         shift = rng.normal(size=beside.shape)
         shift *= 1e-3 * scale / (np.linalg.norm(shift, axis=1, keepdims=True) + 1e-300)
         near.append(np.clip(beside + shift, lo, hi))
-    aimed = np.vstack([aimed_points(layers, lo, hi, rng), *near])
+    # a neuron's pre-activation peaks over the box at a vertex: one active on a sliver of the
+    # box is active on a much larger share of its vertices
+    vertices = lo + (hi - lo) * rng.integers(0, 2, (VERTEX_QUERIES, len(lo)))
+    aimed = np.vstack([aimed_points(layers, lo, hi, rng), *near, vertices])
     uniform = int(np.clip(uniform, UNIFORM_QUERIES, MAX_UNIFORM))
     uniform = max(min(uniform, max_queries - len(aimed)), UNIFORM_QUERIES)
     x = np.vstack([aimed, rng.uniform(lo, hi, (uniform, len(lo)))])
