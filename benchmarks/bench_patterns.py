@@ -9,9 +9,9 @@ inputs whose decision is implied by their input property (the polytope of their 
 pattern, an LP) on their ``--eps`` ball, and on the whole pixel box.
 For the shared ACAS Xu network 1_1: mine "clear of conflict" (lowest score, index 0) rules on
 the normalized input box, verify them on the box around a covered input and, with a short
-time-out, on the whole box; then decide input properties on the whole box at layers 2 (MILP
-with input splitting on the polytope's bounding box) and 6 (LP) for sampled inputs, with
-``--acas-budget`` seconds per layer. Every counterexample is re-checked by a forward pass here.
+time-out, on the whole box, and refine each refuted one by literals; then decide input
+properties on the whole box at layers 2 (MILP with input splitting on the polytope's bounding
+box) and 6 (LP) for sampled inputs, with ``--acas-budget`` seconds per layer. Every counterexample is re-checked by a forward pass here.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_patterns.py [--rules 3 --timeout 30]
 
@@ -38,6 +38,7 @@ from app.analyses.patterns import (
     mine_rules,
     property_verdict,
     proven_coverage,
+    refine_rule,
     verify_rule,
 )
 from sample_models.train import load_split
@@ -150,6 +151,13 @@ def main() -> None:
             print(f"  whole normalized box, rule {k}: "
                   + ", ".join(f"{m} {v.status} in {v.seconds:.2f}s" for m, v in timed.items())
                   + f" (milp/split time ratio {timed['milp'].seconds / timed['split'].seconds:.1f})")
+        for k, rule in enumerate(mined.rules[: args.rules]):
+            # refuted on the whole box: restrict by literals towards a provable rule
+            ref = refine_rule(net, rule, box, xa[mined.heldout], max_steps=8, timeout=10)
+            for before, verdict in ref.steps[:-1]:
+                _check(net, before, verdict)
+            print(f"  refined rule {k}: {ref.outcome} after {len(ref.steps) - 1} literals, "
+                  f"covering {ref.support} of its {rule.support} held-out inputs")
         gen = torch.Generator().manual_seed(1)
         starts = lo.double() + (hi - lo).double() * torch.rand((200, 1, 1, 5), generator=gen,
                                                                dtype=torch.float64)
