@@ -27,6 +27,29 @@ FC, CONV = "digits_fc_ibp", "digits_conv_ibp"
 X0, X1 = "gallery:digits:0", "gallery:digits:1"
 ATOL = 1e-4  # float32 onnxruntime against the engine's results
 
+PROPERTY_EPS = 0.02
+
+
+def _ball_property(model: str, index: int, eps: float) -> tuple[str, int]:
+    """VNN-LIB text of "the gallery input's class holds on its clipped eps-ball", written
+    here from the gallery file and onnxruntime's decision: ``(text, class)``."""
+    with np.load(SAMPLE_MODELS / "gallery" / "digits.npz") as gallery:
+        x = gallery["x"][index].reshape(-1).astype(np.float64)
+    session = ort.InferenceSession(str(SAMPLE_MODELS / f"{model}.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    logits = session.run(None, {session.get_inputs()[0].name:
+                                x.astype(np.float32).reshape(1, 1, 8, 8)})[0][0]
+    target = int(np.argmax(logits))
+    lines = [f"(declare-const X_{i} Real)" for i in range(x.size)]
+    lines += [f"(declare-const Y_{j} Real)" for j in range(logits.size)]
+    for i, v in enumerate(x):
+        lines += [f"(assert (>= X_{i} {max(0.0, v - eps)!r}))",
+                  f"(assert (<= X_{i} {min(1.0, v + eps)!r}))"]
+    rivals = " ".join(f"(and (>= Y_{j} Y_{target}))" for j in range(logits.size) if j != target)
+    lines.append(f"(assert (or {rivals}))")  # a violation: some rival reaches the class
+    return "\n".join(lines), target
+
+
 # key -> (model, analysis, input id, params): cheap settings, one job each
 JOBS: dict[str, tuple[str, str, str | None, dict]] = {
     "predict": (FC, "predict", X0, {}),
@@ -45,6 +68,10 @@ JOBS: dict[str, tuple[str, str, str | None, dict]] = {
     "proof_features": (FC, "proof_features", X0, {"eps": 0.03, "method": "crown"}),
     "proof_eps": (FC, "proof_eps", X0, {"eps_max": 0.2, "tol": 0.01}),
     "proof_compare": (FC, "proof_compare", None, {"eps": 0.03, "n_inputs": 6}),
+    "verify_property": (FC, "verify_property", None, {
+        "vnnlib": _ball_property(FC, 0, PROPERTY_EPS)[0] if (SAMPLE_MODELS / "gallery"
+                                                          / "digits.npz").exists() else "x",
+        "method": "bab", "time_limit": 30}),
     "patterns": (FC, "patterns", X0, {"n_inputs": 200, "verify": 3, "timeout": 10,
                                       "thumbnails": 2}),
     "patterns_verify": (FC, "patterns_verify", None, {"layer": 1, "on": [0], "target": 0,
@@ -413,6 +440,26 @@ def test_proof_certificate_is_never_contradicted_by_attacks(server, jobs, models
     assert result["feature_node"] == 4 and feature.shape[1] == result["num_features"]
     assert np.all(feature >= np.array(result["lower"]) - ATOL)
     assert np.all(feature <= np.array(result["upper"]) + ATOL)
+
+
+def test_vnnlib_verdict_is_never_contradicted(server, jobs, models, oracles) -> None:
+    """A proof survives PGD and sampling in the box; a counterexample lies in the box and
+    violates the property under onnxruntime."""
+    result = _result(server, jobs, "verify_property")
+    _, target = _ball_property(FC, 0, PROPERTY_EPS)
+    oracle = oracles[FC]
+    x = _input(server, models, X0).reshape(-1)
+    assert result["status"] in ("proven", "counterexample", "unknown"), result
+    if result["status"] == "proven":
+        logits, _, _ = oracle.run(attack_points(oracle, x, target, PROPERTY_EPS))
+        assert _margins(logits, target).min() > 0
+    elif result["status"] == "counterexample":
+        point = np.asarray(result["counterexample"], np.float64).reshape(-1)
+        assert np.all(point >= np.clip(x - PROPERTY_EPS, 0, 1) - 1e-9)
+        assert np.all(point <= np.clip(x + PROPERTY_EPS, 0, 1) + 1e-9)
+        logits = oracle.logits(point)
+        assert np.delete(logits, target).max() >= logits[target] - ATOL
+    print(f"verify_property: {result['status']} in {result['seconds']:.2f} s")
 
 
 def test_largest_certified_eps_survives_attacks(server, jobs, models, oracles) -> None:
