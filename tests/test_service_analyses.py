@@ -43,8 +43,8 @@ def _ball_property(model: str, index: int, eps: float) -> tuple[str, int]:
     lines = [f"(declare-const X_{i} Real)" for i in range(x.size)]
     lines += [f"(declare-const Y_{j} Real)" for j in range(logits.size)]
     for i, v in enumerate(x):
-        lines += [f"(assert (>= X_{i} {max(0.0, v - eps)!r}))",
-                  f"(assert (<= X_{i} {min(1.0, v + eps)!r}))"]
+        lines += [f"(assert (>= X_{i} {float(max(0.0, v - eps))!r}))",
+                  f"(assert (<= X_{i} {float(min(1.0, v + eps))!r}))"]
     rivals = " ".join(f"(and (>= Y_{j} Y_{target}))" for j in range(logits.size) if j != target)
     lines.append(f"(assert (or {rivals}))")  # a violation: some rival reaches the class
     return "\n".join(lines), target
