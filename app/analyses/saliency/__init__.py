@@ -133,7 +133,7 @@ def smt_mask(
         raise InvalidInputError(
             f"need top_k >= 1, 0 < threshold <= 2, timeout_s > 0 and solver in {SOLVERS}")
     net = net.with_dtype(torch.float64).eval().requires_grad_(False)
-    x = torch.as_tensor(x, dtype=torch.float64).reshape(net.input_shape)
+    x = torch.as_tensor(x, dtype=torch.float64, device=net.device).reshape(net.input_shape)
     base = make_baseline(x, baseline)
     relu = first_relu(net)
     with torch.no_grad():
@@ -156,12 +156,12 @@ def smt_mask(
         raise InvalidInputError(f"granularity must be a patch side or {SUPERPIXEL!r}")
     else:
         patch = auto_patch(net.input_shape) if granularity is None else int(granularity)
-        groups = feature_groups(net.input_shape, patch)
+        groups = feature_groups(net.input_shape, patch, x.device)
     coeff, const = mask_coefficients(net, relu, x, base, groups, chosen)
-    problem = MaskProblem(coeff.numpy(), const.numpy(), threshold * pre[chosen].numpy())
+    problem = MaskProblem(*(t.cpu().numpy() for t in (coeff, const, threshold * pre[chosen])))
     change = np.abs(problem.coeff.sum(axis=0))
     share = (problem.coeff / np.where(change > 0, change, 1.0)).sum(axis=1)
-    inert = (group_sum((x - base).abs(), groups) == 0).numpy()
+    inert = (group_sum((x - base).abs(), groups) == 0).cpu().numpy()
 
     def poll(iterations: int, best: int, lower: int) -> None:
         gap = 1.0 if best <= lower else lower / best
@@ -173,13 +173,14 @@ def smt_mask(
     report(progress, 0.8, f"mask: {int(solution.mask.sum())} features ({solution.status}); "
                           "grading against IG and SmoothGrad")
 
-    group_mask = torch.from_numpy(solution.mask)
-    by_share = ranking(share, inert)
+    group_mask = torch.from_numpy(solution.mask).to(x.device)
+    by_share = ranking(share, inert, x.device)
     order = torch.cat([by_share[group_mask[by_share]], by_share[~group_mask[by_share]]])
     kept = int(group_mask.sum())
     top = order[:kept]
-    rank_value = torch.zeros(group_mask.numel(), dtype=torch.float64)
-    rank_value[top] = (kept - torch.arange(kept, dtype=torch.float64)) / max(kept, 1)
+    rank_value = torch.zeros(group_mask.numel(), dtype=torch.float64, device=x.device)
+    rank_value[top] = (kept - torch.arange(kept, dtype=torch.float64, device=x.device)) / max(
+        kept, 1)
     with torch.no_grad():
         masked_pre = pre_activations(
             net, relu, masked_input(x, base, groups, group_mask[None]))[0, chosen]
@@ -188,21 +189,26 @@ def smt_mask(
     grades = {}
     if solution.status not in (INFEASIBLE, NO_MASK):
         for name, ranked in (("smt", order),
-                             ("ig", ranking(group_sum(ig_map, groups).numpy(), inert)),
-                             ("smoothgrad", ranking(group_sum(sg_map, groups).numpy(), inert))):
+                             ("ig", ranking(_np(group_sum(ig_map, groups)), inert, x.device)),
+                             ("smoothgrad", ranking(_np(group_sum(sg_map, groups)), inert,
+                                                    x.device))):
             grades[name] = grade(net, x, base, groups, ranked, kept, target)
     timings["total_s"] = time.monotonic() - start
     report(progress, 1.0, f"done: {kept} features, {solution.status}")
     return SaliencyResult(
         target=target, threshold=threshold, top_k=top_k, patch=patch, status=solution.status,
         solver=solver, iterations=solution.iterations, lower_bound=solution.lower_bound,
-        groups=groups.numpy(), group_mask=solution.mask, mask=solution.mask[groups.numpy()],
-        ranking=[int(g) for g in top], saliency=rank_value[groups].numpy(),
+        groups=_np(groups), group_mask=solution.mask, mask=solution.mask[_np(groups)],
+        ranking=[int(g) for g in top], saliency=_np(rank_value[groups]),
         neurons=[Neuron(int(i), float(scores[i]), float(pre[i]), float(m))
                  for i, m in zip(chosen, masked_pre, strict=True)],
-        ig=ig_map.numpy(), smoothgrad=sg_map.numpy(), baseline=base.numpy(), grades=grades,
+        ig=_np(ig_map), smoothgrad=_np(sg_map), baseline=_np(base), grades=grades,
         winners=winners(grades), timings=timings,
     )
+
+
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
 
 
 __all__ = ["BLURRED", "INFEASIBLE", "NO_MASK", "OPTIMAL", "SUPERPIXEL", "TIMEOUT", "UNPROVEN",

@@ -93,14 +93,15 @@ def auto_patch(input_shape: tuple[int, ...]) -> int:
     return patch
 
 
-def feature_groups(input_shape: tuple[int, ...], patch: int) -> Tensor:
+def feature_groups(input_shape: tuple[int, ...], patch: int,
+                   device: torch.device | str | None = None) -> Tensor:
     """Group id of every input element (shaped like one input): ``patch x patch`` squares of
     spatial positions, all channels of a position together."""
     c, h, w = spatial_shape(input_shape)
     if patch < 1 or patch > max(h, w):
         raise InvalidInputError(f"patch size must be between 1 and {max(h, w)}, got {patch}")
-    rows = torch.arange(h) // patch
-    cols = torch.arange(w) // patch
+    rows = torch.arange(h, device=device) // patch
+    cols = torch.arange(w, device=device) // patch
     ids = rows[:, None] * math.ceil(w / patch) + cols[None, :]
     return ids.expand(c, h, w).reshape(input_shape).contiguous()
 
@@ -121,13 +122,13 @@ def superpixel_groups(x: Tensor) -> Tensor:
                     compactness=SLIC_COMPACTNESS, channel_axis=0 if c > 1 else None,
                     convert2lab=False, start_label=0, enforce_connectivity=True)
     ids = np.unique(segments, return_inverse=True)[1].reshape(h, w)
-    return torch.from_numpy(ids).expand(c, h, w).reshape(shape).contiguous()
+    return torch.from_numpy(ids).to(x.device).expand(c, h, w).reshape(shape).contiguous()
 
 
 def group_sum(values: Tensor, groups: Tensor) -> Tensor:
     """Sum of ``values`` (shaped like one input) within each group, ``[num_groups]``."""
     n = int(groups.max()) + 1
-    return torch.zeros(n, dtype=values.dtype).index_add_(0, groups.reshape(-1),
+    return torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, groups.reshape(-1),
                                                          values.reshape(-1))
 
 
@@ -148,7 +149,7 @@ def mask_coefficients(
     """
     chain = affine_chain(net, relu)
     n = int(groups.max()) + 1
-    eye = torch.eye(n, dtype=torch.bool)
+    eye = torch.eye(n, dtype=torch.bool, device=x.device)
     delta = x - baseline
     coeff = torch.cat([
         linear_part(chain, masked_input(delta, torch.zeros_like(x), groups, eye[i:i + 64]))[
@@ -169,13 +170,15 @@ def make_baseline(x: Tensor, baseline: float | str | np.ndarray | Tensor) -> Ten
         c, h, w = spatial_shape(tuple(x.shape))
         image = x.detach().cpu().double().reshape(c, h, w).numpy()
         sigma = (0, max(h, w) / 8, max(h, w) / 8)
-        return torch.from_numpy(gaussian_filter(image, sigma, mode="nearest")).reshape(x.shape)
+        blurred = gaussian_filter(image, sigma, mode="nearest")
+        return torch.from_numpy(blurred).to(x.device, x.dtype).reshape(x.shape)
     if isinstance(baseline, (int, float)):
         if not math.isfinite(baseline):
             raise InvalidInputError("baseline must be finite")
         return torch.full_like(x, float(baseline))
-    values = torch.as_tensor(np.asarray(baseline, dtype=np.float64))
-    if values.numel() != x.numel() or not torch.isfinite(values).all():
+    values = np.asarray(baseline.detach().cpu() if isinstance(baseline, Tensor) else baseline,
+                        dtype=np.float64)
+    if values.size != x.numel() or not np.isfinite(values).all():
         raise InvalidInputError(
-            f"a per-element baseline needs {x.numel()} finite values, got {values.numel()}")
-    return values.reshape(x.shape).to(x.dtype)
+            f"a per-element baseline needs {x.numel()} finite values, got {values.size}")
+    return torch.as_tensor(values, device=x.device).reshape(x.shape).to(x.dtype)

@@ -56,9 +56,9 @@ def grade(net: Network, x: Tensor, baseline: Tensor, groups: Tensor, order: Tens
           kept: int, target: int) -> Grade:
     """Grade the ranking ``order`` (group ids, most important first, all groups) at ``kept``."""
     num = order.numel()
-    ranks = torch.empty(num, dtype=torch.long)
-    ranks[order] = torch.arange(num)
-    steps = torch.arange(num + 1)
+    ranks = torch.empty(num, dtype=torch.long, device=order.device)
+    ranks[order] = torch.arange(num, device=order.device)
+    steps = torch.arange(num + 1, device=order.device)
     top = ranks[None, :] < steps[:, None]  # row i keeps the top-i groups
     with torch.no_grad():
         keep_probs = _probs(net, masked_input(x, baseline, groups, top), target)
@@ -80,10 +80,11 @@ def grade(net: Network, x: Tensor, baseline: Tensor, groups: Tensor, order: Tens
     )
 
 
-def ranking(scores: np.ndarray, inert: np.ndarray) -> Tensor:
+def ranking(scores: np.ndarray, inert: np.ndarray,
+            device: torch.device | str | None = None) -> Tensor:
     """Group ids, highest score first; groups equal to the baseline (``inert``) last, ties by
     group id (a stable order, so equal scores never reorder between runs)."""
-    return torch.from_numpy(np.lexsort((np.arange(len(scores)), -scores, inert)))
+    return torch.from_numpy(np.lexsort((np.arange(len(scores)), -scores, inert))).to(device)
 
 
 def winners(grades: dict[str, Grade]) -> dict[str, list[str]]:
@@ -106,12 +107,12 @@ def saliency_metric(net: Network, x: Tensor, baseline: Tensor, groups: Tensor,
     c, h, w = spatial_shape(tuple(x.shape))
     kept = group_mask[groups].reshape(c, h, w).any(0)
     if not kept.any():
-        box = torch.zeros(h, w, dtype=torch.bool)
+        box = torch.zeros(h, w, dtype=torch.bool, device=x.device)
         area = 0.0
     else:
         rows = torch.nonzero(kept.any(1)).reshape(-1)
         cols = torch.nonzero(kept.any(0)).reshape(-1)
-        box = torch.zeros(h, w, dtype=torch.bool)
+        box = torch.zeros(h, w, dtype=torch.bool, device=x.device)
         box[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1] = True
         area = float(box.sum()) / (h * w)
     crop = torch.where(box.expand(c, h, w).reshape(x.shape), x, baseline)

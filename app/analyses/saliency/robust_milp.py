@@ -52,6 +52,8 @@ def check(net: Network, lo: Tensor, hi: Tensor, target: int, deadline: float,
     a counterexample (UNKNOWN unless proven)."""
     with torch.no_grad():
         crown = analyze(net, lo[None], hi[None], "crown")
+    device = lo.device
+    lo, hi = lo.cpu(), hi.cpu()  # scipy's HiGHS works on host arrays
     free = (hi > lo).reshape(-1).numpy()
     base = lo.reshape(-1).numpy().astype(np.float64)
     scale_in = max(float(hi.abs().max()), float(lo.abs().max()), 1e-300)
@@ -64,10 +66,11 @@ def check(net: Network, lo: Tensor, hi: Tensor, target: int, deadline: float,
     b_acc[free] = 0.0
     for i, layer in enumerate(net.layers):
         if isinstance(layer, AffineLayer):
-            a, b = (t.detach().to(torch.float64).numpy() for t in layer.matrix(net.in_shape(i)))
+            a, b = (t.detach().to(torch.float64).cpu().numpy()
+                    for t in layer.matrix(net.in_shape(i)))
             a_acc, b_acc = a @ a_acc, a @ b_acc + b
             continue
-        low, high = (t.detach().reshape(-1).numpy() for t in crown.bounds(i - 1))
+        low, high = (t.detach().reshape(-1).cpu().numpy() for t in crown.bounds(i - 1))
         scale = max(float(np.abs(low).max()), float(np.abs(high).max()), 1e-300)
         low, high = low - BOUND_SLACK * scale, high + BOUND_SLACK * scale
         coef = a_acc * prev_scale / scale  # y / scale = coef @ v_prev + b_acc / scale
@@ -97,7 +100,7 @@ def check(net: Network, lo: Tensor, hi: Tensor, target: int, deadline: float,
         a_acc, b_acc = out, np.zeros(len(low))
     # logits = a_acc @ (prev_scale * v_prev) + b_acc. One MILP per rival class j: minimise
     # the margin logit_target - logit_j under "margin <= PROOF_MARGIN"; infeasible = proof
-    out_lo, out_hi = (t.detach().reshape(-1).numpy()
+    out_lo, out_hi = (t.detach().reshape(-1).cpu().numpy()
                       for t in crown.bounds(len(net.layers) - 1))
     out_scale = max(float(np.abs(out_lo).max()), float(np.abs(out_hi).max()), 1e-300)
     rivals = sorted((j for j in range(len(out_lo)) if j != target
@@ -120,7 +123,7 @@ def check(net: Network, lo: Tensor, hi: Tensor, target: int, deadline: float,
             return Outcome(UNKNOWN, None)
         point = torch.from_numpy(base.copy())
         point[torch.from_numpy(free)] = torch.from_numpy(res.x[: int(free.sum())] * scale_in)
-        point = torch.minimum(torch.maximum(point.reshape(lo.shape), lo), hi)
+        point = torch.minimum(torch.maximum(point.reshape(lo.shape), lo), hi).to(device)
         with torch.no_grad():
             if int(net(point[None]).argmax()) != target:
                 return Outcome(COUNTEREXAMPLE, point)

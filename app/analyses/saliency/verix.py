@@ -84,7 +84,7 @@ def verified_explanation(
             and lo_r < hi_r and timeout_s > 0 and check_timeout_s > 0):
         raise InvalidInputError("need eps > 0, a finite input range lo < hi and time-outs > 0")
     net = net.with_dtype(torch.float64).eval().requires_grad_(False)
-    x = torch.as_tensor(x, dtype=torch.float64).reshape(net.input_shape)
+    x = torch.as_tensor(x, dtype=torch.float64, device=net.device).reshape(net.input_shape)
     if not torch.isfinite(x).all():
         raise InvalidInputError("the input must be finite")
     with torch.no_grad():
@@ -93,7 +93,7 @@ def verified_explanation(
     hi_all = torch.maximum(x, (x + eps).clamp(lo_r, hi_r))
     order = _sensitivity_order(net, x, lo_all, hi_all, target)
     n = order.numel()
-    free = torch.zeros(n, dtype=torch.bool)
+    free = torch.zeros(n, dtype=torch.bool, device=x.device)
     freed: list[int] = []
     kept: dict[int, str] = {}
     examples: dict[int, np.ndarray] = {}
@@ -152,7 +152,7 @@ def verified_explanation(
             freed.append(i)
         elif verdict == robust_milp.COUNTEREXAMPLE:
             kept[i] = WITNESSED
-            examples[i] = point.numpy()
+            examples[i] = point.cpu().numpy()
         else:
             kept[i] = UNPROVEN
         pos += 1
@@ -160,7 +160,7 @@ def verified_explanation(
     report(progress, 1.0, f"done: {n - len(freed)} features kept")
     return VerixResult(
         target=target, eps=float(eps), input_range=(lo_r, hi_r),
-        explanation=(~free).reshape(x.shape).numpy(), order=order.tolist(), freed=freed,
+        explanation=(~free).reshape(x.shape).cpu().numpy(), order=order.tolist(), freed=freed,
         kept=kept, counterexamples=examples, checks=checks,
         timings={"total_s": time.monotonic() - start})
 
@@ -170,7 +170,7 @@ def _sensitivity_order(net: Network, x: Tensor, lo: Tensor, hi: Tensor, target: 
     moves to the end of its interval that hurts most (ties by id)."""
     n = x.numel()
     flat = x.reshape(1, -1).repeat(2 * n, 1)
-    idx = torch.arange(n)
+    idx = torch.arange(n, device=x.device)
     flat[idx, idx] = lo.reshape(-1)
     flat[n + idx, idx] = hi.reshape(-1)
     with torch.no_grad():
@@ -178,7 +178,7 @@ def _sensitivity_order(net: Network, x: Tensor, lo: Tensor, hi: Tensor, target: 
         moved = torch.cat([_margin(net, part.reshape(-1, *x.shape), target)
                            for part in flat.split(512)])
     drop = base - torch.minimum(moved[:n], moved[n:])
-    return torch.from_numpy(np.lexsort((np.arange(n), drop.numpy())))
+    return torch.from_numpy(np.lexsort((np.arange(n), drop.cpu().numpy()))).to(x.device)
 
 
 def _margin(net: Network, batch: Tensor, target: int) -> Tensor:
@@ -199,7 +199,7 @@ def _proven(net: Network, x: Tensor, lo: Tensor, hi: Tensor, masks: Tensor,
             target: int) -> Tensor:
     """Per free-set mask: do float-safe CROWN bounds prove the class on its box?"""
     box_lo, box_hi = _box(x, lo, hi, masks)
-    labels = torch.full((masks.shape[0],), target, dtype=torch.long)
+    labels = torch.full((masks.shape[0],), target, dtype=torch.long, device=x.device)
     return (property_lower_bounds(net, box_lo, box_hi, labels, "crown") > 0).all(1)
 
 
@@ -223,9 +223,9 @@ def _complete(net: Network, x: Tensor, lo: Tensor, hi: Tensor, free: Tensor, i: 
 def attack(net: Network, lo: Tensor, hi: Tensor, target: int, seed: int = 0) -> Tensor | None:
     """Box-constrained PGD on the class margin (random starts, signed steps that shrink);
     an input in ``[lo, hi]`` the network classifies otherwise, or ``None``."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # on the CPU: the same starts on any device
     z = lo + (hi - lo) * torch.rand((ATTACK_RESTARTS, *lo.shape), generator=gen,
-                                    dtype=lo.dtype)
+                                    dtype=lo.dtype).to(lo.device)
     step = (hi - lo) / 2
     for _ in range(ATTACK_STEPS):
         z.requires_grad_(True)
