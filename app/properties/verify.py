@@ -10,7 +10,8 @@ dimension chosen by width times gradient, "smear"), checking every sub-box's cen
 forward pass, until every sub-box is refuted, a counterexample is found, or the time limit.
 On larger inputs ``"bab"`` runs CROWN, alpha-CROWN, then a MILP per open case (HiGHS, exact
 ReLU encoding, ``app.properties.milp``; chains of affine layers and ReLUs only), its points
-checked as counterexamples by a forward pass. ReLU splitting (beta-CROWN) is not implemented.
+checked as counterexamples by a forward pass; on chains of affine layers and ReLUs first
+branch and bound over ReLU splits (beta-CROWN style, ``app.properties.relu_bab``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from app.bounds import METHODS, spec_lower_bounds
 from app.errors import InvalidInputError
 from app.network import Network
 from app.progress import ProgressFn, report
-from app.properties import milp
+from app.properties import milp, relu_bab
 from app.properties.vnnlib import Case, VnnProperty
 
 BATCH = 512  # sub-boxes bounded together
@@ -93,6 +94,8 @@ def verify(net: Network, prop: VnnProperty, method: str = "bab", time_limit: flo
     if method != "bab":
         return done("unknown", f"{refuted} of {len(status)} cases refuted by {method}")
     if prop.n_inputs > MAX_SPLIT_INPUTS:
+        if relu_bab.supports(net):
+            return _by_relu_splits(net, prop, status, deadline, done, progress)
         return _by_milp(net, prop, status, deadline, done)
     boxes = 0
     for k, case in enumerate(prop.cases):
@@ -110,6 +113,42 @@ def verify(net: Network, prop: VnnProperty, method: str = "bab", time_limit: flo
         if word != "refuted":
             return done("unknown", f"case {k + 1}: {word}", boxes=boxes)
     return done("proven", f"all {len(status)} cases refuted ({boxes} sub-boxes)", boxes=boxes)
+
+
+def _by_relu_splits(net: Network, prop: VnnProperty, status: list[str], deadline: float,
+                    done, progress: ProgressFn | None) -> Verdict:
+    """The open cases of a high-dimensional property by ReLU-split branch and bound, each
+    case's root bounds by alpha-CROWN on its box; a case the search cannot close (every
+    unstable ReLU split) goes to the MILP with the time left."""
+    domains = leaves = 0
+    for k in [k for k, s in enumerate(status) if s == "open"]:
+        case = prop.cases[k]
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return done("unknown", "time limit reached", boxes=domains)
+        report(progress, 0.3, f"ReLU branch and bound on case {k + 1}")
+        lo, hi = _box(net, case)
+        spec = torch.as_tensor(case.rows, dtype=torch.float64)[None]
+        offset = -torch.as_tensor(case.rhs, dtype=torch.float64)[None]
+        ch = relu_bab.chain(net, lo, hi, spec, offset, min(10.0, left / 4))
+        res = relu_bab.refute(net, case, ch, deadline, progress,
+                              lambda x, c=case: check_counterexample(net, c, x))
+        domains, leaves = domains + res.domains, leaves + res.leaves
+        if res.status == "counterexample":
+            status[k] = "counterexample"
+            found = _found(net, case, res.point)
+            return done("counterexample", f"case {k + 1} is met by a point of ReLU branch "
+                                          "and bound (forward pass)", counterexample=found[0],
+                        output=found[1], case=k, boxes=domains)
+        if res.status == "unknown":
+            if time.monotonic() < deadline - 1 and "split" in res.reason:
+                return _by_milp(net, prop, status, deadline, done)
+            return done("unknown", f"case {k + 1}: {res.reason}", boxes=domains)
+        status[k] = "refuted"
+    return done("proven", f"all {len(status)} cases refuted: bounds, then ReLU-split branch "
+                          f"and bound over {domains} sub-domains; each of the {leaves} leaves "
+                          "(a set of ReLUs fixed active/inactive) has a positive beta-CROWN "
+                          "lower bound of some row", boxes=domains)
 
 
 def _by_milp(net: Network, prop: VnnProperty, status: list[str], deadline: float,
