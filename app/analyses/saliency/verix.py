@@ -2,22 +2,30 @@
 input features such that *every* input equal to ``x`` on ``E`` and within ``eps`` of ``x``
 elsewhere (inside the input range) keeps the predicted class.
 
-Features are freed one at a time, least sensitive first (sensitivity: how far the class
-margin drops when that feature alone moves to either end of its interval). A feature is freed
-when the box "current free set plus it" is proven robust; otherwise it stays in ``E``.
+Features are tried least sensitive first (sensitivity: how far the class margin drops when
+that feature alone moves to either end of its interval). A feature is freed only when the box
+"current free set plus it" is proven robust; otherwise it stays in ``E``. The search, cheapest
+evidence first:
 
-* Proofs: the engine's float-safe CROWN bounds first (:func:`app.bounds.property_lower_bounds`)
-  on a group of the next features, doubling while it proves and halving when it does not
-  (VeriX+-style binary search), then where they are
-  inconclusive a MILP (HiGHS, big-M from CROWN bounds; :mod:`.robust_milp`, sequential
-  affine/ReLU networks) on a group of the next features (doubling while it proves, halving
-  when it does not), and for a single feature a complete check: a box-constrained PGD attack,
-  then the MILP. A MILP proof: no input with a rival margin below ``1e-5`` of the logits' scale.
+1. Bounds: the longest prefix of the order that the engine's float-safe CROWN bounds
+   (:func:`app.bounds.property_lower_bounds`) prove, found by doubling then bisection.
+2. Complete checks on groups (VeriX+'s binary search): a MILP (HiGHS, :mod:`.robust_milp`,
+   sequential affine/ReLU networks) on the next group of undecided features, each call
+   stopped at ``check_timeout_s``; a proof frees the group and doubles the next one, anything
+   else halves it. A group of one is decided by PGD (random starts and the known
+   counterexamples projected onto its box), then CROWN, then the MILP.
+3. Counterexamples are reused: every counterexample found is projected onto each undecided
+   feature's box "free set plus that feature"; where the forward pass gives another class,
+   the feature is kept with that witness without any solver.
+4. At ``timeout_s`` the untried features get one batched PGD search for witnesses; the rest
+   are kept as "sound, not proven irreducible".
+
 * Soundness: the free set only ever grows by proven steps, so the final one is proven.
 * Irreducibility: a kept feature comes with a counterexample (forward pass checked: another
   class) inside the box "free set at that time plus that feature", which lies inside the
-  final free set's box plus that feature. Where the complete check cannot decide (time limit,
-  or an unsupported layer), the feature is kept and marked "sound, not proven irreducible".
+  final free set's box plus that feature. Where no witness was found (time limit, an
+  unsupported layer, or a complete check that could not decide), the feature is kept and
+  marked "sound, not proven irreducible".
 """
 
 from __future__ import annotations
@@ -37,9 +45,11 @@ from app.progress import ProgressFn, report
 
 WITNESSED = "counterexample"
 UNPROVEN = "sound, not proven irreducible"
-FIRST_BATCH, MAX_BATCH = 8, 512
 MAX_GROUP = 64  # features one MILP may try to free together
 ATTACK_STEPS, ATTACK_RESTARTS = 40, 8
+POOL = 8  # most recent counterexamples projected onto undecided features' boxes
+FINAL_SHARE = 0.1  # of timeout_s kept for the last batched witness search
+FINAL_CHUNK = 32  # boxes per batched attack in that search
 
 
 @dataclass
@@ -75,8 +85,9 @@ def verified_explanation(
     progress: ProgressFn | None = None,
 ) -> VerixResult:
     """The VeriX explanation of ``net``'s predicted class at ``x`` for perturbations of at
-    most ``eps`` (L-inf) inside ``input_range``. After ``timeout_s`` the features not yet
-    tried are kept unchecked (still sound); each complete check stops at ``check_timeout_s``.
+    most ``eps`` (L-inf) inside ``input_range``. Near ``timeout_s`` the features not yet
+    tried get one batched attack and are otherwise kept unproven (still sound); each complete
+    check stops at ``check_timeout_s``.
     """
     start = time.monotonic()
     lo_r, hi_r = (float(v) for v in input_range)
@@ -91,78 +102,171 @@ def verified_explanation(
         target = int(net(x[None])[0].argmax())
     lo_all = torch.minimum(x, (x - eps).clamp(lo_r, hi_r))
     hi_all = torch.maximum(x, (x + eps).clamp(lo_r, hi_r))
-    order = _sensitivity_order(net, x, lo_all, hi_all, target)
-    n = order.numel()
-    free = torch.zeros(n, dtype=torch.bool, device=x.device)
-    freed: list[int] = []
-    kept: dict[int, str] = {}
-    examples: dict[int, np.ndarray] = {}
-    checks = {"bound_batches": 0, "attack_counterexamples": 0, "milp_robust": 0,
-              "milp_counterexamples": 0, "undecided": 0, "unchecked": 0,
-              "milp_robust_groups": 0, "milp_failed_groups": 0}
-    deadline = start + timeout_s
-    pos, batch, group, bounds_failed = 0, FIRST_BATCH, 2, False
-    milp = robust_milp.supported(net)
-    while pos < n:
-        if time.monotonic() >= deadline:
-            for i in order[pos:].tolist():
-                kept[i] = UNPROVEN
-            checks["unchecked"] = n - pos
-            break
-        report(progress, pos / n, f"feature {pos} of {n}: {len(freed)} freed, {len(kept)} kept")
-        if not bounds_failed:
-            cand = order[pos: pos + batch]
-            mask = free.clone()
-            mask[cand] = True
-            checks["bound_batches"] += 1
-            if bool(_proven(net, x, lo_all, hi_all, mask[None], target)[0]):
-                free[cand] = True
-                freed += cand.tolist()
-                pos += len(cand)
-                batch = min(MAX_BATCH, batch * 2)
-                continue
-            if len(cand) > 1:  # binary search for the first feature the bounds cannot free
-                batch = len(cand) // 2
-                continue
-        bounds_failed = False
-        several = order[pos: pos + group]
-        if milp and len(several) > 1:  # VeriX+-style: one MILP may free a whole group
-            mask = free.clone()
-            mask[several] = True
-            box_lo, box_hi = (t[0] for t in _box(x, lo_all, hi_all, mask[None]))
-            outcome = robust_milp.check(net, box_lo, box_hi, target, min(
-                deadline, time.monotonic() + check_timeout_s), prove_only=True)
-            if outcome.verdict == robust_milp.ROBUST:
-                checks["milp_robust_groups"] += 1
-                free[several] = True
-                freed += several.tolist()
-                pos += len(several)
-                group = min(MAX_GROUP, group * 2)
-                batch = 1
-                continue
-            checks["milp_failed_groups"] += 1
-            group, bounds_failed = group // 2, True
-            continue
-        i = int(order[pos])
-        verdict, point, how = _complete(net, x, lo_all, hi_all, free, i, target,
-                                        min(deadline, time.monotonic() + check_timeout_s))
-        checks[how] += 1
-        if verdict == robust_milp.ROBUST:
-            free[i] = True
-            freed.append(i)
-        elif verdict == robust_milp.COUNTEREXAMPLE:
-            kept[i] = WITNESSED
-            examples[i] = point.cpu().numpy()
-        else:
-            kept[i] = UNPROVEN
-        pos += 1
-        batch, group = 1, 2
-    report(progress, 1.0, f"done: {n - len(freed)} features kept")
+    search = _Search(net, x, lo_all, hi_all, target, progress)
+    search.bounds_prefix()
+    timings = {"bounds_s": time.monotonic() - start}
+    search.complete(start + timeout_s * (1 - FINAL_SHARE), check_timeout_s)
+    timings["complete_s"] = time.monotonic() - start - timings["bounds_s"]
+    search.finish(start + timeout_s)
+    timings["total_s"] = time.monotonic() - start
+    report(progress, 1.0, f"done: {len(search.kept)} features kept")
     return VerixResult(
         target=target, eps=float(eps), input_range=(lo_r, hi_r),
-        explanation=(~free).reshape(x.shape).cpu().numpy(), order=order.tolist(), freed=freed,
-        kept=kept, counterexamples=examples, checks=checks,
-        timings={"total_s": time.monotonic() - start})
+        explanation=(~search.free).reshape(x.shape).cpu().numpy(),
+        order=search.order.tolist(), freed=search.freed, kept=search.kept,
+        counterexamples={i: p.cpu().numpy() for i, p in search.examples.items()},
+        checks=search.checks, timings=timings)
+
+
+class _Search:
+    """The free set, the decisions so far and the counterexamples found."""
+
+    def __init__(self, net: Network, x: Tensor, lo: Tensor, hi: Tensor, target: int,
+                 progress: ProgressFn | None) -> None:
+        self.net, self.x, self.lo, self.hi, self.target = net, x, lo, hi, target
+        self.progress = progress
+        self.order = _sensitivity_order(net, x, lo, hi, target)
+        self.n = self.order.numel()
+        self.free = torch.zeros(self.n, dtype=torch.bool, device=x.device)
+        self.freed: list[int] = []
+        self.kept: dict[int, str] = {}
+        self.examples: dict[int, Tensor] = {}
+        self.pool: list[Tensor] = []
+        self.milp = robust_milp.supported(net)
+        self.checks = {"bound_checks": 0, "milp_robust_groups": 0, "milp_failed_groups": 0,
+                       "attack_counterexamples": 0, "reused_counterexamples": 0,
+                       "bound_robust": 0, "milp_robust": 0, "milp_counterexamples": 0,
+                       "undecided": 0, "unchecked": 0}
+
+    def undecided(self) -> Tensor:
+        """Undecided feature ids in the search order."""
+        done = self.free.clone()
+        if self.kept:
+            done[torch.tensor(list(self.kept), device=done.device)] = True
+        return self.order[~done[self.order]]
+
+    def _with(self, features: Tensor) -> Tensor:
+        mask = self.free.clone()
+        mask[features] = True
+        return mask
+
+    def _free(self, features: Tensor) -> None:
+        self.free[features] = True
+        self.freed += features.tolist()
+
+    def _keep(self, i: int, point: Tensor, how: str) -> None:
+        self.kept[i] = WITNESSED
+        self.examples[i] = point
+        self.checks[how] += 1
+
+    def bounds_prefix(self) -> None:
+        """Free the longest order prefix CROWN proves (doubling, then bisection): each
+        freed prefix is proven itself, nothing is inferred from a neighbour."""
+        good, bad, k = 0, self.n + 1, min(8, self.n)
+        while good < k < bad:
+            if self._proven(self.order[:k]):
+                good = k
+            else:
+                bad = k
+            k = min(2 * good, self.n) if bad > self.n else (good + bad) // 2
+        if good:
+            self._free(self.order[:good])
+
+    def _proven(self, features: Tensor) -> bool:
+        self.checks["bound_checks"] += 1
+        return bool(_proven(self.net, self.x, self.lo, self.hi, self._with(features)[None],
+                            self.target)[0])
+
+    def complete(self, deadline: float, check_timeout_s: float) -> None:
+        """VeriX+ groups: a MILP frees the next ``group`` undecided features or halves it."""
+        group = 2
+        while (rest := self.undecided()).numel() and time.monotonic() < deadline:
+            report(self.progress, 1 - rest.numel() / self.n,
+                   f"{len(self.freed)} freed, {len(self.kept)} kept, {rest.numel()} to decide")
+            until = min(deadline, time.monotonic() + check_timeout_s)
+            if self.milp and group > 1 and rest.numel() > 1:
+                several = rest[:group]
+                box_lo, box_hi = (t[0] for t in _box(self.x, self.lo, self.hi,
+                                                     self._with(several)[None]))
+                outcome = robust_milp.check(self.net, box_lo, box_hi, self.target, until)
+                if outcome.verdict == robust_milp.ROBUST:
+                    self.checks["milp_robust_groups"] += 1
+                    self._free(several)
+                    group = min(MAX_GROUP, 2 * group)
+                    continue
+                self.checks["milp_failed_groups"] += 1
+                if outcome.point is not None:
+                    self._learn(outcome.point)
+                group //= 2
+                continue
+            self._single(int(rest[0]), until)
+            group = 2
+
+    def _single(self, i: int, deadline: float) -> None:
+        """Decide the box "free plus ``i``": attack, CROWN, then the MILP where supported."""
+        mask = self._with(torch.tensor([i], device=self.free.device))
+        box_lo, box_hi = (t[0] for t in _box(self.x, self.lo, self.hi, mask[None]))
+        starts = [torch.minimum(torch.maximum(p, box_lo), box_hi) for p in self.pool]
+        point = attack(self.net, box_lo, box_hi, self.target, starts=starts)
+        if point is not None:
+            self._keep(i, point, "attack_counterexamples")
+            self._learn(point)
+            return
+        if self._proven(torch.tensor([i], device=self.free.device)):
+            self.checks["bound_robust"] += 1
+            self._free(torch.tensor([i], device=self.free.device))
+            return
+        if not self.milp:
+            self.kept[i] = UNPROVEN
+            self.checks["undecided"] += 1
+            return
+        outcome = robust_milp.check(self.net, box_lo, box_hi, self.target, deadline)
+        if outcome.verdict == robust_milp.ROBUST:
+            self.checks["milp_robust"] += 1
+            self._free(torch.tensor([i], device=self.free.device))
+        elif outcome.verdict == robust_milp.COUNTEREXAMPLE:
+            self._keep(i, outcome.point, "milp_counterexamples")
+            self._learn(outcome.point)
+        else:
+            self.kept[i] = UNPROVEN
+            self.checks["undecided"] += 1
+
+    def _learn(self, point: Tensor) -> None:
+        """Remember a counterexample and keep, with a witness, every undecided feature whose
+        box "free plus it" holds the point's projection of another class."""
+        self.pool = (self.pool + [point])[-POOL:]
+        rest = self.undecided()
+        if not rest.numel():
+            return
+        masks = self.free.repeat(rest.numel(), 1)
+        masks[torch.arange(rest.numel(), device=masks.device), rest] = True
+        box_lo, box_hi = _box(self.x, self.lo, self.hi, masks)
+        for p in self.pool:
+            proj = torch.minimum(torch.maximum(p, box_lo), box_hi)
+            with torch.no_grad():
+                wrong = self.net(proj).argmax(1) != self.target
+            for r in torch.nonzero(wrong).reshape(-1).tolist():
+                if int(rest[r]) not in self.kept:
+                    self._keep(int(rest[r]), proj[r], "reused_counterexamples")
+
+    def finish(self, deadline: float) -> None:
+        """Untried features: batched attacks for witnesses until ``deadline``, the rest kept
+        unproven."""
+        rest = self.undecided().tolist()
+        for chunk in range(0, len(rest), FINAL_CHUNK):
+            if time.monotonic() >= deadline:
+                break
+            part = torch.tensor(rest[chunk: chunk + FINAL_CHUNK], device=self.free.device)
+            masks = self.free.repeat(part.numel(), 1)
+            masks[torch.arange(part.numel(), device=masks.device), part] = True
+            box_lo, box_hi = _box(self.x, self.lo, self.hi, masks)
+            points = attack_batch(self.net, box_lo, box_hi, self.target, restarts=2)
+            for r, i in enumerate(part.tolist()):
+                if points[r] is not None:
+                    self._keep(i, points[r], "attack_counterexamples")
+        for i in self.undecided().tolist():
+            self.kept[i] = UNPROVEN
+            self.checks["unchecked"] += 1
 
 
 def _sensitivity_order(net: Network, x: Tensor, lo: Tensor, hi: Tensor, target: int) -> Tensor:
@@ -203,42 +307,43 @@ def _proven(net: Network, x: Tensor, lo: Tensor, hi: Tensor, masks: Tensor,
     return (property_lower_bounds(net, box_lo, box_hi, labels, "crown") > 0).all(1)
 
 
-def _complete(net: Network, x: Tensor, lo: Tensor, hi: Tensor, free: Tensor, i: int,
-              target: int, deadline: float) -> tuple[str, Tensor | None, str]:
-    """Decide the box "free plus feature ``i``": attack, then MILP where supported."""
-    mask = free.clone()
-    mask[i] = True
-    box_lo, box_hi = (t[0] for t in _box(x, lo, hi, mask[None]))
-    point = attack(net, box_lo, box_hi, target)
-    if point is not None:
-        return robust_milp.COUNTEREXAMPLE, point, "attack_counterexamples"
-    if not robust_milp.supported(net):
-        return robust_milp.UNKNOWN, None, "undecided"
-    outcome = robust_milp.check(net, box_lo, box_hi, target, deadline)
-    how = {robust_milp.ROBUST: "milp_robust", robust_milp.COUNTEREXAMPLE: "milp_counterexamples",
-           robust_milp.UNKNOWN: "undecided"}[outcome.verdict]
-    return outcome.verdict, outcome.point, how
+def attack(net: Network, lo: Tensor, hi: Tensor, target: int, seed: int = 0,
+           starts: list[Tensor] | None = None) -> Tensor | None:
+    """Box-constrained PGD on the class margin (random starts plus ``starts``, signed steps
+    that shrink); an input in ``[lo, hi]`` the network classifies otherwise, or ``None``."""
+    return attack_batch(net, lo[None], hi[None], target, seed, starts)[0]
 
 
-def attack(net: Network, lo: Tensor, hi: Tensor, target: int, seed: int = 0) -> Tensor | None:
-    """Box-constrained PGD on the class margin (random starts, signed steps that shrink);
-    an input in ``[lo, hi]`` the network classifies otherwise, or ``None``."""
+def attack_batch(net: Network, lo: Tensor, hi: Tensor, target: int, seed: int = 0,
+                 starts: list[Tensor] | None = None,
+                 restarts: int = ATTACK_RESTARTS) -> list[Tensor | None]:
+    """:func:`attack` on a batch of boxes ``[B, *shape]`` at once (``starts``: points
+    projected onto every box)."""
+    b, shape = lo.shape[0], lo.shape[1:]
     gen = torch.Generator().manual_seed(seed)  # on the CPU: the same starts on any device
-    z = lo + (hi - lo) * torch.rand((ATTACK_RESTARTS, *lo.shape), generator=gen,
-                                    dtype=lo.dtype).to(lo.device)
-    step = (hi - lo) / 2
+    noise = torch.rand((restarts, b, *shape), generator=gen, dtype=lo.dtype)
+    z = lo + (hi - lo) * noise.to(lo.device)
+    if starts:
+        z = torch.cat([z, torch.stack([torch.minimum(torch.maximum(p, lo), hi)
+                                       for p in starts])])
+    box_lo, box_hi = lo.expand_as(z).reshape(-1, *shape), hi.expand_as(z).reshape(-1, *shape)
+    z = z.reshape(-1, *shape)
+    step = (box_hi - box_lo) / 2
     for _ in range(ATTACK_STEPS):
         z.requires_grad_(True)
         margin = _margin(net, z, target)
-        if (margin < 0).any():
+        if (margin < 0).reshape(-1, b).any(0).all():
             break
         grad = torch.autograd.grad(margin.sum(), z)[0]
-        z = torch.minimum(torch.maximum(z.detach() - step * grad.sign(), lo), hi)
+        z = torch.minimum(torch.maximum(z.detach() - step * grad.sign(), box_lo), box_hi)
         step = step * 0.85
     with torch.no_grad():
-        z = z.detach()
-        wrong = torch.nonzero(net(z).argmax(1) != target).reshape(-1)
-    return z[wrong[0]] if wrong.numel() else None
+        z = z.detach().reshape(-1, b, *shape)
+        wrong = (net(z.reshape(-1, *shape)).argmax(1) != target).reshape(-1, b)
+    first = wrong.to(torch.int8).argmax(0).tolist()
+    hit = wrong.any(0).tolist()
+    return [z[first[k], k] if hit[k] else None for k in range(b)]
 
 
-__all__ = ["UNPROVEN", "WITNESSED", "VerixResult", "attack", "verified_explanation"]
+__all__ = ["UNPROVEN", "WITNESSED", "VerixResult", "attack", "attack_batch",
+           "verified_explanation"]
