@@ -42,12 +42,15 @@ def pgd(
     Returns, per sample, the point with the highest loss over all restarts.
     """
     step_size = step_size if step_size is not None else 2.5 * eps / steps
-    best, best_loss = x.detach().clone(), torch.full((x.shape[0],), -torch.inf, dtype=x.dtype)
+    best, best_loss = x.detach().clone(), x.new_full((x.shape[0],), -torch.inf)
     lo, hi = x - eps, x + eps
     if clip:
         lo, hi = lo.clamp(*clip), hi.clamp(*clip)
     for _ in range(restarts):
-        noise = torch.rand(x.shape, generator=generator, dtype=x.dtype) * 2 - 1
+        # drawn where the generator lives (the CPU by default), so a seed gives the same
+        # starts on every device
+        noise = torch.rand(x.shape, generator=generator, dtype=x.dtype,
+                           device=generator.device if generator else "cpu").to(x) * 2 - 1
         adv = torch.min(torch.max(x + eps * noise, lo), hi)
         for _ in range(steps):
             adv = adv + step_size * input_gradient(net, adv, y).sign()
@@ -55,5 +58,6 @@ def pgd(
         with torch.no_grad():
             loss = F.cross_entropy(net(adv), y, reduction="none")
         better = loss > best_loss
-        best[better], best_loss[better] = adv[better], loss[better]
+        best = torch.where(better.reshape(-1, *[1] * (x.dim() - 1)), adv, best)
+        best_loss = torch.where(better, loss, best_loss)
     return best

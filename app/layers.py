@@ -39,6 +39,13 @@ class Layer(nn.Module):
     def describe(self) -> str:
         return self.kind
 
+    @property
+    def device(self) -> torch.device:
+        """Where the layer's parameters live (the CPU for a kind without any)."""
+        for t in list(self.parameters()) + list(self.buffers()):
+            return t.device
+        return torch.device("cpu")
+
 
 class AffineLayer(Layer):
     """``y = A x + b`` with a fixed linear map ``A``; subclasses give ``linear`` and ``bias_map``."""
@@ -70,7 +77,7 @@ class AffineLayer(Layer):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.linear(x)
-        return out + self.bias_map(tuple(out.shape[1:])).to(out.dtype)
+        return out + self.bias_map(tuple(out.shape[1:])).to(out)
 
     def interval(self, *bounds: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         lo, hi = bounds[0]
@@ -82,15 +89,17 @@ class AffineLayer(Layer):
         """Columns ``A[:, k]`` for the flat input indices ``units`` ``[E]``, as rows shaped like
         one output ``[E, *out_shape]``. Here by applying ``A`` to one-hot inputs; kinds with a
         sparse ``A`` gather them from their weights instead."""
-        eye = torch.zeros((len(units), math.prod(in_shape)), dtype=self._dtype())
-        eye[torch.arange(len(units)), units] = 1.0
+        units = units.to(self.device)
+        eye = torch.zeros((len(units), math.prod(in_shape)), dtype=self._dtype(),
+                          device=self.device)
+        eye[torch.arange(len(units), device=self.device), units] = 1.0
         return self.linear(eye.reshape(len(units), *in_shape))
 
     def column_entries(self, units: Tensor, in_shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         """The same columns as (flat output index ``[E, m]``, value ``[E, m]``) pairs; a
         sparse kind lists only the ``m`` entries a column can have (padding: value 0)."""
         cols = self.columns(units, in_shape).reshape(len(units), -1)
-        return torch.arange(cols.shape[1]).expand(cols.shape), cols
+        return torch.arange(cols.shape[1], device=cols.device).expand(cols.shape), cols
 
     def shared_windows(self, in_shape: tuple[int, ...]) -> tuple[int, int]:
         """``(width, stride)``: ``column_entries`` lists a column's entries as ``width`` runs
@@ -102,7 +111,7 @@ class AffineLayer(Layer):
         """Dense ``(A, b)`` acting on flattened inputs: ``A`` is ``[out_numel, in_numel]``."""
         n = math.prod(in_shape)
         dtype = self._dtype()
-        eye = torch.eye(n, dtype=dtype).reshape(n, *in_shape)
+        eye = torch.eye(n, dtype=dtype, device=self.device).reshape(n, *in_shape)
         cols = self.linear(eye).reshape(n, -1)
         out_shape = tuple(self.linear(eye[:1]).shape[1:])
         return cols.T.contiguous(), self.bias_map(out_shape).reshape(-1).to(dtype)
@@ -121,7 +130,8 @@ class Linear(AffineLayer):
     def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
         super().__init__()
         self.weight = _param(weight)
-        self.bias = _param(bias if bias is not None else torch.zeros(weight.shape[0]))
+        self.bias = _param(bias if bias is not None
+                           else torch.zeros(weight.shape[0], device=weight.device))
 
     def linear(self, x: Tensor) -> Tensor:
         return x @ self.weight.T
@@ -136,7 +146,7 @@ class Linear(AffineLayer):
         return self.bias
 
     def columns(self, units: Tensor, in_shape: tuple[int, ...]) -> Tensor:
-        return self.weight.T[units]
+        return self.weight.T[units.to(self.device)]
 
     def matrix(self, in_shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         return self.weight, self.bias
@@ -161,7 +171,8 @@ class Conv2d(AffineLayer):
     ) -> None:
         super().__init__()
         self.weight = _param(weight)
-        self.bias = _param(bias if bias is not None else torch.zeros(weight.shape[0]))
+        self.bias = _param(bias if bias is not None
+                           else torch.zeros(weight.shape[0], device=weight.device))
         self.stride, self.padding = tuple(stride), tuple(padding)
         self.dilation, self.groups = tuple(dilation), groups
 
@@ -183,12 +194,13 @@ class Conv2d(AffineLayer):
         index inside the kernel and ``o`` is in ``c``'s group: a few output rows and columns
         per pixel, gathered from the weights (no convolution)."""
         o_ch, c_per_group, kh, kw = self.weight.shape
+        units = units.to(self.device)
         per_group = o_ch // self.groups
         c, rest = units // (in_shape[1] * in_shape[2]), units % (in_shape[1] * in_shape[2])
         h_out, w_out = _out_size(in_shape[1], self, 0), _out_size(in_shape[2], self, 1)
         y, ty, oky = _taps(rest // in_shape[2], h_out, kh, self, 0)
         x, tx, okx = _taps(rest % in_shape[2], w_out, kw, self, 1)
-        o = (c // c_per_group)[:, None] * per_group + torch.arange(per_group)  # [E, O/groups]
+        o = (c // c_per_group)[:, None] * per_group + torch.arange(per_group, device=c.device)
         value = self.weight[o[:, :, None, None], (c % c_per_group)[:, None, None, None],
                             ty[:, None, :, None], tx[:, None, None, :]]
         ok = (oky[:, :, None] & okx[:, None, :])[:, None]
@@ -232,7 +244,7 @@ def _taps(pos: Tensor, n_out: int, k: int, conv: Conv2d,
     """The output positions ``[E, m]`` that input position ``pos`` ``[E]`` can reach along one
     axis, the kernel tap linking them, and whether that link exists."""
     s, p, d = conv.stride[axis], conv.padding[axis], conv.dilation[axis]
-    out = (pos + p)[:, None] // s - torch.arange((d * (k - 1)) // s + 1)
+    out = (pos + p)[:, None] // s - torch.arange((d * (k - 1)) // s + 1, device=pos.device)
     off = (pos + p)[:, None] - out * s
     ok = (out >= 0) & (out < n_out) & (off % d == 0) & (off < d * k)
     return out.clamp(0, n_out - 1), (off // d).clamp(0, k - 1), ok
@@ -291,7 +303,7 @@ class AvgPool2d(AffineLayer):
     abs_linear = linear
 
     def bias_map(self, out_shape: tuple[int, ...]) -> Tensor:
-        return torch.zeros(out_shape)
+        return torch.zeros(out_shape, device=self.device)
 
     def describe(self) -> str:
         return f"avgpool k{self.kernel_size[0]} s{self.stride[0]}"
@@ -311,7 +323,7 @@ class Flatten(AffineLayer):
         return y.reshape(*y.shape[:-1], *in_shape)
 
     def bias_map(self, out_shape: tuple[int, ...]) -> Tensor:
-        return torch.zeros(out_shape)
+        return torch.zeros(out_shape, device=self.device)
 
 
 class Reshape(AffineLayer):
@@ -332,7 +344,7 @@ class Reshape(AffineLayer):
         return y.reshape(*y.shape[: y.dim() - len(self.shape)], *in_shape)
 
     def bias_map(self, out_shape: tuple[int, ...]) -> Tensor:
-        return torch.zeros(out_shape)
+        return torch.zeros(out_shape, device=self.device)
 
     def describe(self) -> str:
         return f"reshape {self.shape}"
@@ -439,4 +451,5 @@ def _param(t: Tensor | None) -> nn.Parameter | None:
         return None
     if isinstance(t, nn.Parameter):
         return t
-    return nn.Parameter(torch.as_tensor(t).detach().clone(), requires_grad=False)
+    t = t if isinstance(t, Tensor) else torch.as_tensor(t, device="cpu")
+    return nn.Parameter(t.detach().clone(), requires_grad=False)

@@ -7,6 +7,7 @@ is the output (logits). Sequential networks have ``inputs[i] == (i - 1,)`` for e
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -57,7 +58,8 @@ class Network(nn.Module):
             if len(ins) != layer.arity or any(j >= i or j < INPUT for j in ins):
                 raise InvalidInputError(f"node {i} ({layer.kind}) has bad inputs {ins}")
         with torch.no_grad():
-            outs = self.trace(torch.zeros((1, *self.input_shape), dtype=self.dtype))
+            outs = self.trace(torch.zeros((1, *self.input_shape), dtype=self.dtype,
+                                          device=self.device))
         self.shapes: list[tuple[int, ...]] = [tuple(o.shape[1:]) for o in outs]
 
     # -- evaluation -------------------------------------------------------------------------
@@ -112,7 +114,7 @@ class Network(nn.Module):
 
     @property
     def num_outputs(self) -> int:
-        return int(torch.tensor(self.shapes[-1]).prod())
+        return math.prod(self.shapes[-1])
 
     @property
     def is_sequential(self) -> bool:
@@ -155,7 +157,7 @@ class Network(nn.Module):
 
     def num_neurons(self) -> int:
         """Number of ReLU units (the usual measure of a network's size)."""
-        return sum(int(torch.tensor(self.shapes[i]).prod()) for i in self.relu_indices)
+        return sum(math.prod(self.shapes[i]) for i in self.relu_indices)
 
     def summary(self) -> dict:
         """A JSON-ready description: input shape, outputs, layers, neuron count."""

@@ -45,7 +45,7 @@ def predict(net: Network, x: Tensor) -> Prediction:
         x = x.unsqueeze(0)
     if x.shape[0] != 1:
         raise InvalidInputError(f"predict takes one input, got a batch of {x.shape[0]}")
-    x = x.to(net.dtype)
+    x = x.to(net.dtype).to(net.device)
     with torch.no_grad():
         outs = net.trace(x)
         logits = outs[-1].reshape(-1)
@@ -56,8 +56,9 @@ def predict(net: Network, x: Tensor) -> Prediction:
             layers.append(LayerPattern(
                 node=i, shape=net.shapes[i], neurons=on.numel(), active=active,
                 fraction_active=active / max(1, on.numel()),
-                pattern=on.to(torch.uint8).numpy(),
+                pattern=on.to(torch.uint8).cpu().numpy(),
             ))
+    logits = logits.cpu()
     scores = torch.softmax(logits.double(), dim=0)
     return Prediction(
         logits=logits.numpy(), scores=scores.numpy(), predicted=int(torch.argmax(logits)),

@@ -93,7 +93,8 @@ def certify(net: Network, x: Tensor, label: int, eps: float, method: str = "crow
     with torch.no_grad():
         lo, hi = input_box(x, eps, domain)
         bound_method = "crown" if method == "bab" else method
-        bounds = property_lower_bounds(net, lo, hi, torch.tensor([label]), bound_method)[0]
+        bounds = property_lower_bounds(net, lo, hi, torch.tensor([label], device="cpu"),
+                                       bound_method)[0]
     cert = _certificate(net, method, eps, label, bounds)
     if method == "bab" and not cert.certified:
         cert.certified = _proven_by_bab(net, lo, hi, label, time_limit)
@@ -103,7 +104,7 @@ def certify(net: Network, x: Tensor, label: int, eps: float, method: str = "crow
 def _proven_by_bab(net: Network, lo: Tensor, hi: Tensor, label: int, time_limit: float) -> bool:
     """The ball as a VNN-LIB-style property (some ``y_j >= y_label``) for the verifier."""
     eye = np.eye(net.num_outputs)
-    box = lo[0].reshape(-1).double().numpy(), hi[0].reshape(-1).double().numpy()
+    box = lo[0].reshape(-1).double().cpu().numpy(), hi[0].reshape(-1).double().cpu().numpy()
     cases = [Case(*box, (eye[label] - eye[j])[None], np.zeros(1))
              for j in range(net.num_outputs) if j != label]
     prop = VnnProperty(box[0].size, net.num_outputs, cases)
@@ -120,12 +121,13 @@ def proof_features(net: Network, x: Tensor, label: int, eps: float, method: str 
         raise UnsupportedModelError("proof features need a network ending in an affine layer")
     _check_label(net, label)
     report(progress, 0.0, f"bounding the network with {method}")
-    spec = margin_spec(net.num_outputs, torch.tensor([label]), net.dtype)
+    spec = margin_spec(net.num_outputs, torch.tensor([label], device="cpu"), net.dtype,
+                       net.device)
     with torch.no_grad():
         node, folded, bias = fold_last_layer(net, spec)
         lo, hi = input_box(x, eps, domain)
         analysis = analyze(net, lo, hi, method)
-        offset = torch.zeros(spec.shape[:2], dtype=net.dtype)
+        offset = spec.new_zeros(spec.shape[:2])
         full = float_safe(net, lo, hi, spec, offset, method,
                           analysis.lower(node, folded, bias))[0]
         f_lo, f_hi = (b[0].reshape(-1) for b in analysis.bounds(node))
@@ -135,7 +137,7 @@ def proof_features(net: Network, x: Tensor, label: int, eps: float, method: str 
     empty = np.zeros((0, *net.input_shape), dtype=np.float32)
     if not cert.certified:
         report(progress, 1.0, "not certified: no proof to explain")
-        return ProofFeatures(cert, node, f_lo.numpy(), f_hi.numpy(), priority.numpy(),
+        return ProofFeatures(cert, node, *_host(f_lo, f_hi, priority),
                              np.zeros(0, dtype=np.int64), cert.margin, False, empty)
 
     report(progress, 0.2, "pruning proof features")
@@ -159,8 +161,8 @@ def proof_features(net: Network, x: Tensor, label: int, eps: float, method: str 
     report(progress, 0.7, "gradient maps of the kept features")
     maps = _midpoint_gradients(net, x, eps, method, domain, node, kept)
     report(progress, 1.0, "done")
-    return ProofFeatures(cert, node, f_lo.numpy(), f_hi.numpy(), priority.numpy(),
-                         kept.numpy(), recheck.margin, recheck.certified, maps)
+    return ProofFeatures(cert, node, *_host(f_lo, f_hi, priority, kept),
+                         recheck.margin, recheck.certified, maps)
 
 
 def largest_certified_eps(net: Network, x: Tensor, label: int, method: str = "crown",
@@ -190,12 +192,17 @@ def largest_certified_eps(net: Network, x: Tensor, label: int, method: str = "cr
 
 
 def _as_batch(net: Network, x: Tensor) -> Tensor:
-    x = torch.as_tensor(x, dtype=net.dtype)
+    x = torch.as_tensor(x, dtype=net.dtype, device=net.device)
     if tuple(x.shape) == net.input_shape:
         x = x.unsqueeze(0)
     if tuple(x.shape) != (1, *net.input_shape):
         raise InvalidInputError(f"expected one input of shape {net.input_shape}, got {tuple(x.shape)}")
     return x
+
+
+def _host(*tensors: Tensor) -> list[np.ndarray]:
+    """Host (numpy) copies of result tensors, from whatever device they were computed on."""
+    return [t.detach().cpu().numpy() for t in tensors]
 
 
 def _check_label(net: Network, label: int) -> None:
@@ -205,7 +212,7 @@ def _check_label(net: Network, label: int) -> None:
 
 def _certificate(net: Network, method: str, eps: float, label: int, bounds: Tensor) -> Certificate:
     margins = np.full(net.num_outputs, np.nan)
-    margins[[j for j in range(net.num_outputs) if j != label]] = bounds.detach().numpy()
+    margins[[j for j in range(net.num_outputs) if j != label]] = bounds.detach().cpu().numpy()
     margin = float(bounds.min())
     return Certificate(method, float(eps), int(label), margin > 0, margin, margins)
 
@@ -227,7 +234,7 @@ def _largest_prunable(n: int, holds) -> int:
 def _masked(net: Network, node: int, mask: Tensor) -> Network:
     """A copy of ``net`` whose final layer sees only the features where ``mask`` is 1."""
     shape = net.input_shape if node == INPUT else net.shapes[node]
-    gate = ElementwiseAffine(mask.reshape(shape), torch.zeros(shape, dtype=mask.dtype))
+    gate = ElementwiseAffine(mask.reshape(shape), mask.new_zeros(shape))
     layers = [*net.layers[:-1], gate, net.layers[-1]]
     inputs = [*net.inputs[:-1], (node,), (len(net.layers) - 1,)]
     return Network(layers, net.input_shape, inputs, name=f"{net.name} (pruned)")
@@ -242,7 +249,7 @@ def _midpoint_gradients(net: Network, x: Tensor, eps: float, method: str, domain
     mid = ((f_lo + f_hi) / 2).reshape(-1)
     if kept.numel() == 0:
         return np.zeros((0, *net.input_shape), dtype=np.float32)
-    picks = torch.zeros(kept.numel(), mid.numel(), dtype=mid.dtype)
-    picks[torch.arange(kept.numel()), kept] = 1
+    picks = mid.new_zeros(kept.numel(), mid.numel())
+    picks[torch.arange(kept.numel(), device=mid.device), kept] = 1
     (grads,) = torch.autograd.grad(mid, xg, grad_outputs=picks, is_grads_batched=True)
-    return grads[:, 0].detach().numpy()
+    return grads[:, 0].detach().cpu().numpy()

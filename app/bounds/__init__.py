@@ -65,8 +65,8 @@ def property_lower_bounds(net: Network, lo: Tensor, hi: Tensor, labels: Tensor,
                           method: str) -> Tensor:
     """Float-safe lower bounds ``[B, n_out - 1]`` of ``y_label - y_j`` (``j != label``)."""
     labels = _check_labels(net, labels)
-    spec = margin_spec(net.num_outputs, labels, torch.float64)
-    return spec_lower_bounds(net, lo, hi, spec, torch.zeros(spec.shape[:2]), method)
+    spec = margin_spec(net.num_outputs, labels, torch.float64, lo.device)
+    return spec_lower_bounds(net, lo, hi, spec, spec.new_zeros(spec.shape[:2]), method)
 
 
 def spec_lower_bounds(net: Network, lo: Tensor, hi: Tensor, spec: Tensor, offset: Tensor,
@@ -119,7 +119,7 @@ def _spec_lower(net: Network, lo: Tensor, hi: Tensor, spec: Tensor, offset: Tens
 
 
 def _check_labels(net: Network, labels: Tensor) -> Tensor:
-    labels = torch.as_tensor(labels).long().reshape(-1)
+    labels = torch.as_tensor(labels, device="cpu").long().reshape(-1)  # tolist()ed
     if ((labels < 0) | (labels >= net.num_outputs)).any():
         raise InvalidInputError(f"labels must lie in [0, {net.num_outputs})")
     return labels

@@ -17,6 +17,7 @@ import time
 import torch
 from torch import Tensor
 
+from app.bounds.base import has_values
 from app.bounds.crown import Bounds, CrownAnalysis, _needs_input_bounds
 from app.layers import ReLU
 from app.network import INPUT, Network
@@ -50,7 +51,7 @@ class AlphaCrownAnalysis(CrownAnalysis):
 
     def lower(self, node: int, spec: Tensor, bias: Tensor | None = None) -> Tensor:
         base = super().lower(node, spec, bias)
-        if bool((base > 0).all()) or self.iterations <= 0:
+        if self.iterations <= 0 or (has_values(base) and bool((base > 0).all())):
             return base
         with torch.enable_grad():
             return torch.maximum(base, self._optimise(node, spec, bias, base))
@@ -61,7 +62,7 @@ class AlphaCrownAnalysis(CrownAnalysis):
         if not relus:
             return base
         spec = spec.detach()
-        bias = torch.zeros(spec.shape[:2], dtype=spec.dtype) if bias is None else bias.detach()
+        bias = spec.new_zeros(spec.shape[:2]) if bias is None else bias.detach()
         final = self._slopes(relus, spec.shape[1])
         budget = SLOPE_BUDGET - sum(t.numel() for t in final.values())
         rows: dict[int, Tensor] = {}
@@ -70,7 +71,8 @@ class AlphaCrownAnalysis(CrownAnalysis):
             if _needs_input_bounds(net.layers[j]):
                 continue
             lo, hi = (t.reshape(t.shape[0], -1) for t in self._relax[j])
-            unstable = ((lo < 0) & (hi > 0)).any(0).nonzero().squeeze(1)
+            unstable = (((lo < 0) & (hi > 0)).any(0).nonzero().squeeze(1) if has_values(lo)
+                        else torch.arange(lo.shape[1], device=lo.device))  # meta: all
             slopes = self._slopes([k for k in relus if k < j], 2 * unstable.numel())
             size = sum(t.numel() for t in slopes.values())
             if unstable.numel() and slopes and size <= budget:
@@ -88,11 +90,13 @@ class AlphaCrownAnalysis(CrownAnalysis):
             bound = self._backward(node, spec, relax, final) + bias
             improved = bound.detach() > best
             best = torch.maximum(best, bound.detach())
-            stale = 0 if bool(improved.any()) else stale + 1
+            stale = 0 if not has_values(best) or bool(improved.any()) else stale + 1
             self.tightened = best_inner
-            if bool((best > 0).all()) or stale >= self.patience or time.monotonic() > deadline:
+            done = has_values(best) and bool((best > 0).all())  # meta: run every iteration
+            if done or stale >= self.patience or time.monotonic() > deadline:
                 break
-            grads = torch.autograd.grad(-bound[best <= 0].sum(), params, allow_unused=True)
+            open_rows = torch.where(best <= 0, bound, torch.zeros_like(bound))
+            grads = torch.autograd.grad(-open_rows.sum(), params, allow_unused=True)
             for p, g in zip(params, grads, strict=True):
                 p.grad = g
             opt.step()
@@ -115,8 +119,8 @@ class AlphaCrownAnalysis(CrownAnalysis):
         """Bounds of node ``j``'s ``rows`` with the given slopes, intersected with ``best``."""
         lo, hi = (t.reshape(t.shape[0], -1) for t in best)
         b, n, r = lo.shape[0], lo.shape[1], rows.numel()
-        eye = torch.zeros(r, n, dtype=lo.dtype)
-        eye[torch.arange(r), rows] = 1
+        eye = lo.new_zeros(r, n)
+        eye[torch.arange(r, device=lo.device), rows] = 1
         spec = torch.cat([eye, -eye]).reshape(1, 2 * r, *self.shape(j)).expand(b, -1, *self.shape(j))
         both = self._backward(j, spec, relax, slopes)
         new_lo = lo.index_copy(1, rows, torch.maximum(both[:, :r], lo[:, rows]))

@@ -46,15 +46,23 @@ def check_box(net: Network, lo: Tensor, hi: Tensor) -> None:
     if lo.shape != hi.shape or lo.dim() < 1 or tuple(lo.shape[1:]) != net.input_shape:
         raise InvalidInputError(f"box of shapes {tuple(lo.shape)} and {tuple(hi.shape)} does "
                                 f"not fit inputs of shape {net.input_shape}")
+    if not has_values(lo):
+        return  # a meta (shape-only) box has no values to check
     if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
         raise InvalidInputError("box bounds must be finite (no NaN or infinity)")
     if (lo > hi).any():
         raise InvalidInputError("box has a lower bound above its upper bound")
 
 
+def has_values(t: Tensor) -> bool:
+    """Whether ``t`` holds numbers: a ``meta`` tensor (a shape-only stand-in for another
+    device) has none, so value-dependent choices take their general branch there."""
+    return t.device.type != "meta"
+
+
 def check_eps(eps: float | Tensor) -> Tensor:
     """``eps`` as a tensor, refused unless every entry is finite and ``>= 0``."""
-    eps_t = torch.as_tensor(eps)
+    eps_t = torch.as_tensor(eps, device=eps.device if isinstance(eps, Tensor) else "cpu")
     if eps_t.dim() > 1 or not torch.isfinite(eps_t).all() or (eps_t < 0).any():
         raise InvalidInputError(f"eps must be a finite number >= 0 (or one per sample), got {eps}")
     return eps_t
@@ -75,8 +83,8 @@ def input_box(x: Tensor, eps: float | Tensor,
     ``eps`` may be one number or one per sample (``[B]``). A negative, NaN or infinite
     ``eps``, a non-finite ``x`` or an empty domain raise :class:`InvalidInputError`.
     """
-    eps_t = check_eps(eps).to(x.dtype)
-    if not torch.isfinite(x).all():
+    eps_t = check_eps(eps).to(x)
+    if has_values(x) and not torch.isfinite(x).all():
         raise InvalidInputError("input must be finite (no NaN or infinity)")
     if domain is not None and not (math.isfinite(domain[0]) and math.isfinite(domain[1])
                                    and domain[0] <= domain[1]):
@@ -106,12 +114,13 @@ def _round_down(v: Tensor, dtype: torch.dtype) -> Tensor:
     return out - step
 
 
-def margin_spec(num_outputs: int, labels: Tensor, dtype: torch.dtype) -> Tensor:
+def margin_spec(num_outputs: int, labels: Tensor, dtype: torch.dtype,
+                device: torch.device | str | None = None) -> Tensor:
     """Rows ``e_label - e_j`` for every ``j != label``: ``[B, num_outputs - 1, num_outputs]``.
 
     The property "``label`` wins" holds on a box when every row's lower bound is positive.
     """
-    eye = torch.eye(num_outputs, dtype=dtype)
+    eye = torch.eye(num_outputs, dtype=dtype, device=device)
     rows = []
     for lab in labels.tolist():
         others = [j for j in range(num_outputs) if j != lab]
@@ -131,7 +140,7 @@ def maxpool_choice(layer: MaxPool2d, lo: Tensor, hi: Tensor) -> tuple[Tensor, Te
     b, c, h, w = lo.shape
     wl, wh = layer.windows(lo), layer.windows(hi)
     best = wl.argmax(-1, keepdim=True)
-    positions = torch.arange(h * w, dtype=lo.dtype).reshape(1, 1, h, w).expand(b, c, h, w)
+    positions = torch.arange(h * w, dtype=lo.dtype, device=lo.device).reshape(1, 1, h, w).expand(b, c, h, w)
     index = layer.windows(positions).gather(-1, best).squeeze(-1).long()
     others = wh.scatter(-1, best, -torch.inf).amax(-1)
     dominant = wl.gather(-1, best).squeeze(-1) >= others
@@ -146,10 +155,10 @@ def fold_last_layer(net: Network, spec: Tensor) -> tuple[int, Tensor, Tensor]:
     """
     last = net.layers[-1]
     if not isinstance(last, AffineLayer):
-        return len(net.layers) - 1, spec, torch.zeros(spec.shape[:2], dtype=spec.dtype)
+        return len(net.layers) - 1, spec, spec.new_zeros(spec.shape[:2])
     node = net.inputs[-1][0]
     in_shape = net.input_shape if node == INPUT else net.shapes[node]
     b, m = spec.shape[:2]
     folded = last.transpose(spec.reshape(b * m, *net.shapes[-1]), in_shape)
-    bias = (spec * last.bias_map(net.shapes[-1]).to(spec.dtype)).flatten(2).sum(-1)
+    bias = (spec * last.bias_map(net.shapes[-1]).to(spec)).flatten(2).sum(-1)
     return node, folded.reshape(b, m, *in_shape), bias

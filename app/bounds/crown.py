@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from app.bounds.base import BoundAnalysis, box_lower, maxpool_choice
+from app.bounds.base import BoundAnalysis, box_lower, has_values, maxpool_choice
 from app.layers import Add, AffineLayer, KindTable, MaxPool2d, ReLU
 from app.network import INPUT, Network
 
@@ -85,17 +85,18 @@ class CrownAnalysis(BoundAnalysis):
         ibp_lo, ibp_hi = self.box(node)
         b, shape = ibp_lo.shape[0], ibp_lo.shape[1:]
         flat_lo, flat_hi = ibp_lo.reshape(b, -1), ibp_hi.reshape(b, -1)
+        dev = ibp_lo.device
         if self.net.inputs[node] == (INPUT,) and isinstance(self.net.layers[node], AffineLayer):
-            rows = torch.zeros(0, dtype=torch.long)  # one affine map of a box: IBP is exact
-        elif only_unstable:
+            rows = torch.zeros(0, dtype=torch.long, device=dev)  # one affine map: IBP is exact
+        elif only_unstable and has_values(flat_lo):
             rows = ((flat_lo < 0) & (flat_hi > 0)).any(0).nonzero().squeeze(1)
         else:
-            rows = torch.arange(flat_lo.shape[1])
+            rows = torch.arange(flat_lo.shape[1], device=dev)
         lo, hi = flat_lo.clone(), flat_hi.clone()
         if rows.numel():
             n = flat_lo.shape[1]
-            eye = torch.zeros(rows.numel(), n, dtype=ibp_lo.dtype)
-            eye[torch.arange(rows.numel()), rows] = 1
+            eye = torch.zeros(rows.numel(), n, dtype=ibp_lo.dtype, device=dev)
+            eye[torch.arange(rows.numel(), device=dev), rows] = 1
             spec = torch.cat([eye, -eye]).reshape(1, 2 * rows.numel(), *shape)
             both = self._backward(node, spec.expand(b, *spec.shape[1:]))
             lo[:, rows], hi[:, rows] = both[:, : rows.numel()], -both[:, rows.numel():]
@@ -112,7 +113,7 @@ class CrownAnalysis(BoundAnalysis):
         relax = self._relax if relax is None else relax
         slopes = slopes or {}
         coeffs: dict[int, Tensor] = {node: spec}
-        const = torch.zeros(spec.shape[:2], dtype=spec.dtype)
+        const = spec.new_zeros(spec.shape[:2])
         for i in range(node, -1, -1):
             if i not in coeffs:
                 continue
@@ -142,7 +143,7 @@ def _affine(layer: AffineLayer, a: Tensor, in_shapes: list, _b: list,
             out_shape: tuple[int, ...]) -> tuple[list[Tensor], Tensor]:
     b, m = a.shape[:2]
     a_in = layer.transpose(a.reshape(b * m, *out_shape), in_shapes[0])
-    const = (a * layer.bias_map(out_shape).to(a.dtype)).flatten(2).sum(-1)
+    const = (a * layer.bias_map(out_shape).to(a)).flatten(2).sum(-1)
     return [a_in.reshape(b, m, *in_shapes[0])], const
 
 
@@ -184,14 +185,14 @@ def _maxpool(layer: MaxPool2d, a: Tensor, in_shapes: list, in_bounds: list[Bound
     const = (torch.where(dom, torch.zeros_like(neg), neg) * upper.unsqueeze(1)).flatten(2).sum(-1)
     b, m, c = a.shape[:3]
     h, w = in_shapes[0][-2:]
-    a_in = torch.zeros(b, m, c, h * w, dtype=a.dtype)
+    a_in = a.new_zeros(b, m, c, h * w)
     a_in = a_in.scatter_add(-1, index.unsqueeze(1).expand(b, m, c, -1), through.flatten(3))
     return [a_in.reshape(b, m, *in_shapes[0])], const
 
 
 def _add(_layer: Add, a: Tensor, _s: list, _b: list,
          _o: tuple[int, ...]) -> tuple[list[Tensor], Tensor]:
-    return [a, a], torch.zeros(a.shape[:2], dtype=a.dtype)
+    return [a, a], a.new_zeros(a.shape[:2])
 
 
 _RELAXED = (ReLU, MaxPool2d)

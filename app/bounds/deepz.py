@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from app.bounds.base import BoundAnalysis, box_lower, maxpool_choice
+from app.bounds.base import BoundAnalysis, box_lower, has_values, maxpool_choice
 from app.layers import Add, AffineLayer, KindTable, MaxPool2d, ReLU
 from app.network import INPUT, Network
 
@@ -102,17 +102,18 @@ def _fresh(radius: Tensor, where: Tensor) -> Tensor:
     """One new generator ``[B, k, *shape]`` per position that is ``where`` in any sample."""
     b = radius.shape[0]
     flat_where = where.reshape(b, -1).any(0)
-    idx = flat_where.nonzero().squeeze(1)
-    new = torch.zeros(b, idx.numel(), flat_where.numel(), dtype=radius.dtype)
+    idx = (flat_where.nonzero().squeeze(1) if has_values(flat_where)
+           else torch.arange(flat_where.numel(), device=where.device))  # meta: every position
+    new = radius.new_zeros(b, idx.numel(), flat_where.numel())
     vals = (radius * where).reshape(b, -1)[:, idx]
-    new[:, torch.arange(idx.numel()), idx] = vals
+    new[:, torch.arange(idx.numel(), device=idx.device), idx] = vals
     return new.reshape(b, idx.numel(), *radius.shape[1:])
 
 
 def _pad(g: Tensor, n: int) -> Tensor:
     if g.shape[1] == n:
         return g
-    extra = torch.zeros(g.shape[0], n - g.shape[1], *g.shape[2:], dtype=g.dtype)
+    extra = g.new_zeros(g.shape[0], n - g.shape[1], *g.shape[2:])
     return torch.cat([g, extra], 1)
 
 

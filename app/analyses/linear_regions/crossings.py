@@ -21,18 +21,15 @@ units flipped, a cumulative XOR over a boolean array instead of the float values
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from app.analyses.linear_regions.codes import group_starts, packed_bits, run_starts
+from app.analyses.linear_regions.points import Points
 from app.analyses.linear_regions.rules import relu_crossings, rule_for
 from app.layers import AffineLayer, Flatten, ReLU, Reshape
 from app.network import Network
-
-if TYPE_CHECKING:  # the line walk imports this module
-    from app.analyses.linear_regions.line import _Points
 
 MAX_BLOCK = 1 << 23  # new points x layer outputs per block of the column sums (64 MiB float64)
 WIDE_ROWS = 256  # from this row width on, cumulative sums run row by row
@@ -103,7 +100,7 @@ def _macs_per_point(layer: AffineLayer, in_shape: tuple[int, ...]) -> int:
     return column_size(layer, in_shape) * int(np.prod(in_shape))
 
 
-def cut_and_push(pts: _Points, net: Network, i: int, chain: list[int]) -> None:
+def cut_and_push(pts: Points, net: Network, i: int, chain: list[int]) -> None:
     """Cut the points' segments at ReLU node ``i``'s zero crossings, record its codes, and give
     the points the values of the chain's last node (``fusable_chain``), without computing the
     ReLU's or the reshapes' values at the new points."""

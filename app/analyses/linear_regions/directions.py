@@ -31,13 +31,13 @@ def direction(
     ``fgsm``/``pgd`` increase the loss of ``label`` (default: the predicted class); ``random``
     is a seeded random sign vector.
     """
-    xb = torch.as_tensor(np.asarray(x), dtype=net.dtype).reshape(1, *net.input_shape)
+    xb = torch.as_tensor(np.asarray(x), dtype=net.dtype).reshape(1, *net.input_shape).to(net.device)
     gen = torch.Generator().manual_seed(seed)
     if kind == "random":
-        d = torch.randint(0, 2, xb.shape, generator=gen).to(xb.dtype) * 2 - 1
+        d = torch.randint(0, 2, xb.shape, generator=gen).to(xb) * 2 - 1
     elif kind in ("fgsm", "pgd"):
         with torch.no_grad():
-            y = net(xb).argmax(1) if label is None else torch.tensor([int(label)])
+            y = net(xb).argmax(1) if label is None else torch.tensor([int(label)], device=xb.device)
         if kind == "fgsm":
             d = fgsm(net, xb, y, eps=1.0, clip=None) - xb
         else:
@@ -47,7 +47,7 @@ def direction(
     scale = float(d.abs().max())
     if scale == 0.0:
         raise InvalidInputError(f"the {kind} direction is zero at this input (flat loss)")
-    return (d / scale)[0].detach()
+    return (d / scale)[0].detach().cpu()
 
 
 def endpoint(net: Network, x: torch.Tensor | np.ndarray, kind: str, length: float,

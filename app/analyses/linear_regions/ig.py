@@ -34,12 +34,13 @@ from torch import Tensor
 
 from app.analyses.linear_regions.codes import packed_bits, run_starts
 from app.analyses.linear_regions.crossings import column_entries, cumsum_rows, fusable_chains
-from app.analyses.linear_regions.line import (
-    _as_batch,
-    _in_dtype,
-    _merge_equal_neighbours,
-    _Points,
-    trace_segments,
+from app.analyses.linear_regions.line import trace_segments
+from app.analyses.linear_regions.points import (
+    Points,
+    as_batch,
+    in_dtype,
+    merge_equal_neighbours,
+    on_host,
 )
 from app.analyses.linear_regions.rules import rule_for
 from app.analyses.linear_regions.sweep import sweep_path, sweep_plan
@@ -91,10 +92,11 @@ def exact_integrated_gradients(
     dtype: torch.dtype = torch.float64,
     progress: ProgressFn | None = None,
 ) -> ExactIG:
-    """Exact IG of logit ``target`` (default: the predicted class) from ``baseline`` (zeros)."""
-    net = _in_dtype(net, dtype)
-    xb = _as_batch(net, x, dtype)
-    bb = torch.zeros_like(xb) if baseline is None else _as_batch(net, baseline, dtype)
+    """Exact IG of logit ``target`` (default: the predicted class) from ``baseline`` (zeros);
+    computed on a host copy of ``net`` (see ``points.on_host``)."""
+    net = on_host(net, dtype)
+    xb = as_batch(net, x, dtype)
+    bb = torch.zeros_like(xb) if baseline is None else as_batch(net, baseline, dtype)
     plan = sweep_plan(net)
     if plan is not None:
         swept = sweep_path(net, plan, bb[0].numpy(), xb[0].numpy(), target)
@@ -105,7 +107,7 @@ def exact_integrated_gradients(
             f_baseline=float(swept.logits[0, swept.target]))
     pts = trace_segments(net, bb.numpy(), xb.numpy(),
                          progress=None if progress is None else lambda f, m: progress(0.8 * f, m))
-    _merge_equal_neighbours(pts)
+    merge_equal_neighbours(pts)
     logits = pts.values[len(net.layers) - 1].reshape(len(pts.ts), -1)
     target = int(logits[-1].argmax()) if target is None else int(target)
     report(progress, 0.8, "gradients of the pieces")
@@ -120,7 +122,7 @@ def exact_integrated_gradients(
     )
 
 
-def _mean_gradient(net: Network, pts: _Points, target: int) -> Tensor | None:
+def _mean_gradient(net: Network, pts: Points, target: int) -> Tensor | None:
     """``sum_i (t_{i+1} - t_i) grad_i`` of logit ``target`` over the pieces of one line, by a
     backward sweep with each piece's codes; None when a layer has no closed-form backward."""
     if not net.is_sequential:
@@ -213,7 +215,7 @@ def _flips(code: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return g[row], byte[row] * 8 + bit
 
 
-def _mean_gradient_autograd(net: Network, pts: _Points, start: Tensor, end: Tensor,
+def _mean_gradient_autograd(net: Network, pts: Points, start: Tensor, end: Tensor,
                             target: int, progress: ProgressFn | None) -> Tensor:
     """The same sum from autograd at the piece midpoints (any graph, any layer kind)."""
     ts = torch.from_numpy(pts.ts)
@@ -235,13 +237,13 @@ def captum_integrated_gradients(
     dtype: torch.dtype = torch.float64,
 ) -> np.ndarray:
     """Captum's IG of logit ``target`` with ``steps`` steps (shaped like ``x``)."""
-    net = _in_dtype(net, dtype)
-    xb = _as_batch(net, x, dtype)
-    bb = torch.zeros_like(xb) if baseline is None else _as_batch(net, baseline, dtype)
+    net = in_dtype(net, dtype)
+    xb = as_batch(net, x, dtype)
+    bb = torch.zeros_like(xb) if baseline is None else as_batch(net, baseline, dtype)
     attr = IntegratedGradients(net).attribute(
         xb, baselines=bb, target=target, n_steps=steps, method=method,
         internal_batch_size=min(steps, 1024))
-    return attr.detach().reshape(tuple(np.shape(x))).numpy()
+    return attr.detach().reshape(tuple(np.shape(x))).cpu().numpy()
 
 
 def relative_error(approx: np.ndarray, exact: np.ndarray) -> float:
@@ -264,7 +266,7 @@ def compare_with_captum(
     """Exact IG and Captum's IG at ``steps``, with relative errors and wall times (each the
     best of ``repeats`` runs: a single run of a few ms mostly measures what else the machine
     is doing)."""
-    net = _in_dtype(net, dtype)
+    net = in_dtype(net, dtype)
     exact, exact_seconds = _best_of(repeats, lambda k: exact_integrated_gradients(
         net, x, baseline, target, dtype=dtype,
         progress=None if progress is None or k else lambda f, m: progress(0.5 * f, m)))

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from app.analyses.linear_regions.codes import first_appearance_ids, pack_codes, rows_differ
+from app.analyses.linear_regions.codes import first_appearance_ids
 from app.analyses.linear_regions.crossings import cut_and_push, fusable_chains
+from app.analyses.linear_regions.points import Points, as_array, merge_equal_neighbours, on_host
 from app.analyses.linear_regions.rules import rule_for
 from app.analyses.linear_regions.strips import class_strips
 from app.errors import InvalidInputError
@@ -75,110 +76,8 @@ class ExactLine:
         return np.stack([np.interp(ts, self.ts, col) for col in self.logits.T], axis=-1)
 
 
-class _Points:
-    """Points on one or more segments, sorted by (segment, t), with live node values.
-
-    ``codes[k]`` ``[S, ...]`` is the linear behaviour of node ``code_nodes[k]`` on each of the
-    ``S = P - 1`` segments between consecutive points (rows between two lines are unused).
-    """
-
-    def __init__(self, ts: np.ndarray, line: np.ndarray, values: dict[int, np.ndarray],
-                 min_gap: float) -> None:
-        self.ts = ts  # [P] float64
-        self.line = line  # [P] which segment each point is on
-        self.values = values
-        self.min_gap = min_gap
-        self.codes: list[np.ndarray] = []
-        self.code_nodes: list[int] = []
-        self.valid = line[1:] == line[:-1]  # segment s joins two points of the same line
-
-    def insert(self, seg: np.ndarray, ratio: np.ndarray) -> None:
-        """Add points at ``ratio`` along segments ``seg``, interpolating every live value."""
-        seg, ratio, _, keep, _ = self.place(seg, ratio)
-        self.spread(seg[keep], ratio[keep])
-
-    def place(self, seg: np.ndarray, ratio: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Cuts sorted by (segment, ratio): ``seg``, ``ratio``, the sorting ``order``, which to
-        ``keep`` and which are ``inside`` (not within ``min_gap`` of their segment's end).
-
-        A new point closer than ``min_gap`` (in t) to the point before it or to the segment's
-        end is dropped."""
-        seg, ratio, order = _sorted_cuts(seg, ratio.astype(np.float64, copy=False))
-        t0 = self.ts[seg]
-        span = self.ts[seg + 1] - t0
-        t_new = t0 + ratio * span
-        first = np.ones(len(seg), dtype=bool)
-        first[1:] = seg[1:] != seg[:-1]
-        prev = np.empty_like(t_new)
-        prev[1:] = t_new[:-1]
-        prev[first] = t0[first]
-        inside = t0 + span - t_new >= self.min_gap
-        return seg, ratio, order, (t_new - prev >= self.min_gap) & inside, inside
-
-    def spread(self, seg: np.ndarray, ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Insert kept cuts (sorted): every old point is followed by the new points of its
-        segment, so the merged arrays are the old ones with each row repeated (1 + its
-        segment's new points) times, then the new rows written over the copies. Returns those
-        repeats and the new rows' positions."""
-        reps = np.bincount(seg, minlength=len(self.ts)) + 1
-        new_pos = seg + np.arange(1, len(seg) + 1)
-        if not len(seg):
-            return reps, new_pos
-        t_new = self.ts[seg] + ratio * (self.ts[seg + 1] - self.ts[seg])
-        self.ts = np.repeat(self.ts, reps)
-        self.ts[new_pos] = t_new
-        self.line = np.repeat(self.line, reps)
-        for node, v in self.values.items():
-            va, vb = v.take(seg, 0), v.take(seg + 1, 0)
-            vb -= va  # in place: the interpolation allocates only the two gathers
-            vb *= ratio.astype(v.dtype, copy=False).reshape(-1, *([1] * (v.ndim - 1)))
-            vb += va
-            out = np.repeat(v, reps, 0)
-            out[new_pos] = vb
-            self.values[node] = out
-        self.codes = [np.repeat(c, reps[:-1], 0) for c in self.codes]
-        self.valid = np.repeat(self.valid, reps[:-1])
-        return reps, new_pos
-
-    def inputs(self, net: Network, i: int) -> list[np.ndarray]:
-        return [self.values[j] for j in net.inputs[i]]
-
-
-def _sorted_cuts(seg: np.ndarray, ratio: np.ndarray) -> tuple[np.ndarray, ...]:
-    """``seg``, ``ratio`` and the order in ``np.lexsort((ratio, seg))`` order, found by one
-    stable argsort of ``seg + ratio`` (ratios lie in [0, 1)); the lexsort runs only where that
-    order is checked to be wrong (rounding merged two ratios, or a ratio rounded up to 1)."""
-    order = np.argsort(seg + ratio, kind="stable")
-    s, r = seg[order], ratio[order]
-    if ((s[1:] > s[:-1]) | ((s[1:] == s[:-1]) & (r[1:] >= r[:-1]))).all():
-        return s, r, order
-    order = np.lexsort((ratio, seg))
-    return seg[order], ratio[order], order
-
-
-def _as_array(net: Network, x: Tensor | np.ndarray, dtype: torch.dtype) -> np.ndarray:
-    """``x`` as a numpy batch ``[B, *input_shape]`` in ``dtype`` (numpy in, numpy out: no
-    tensor round trip on the line hot path)."""
-    a = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
-    a = a.astype(torch.empty(0, dtype=dtype).numpy().dtype, copy=False)
-    if a.shape == net.input_shape:
-        a = a[None]
-    if a.shape[1:] != net.input_shape:
-        raise InvalidInputError(
-            f"input shape {a.shape} does not match the model's {net.input_shape}")
-    return a
-
-
-def _as_batch(net: Network, x: Tensor | np.ndarray, dtype: torch.dtype) -> Tensor:
-    return torch.from_numpy(_as_array(net, x, dtype))
-
-
-def _in_dtype(net: Network, dtype: torch.dtype) -> Network:
-    return net if net.dtype == dtype else net.with_dtype(dtype)
-
-
 def trace_segments(net: Network, starts: np.ndarray, ends: np.ndarray,
-                   progress: ProgressFn | None = None) -> _Points:
+                   progress: ProgressFn | None = None) -> Points:
     """Push the segments through every node, cutting where a node bends."""
     n = len(starts)
     if starts.flags.c_contiguous and ends.flags.c_contiguous:  # np.stack's layout, cheaper
@@ -188,7 +87,7 @@ def trace_segments(net: Network, starts: np.ndarray, ends: np.ndarray,
         x = np.stack([starts, ends], 1).reshape(2 * n, *starts.shape[1:])
     ts = np.zeros(2 * n)
     ts[1::2] = 1.0
-    pts = _Points(ts, np.repeat(np.arange(n), 2), {INPUT: x},
+    pts = Points(ts, np.repeat(np.arange(n), 2), {INPUT: x},
                   min_gap=8 * float(np.finfo(starts.dtype).eps))
     last_use = net.last_readers
     chains = fusable_chains(net)
@@ -207,7 +106,7 @@ def trace_segments(net: Network, starts: np.ndarray, ends: np.ndarray,
     return pts
 
 
-def _walk_node(pts: _Points, net: Network, i: int, last_use: dict[int, int]) -> None:
+def _walk_node(pts: Points, net: Network, i: int, last_use: dict[int, int]) -> None:
     """Cut where node ``i`` bends, record its code, and compute its values at every point."""
     layer = net.layers[i]
     rule = rule_for(layer)
@@ -227,26 +126,6 @@ def _walk_node(pts: _Points, net: Network, i: int, last_use: dict[int, int]) -> 
             del pts.values[j]
 
 
-def _merge_equal_neighbours(pts: _Points) -> np.ndarray:
-    """Drop breakpoints whose two sides have the same code (arg-max tracing can over-cut).
-
-    Returns the pieces' codes packed into byte rows (``pack_codes``), after the merge."""
-    rows = pack_codes(pts.codes, len(pts.ts) - 1)
-    if not pts.codes:
-        return rows
-    same = pts.valid[:-1] & pts.valid[1:] & ~rows_differ(rows.view(np.uint64))
-    if not same.any():
-        return rows
-    keep = np.ones(len(pts.ts), dtype=bool)
-    keep[1:-1] = ~same
-    seg_keep = np.concatenate([[True], ~same])
-    pts.codes = [c[seg_keep] for c in pts.codes]
-    pts.ts, pts.line = pts.ts[keep], pts.line[keep]
-    pts.values = {k: v[keep] for k, v in pts.values.items()}
-    pts.valid = pts.line[1:] == pts.line[:-1]
-    return rows[seg_keep]
-
-
 def exact_lines(
     net: Network,
     starts: Tensor | np.ndarray,
@@ -260,12 +139,12 @@ def exact_lines(
     All segments share one set of points, so the cost is a few batched passes over all
     breakpoints. ``dtype`` float64 (default) keeps breakpoints exact to ~1e-12.
     """
-    net = _in_dtype(net, dtype)
-    a, b = _as_array(net, starts, dtype), _as_array(net, ends, dtype)
+    net = on_host(net, dtype)
+    a, b = as_array(net, starts, dtype), as_array(net, ends, dtype)
     if a.shape != b.shape:
         raise InvalidInputError("starts and ends must have the same shape")
     pts = trace_segments(net, a, b, progress)
-    rows = _merge_equal_neighbours(pts)
+    rows = merge_equal_neighbours(pts)
     n_seg = len(pts.ts) - 1
     relu_nodes = set(net.relu_indices)
     relu_codes = [c.reshape(n_seg, -1) for node, c in zip(pts.code_nodes, pts.codes, strict=True)
@@ -300,5 +179,5 @@ def exact_line(
     progress: ProgressFn | None = None,
 ) -> ExactLine:
     """ExactLine of the segment ``start -> end`` (each shaped like one input)."""
-    return exact_lines(net, _as_array(net, start, dtype), _as_array(net, end, dtype),
+    return exact_lines(net, as_array(net, start, dtype), as_array(net, end, dtype),
                        dtype=dtype, progress=progress)[0]

@@ -19,7 +19,7 @@ from scipy.spatial import ConvexHull
 from torch import Tensor
 
 from app.analyses.linear_regions.codes import first_appearance_ids, pack_codes
-from app.analyses.linear_regions.line import _as_batch, _in_dtype
+from app.analyses.linear_regions.points import as_batch, on_host
 from app.analyses.linear_regions.rules import (
     argmax_at,
     argmax_split_functions,
@@ -207,8 +207,8 @@ def exact_plane(
     p2`` (``shape="parallelogram"``), as convex polygons with pattern and class."""
     if shape not in SHAPES:
         raise InvalidInputError(f"shape must be one of {sorted(SHAPES)}")
-    net = _in_dtype(net, dtype)
-    a, b, c = (_as_batch(net, p, dtype)[0] for p in (p0, p1, p2))
+    net = on_host(net, dtype)
+    a, b, c = (as_batch(net, p, dtype)[0] for p in (p0, p1, p2))
     corners = torch.tensor(SHAPES[shape], dtype=torch.float64).unsqueeze(0)
     polys = _Polygons(corners, torch.tensor([corners.shape[1]]),
                       {INPUT: torch.stack([a, b - a, c - a]).unsqueeze(1)}, [])

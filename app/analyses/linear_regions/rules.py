@@ -125,7 +125,7 @@ class AffineRule(Rule):
         assert isinstance(layer, AffineLayer)
         with torch.no_grad():  # ``A x + b`` as in ``forward``, the bias added in place
             out = layer.linear(torch.from_numpy(ins[0]))  # a new tensor (reshapes: below)
-            out += layer.bias_map(tuple(out.shape[1:])).to(out.dtype)
+            out += layer.bias_map(tuple(out.shape[1:])).to(out)
             return out.numpy()
 
     def line_backward(self, layer: Layer, grad: Tensor, code: np.ndarray | None,
