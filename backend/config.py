@@ -10,12 +10,14 @@ import hashlib
 import re
 from pathlib import Path
 
-from pydantic import Field
+import torch
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.loaders.limits import LoadLimits
 
 OWNER_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
 class Settings(BaseSettings):
@@ -39,8 +41,17 @@ class Settings(BaseSettings):
     max_input_elements: int = Field(1 << 20, ge=1, description="largest model input (elements)")
     max_parameters: int = Field(50_000_000, ge=1, description="most parameters of a model")
     max_activation_elements: int = Field(1 << 24, ge=1, description="largest layer output")
+    device: str = Field("cpu", description="where jobs run their networks: 'cpu', or 'cuda' / "
+                                          "'cuda:N' when the worker has that GPU (else CPU)")
     register_samples: bool = True
     extra_analyses: str = Field("", description="comma-separated extra plug-in modules")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not DEVICE.match(value.strip().lower()):
+            raise ValueError(f"ATLAS_DEVICE must be 'cpu', 'cuda' or 'cuda:N', not {value!r}")
+        return value.strip().lower()
 
     @property
     def db_url(self) -> str:
@@ -75,3 +86,20 @@ class Settings(BaseSettings):
         for sub in ("models", "inputs", "artifacts", "tmp"):
             (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
         return self
+
+
+def resolve_device(requested: str) -> tuple[torch.device, str | None]:
+    """The device jobs run on for ``ATLAS_DEVICE=requested``, and why it differs (None: as
+    asked). A CUDA device this worker does not have falls back to the CPU, with a note."""
+    if not requested.startswith("cuda"):
+        return torch.device("cpu"), None
+    if not torch.cuda.is_available():
+        return torch.device("cpu"), (f"ATLAS_DEVICE={requested} but this worker has no CUDA "
+                                     "device (torch.cuda.is_available() is False): jobs run "
+                                     "on the CPU")
+    device = torch.device(requested)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        return torch.device("cpu"), (f"ATLAS_DEVICE={requested} but this worker has "
+                                     f"{torch.cuda.device_count()} CUDA device(s): jobs run "
+                                     "on the CPU")
+    return device, None

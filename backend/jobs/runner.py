@@ -89,7 +89,7 @@ class JobRunner:
         future = self.client.submit(
             run_job, job_id, str(self.settings.data_dir.resolve()), self.settings.db_url,
             self.settings.extra_analyses, key, self.settings.job_time_limit_s,
-            self.settings.job_memory_limit_mb, key=key, pure=False,
+            self.settings.job_memory_limit_mb, self.settings.device, key=key, pure=False,
         )
         with self._lock:
             self._futures[job_id] = future

@@ -5,8 +5,10 @@ itself, so any worker that shares the data dir and database can run any job.
 
 Each job runs in a child process (forked from a forkserver that has torch and every analysis
 imported, and kept warm for the next job): a job that exceeds its time limit is killed with
-that process, one that exceeds its memory limit (an address-space rlimit in the child)
-fails, and in both cases the Dask worker survives.
+that process, one that exceeds its memory limit fails, and in both cases the Dask worker
+survives. The memory limit is an address-space rlimit in the child on a CPU worker and a
+watchdog of the child's resident memory on a GPU worker (``memory``), which loads the job's
+network onto the device that ``ATLAS_DEVICE`` asks for (``resolve_device``).
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ import ctypes
 import json
 import logging
 import multiprocessing
-import resource
 import signal
 import threading
 import time
 from collections.abc import Callable
+from functools import cache, partial
 from multiprocessing import forkserver
 from pathlib import Path
 
@@ -29,7 +31,9 @@ from distributed import WorkerPlugin
 from app import AtlasError, Cancelled
 from backend.analyses import REGISTRY, load_all
 from backend.analyses.base import JobContext, jsonable
+from backend.config import resolve_device
 from backend.datasets import DatasetStore
+from backend.jobs.memory import RssWatchdog, limit_address_space, restore_address_space
 from backend.jobs.store import ACTIVE, JobStore
 from backend.storage import Storage
 
@@ -89,12 +93,13 @@ def dask_setup(worker) -> None:  # noqa: ANN001 - distributed.Worker
 
 def run_job(job_id: str, data_dir: str, db_url: str, extra_analyses: str = "",
             attempt: str = "", time_limit_s: float = 3600,
-            memory_limit_mb: float = 4096) -> str:
+            memory_limit_mb: float = 4096, device: str = "cpu") -> str:
     """Run job ``job_id`` to a final state in this thread's job process; returns that state
     (or "skipped" if another task has it or it was cancelled before it started).
 
     ``attempt`` names this task (a retry after a worker died has the same one); the limits
-    are the defaults for jobs that do not set their own, and the maxima for those that do.
+    are the defaults for jobs that do not set their own, and the maxima for those that do;
+    ``device`` is ``ATLAS_DEVICE`` (see :func:`backend.config.resolve_device`).
     """
     store = JobStore(db_url)
     if not store.claim(job_id, attempt):
@@ -113,7 +118,7 @@ def run_job(job_id: str, data_dir: str, db_url: str, extra_analyses: str = "",
         return bool(store.get(job_id).cancel_requested)
 
     outcome = _THREAD.process.run((job_id, data_dir, db_url, extra_analyses, attempt,
-                                   memory_limit), time_limit, cancelled)
+                                   memory_limit, device), time_limit, cancelled)
     if outcome == "cancelled":
         store.mark_cancelled(job_id, attempt)
     elif outcome == "timeout":
@@ -198,32 +203,45 @@ def _serve(conn) -> None:  # noqa: ANN001 - multiprocessing Connection
             args = conn.recv()
         except EOFError:
             return
-        unlimited = resource.getrlimit(resource.RLIMIT_AS)
-        _limit_memory(args[-1])
-        try:
-            _run_here(*args)
-        finally:
-            resource.setrlimit(resource.RLIMIT_AS, unlimited)
+        job_id, _, db_url, _, attempt, memory_limit_mb, device = args
+        if _device(device).type == "cuda":  # CUDA maps huge virtual ranges: watch the RSS
+            with RssWatchdog(memory_limit_mb, partial(_out_of_memory, db_url, job_id,
+                                                      memory_limit_mb, attempt)):
+                _run_here(*args)
+        else:
+            before = limit_address_space(memory_limit_mb)
+            try:
+                _run_here(*args)
+            finally:
+                restore_address_space(before)
         conn.send("done")
 
 
-def _limit_memory(limit_mb: float) -> None:
-    """Cap the address space at what this process uses now plus ``limit_mb``."""
-    status = Path("/proc/self/status").read_text()
-    used_kb = int(status.split("VmSize:")[1].split()[0])
-    cap = used_kb * 1024 + int(limit_mb * 1024 * 1024)
-    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
-    resource.setrlimit(resource.RLIMIT_AS, (cap if hard < 0 else min(cap, hard), hard))
+@cache
+def _device(requested: str) -> torch.device:
+    """The job device for ``ATLAS_DEVICE``; a fallback to the CPU is logged once."""
+    device, note = resolve_device(requested)
+    if note:
+        log.warning(note)
+    return device
+
+
+def _out_of_memory(db_url: str, job_id: str, limit_mb: float, attempt: str, _rss: int) -> None:
+    JobStore(db_url).fail(job_id, _memory_error(limit_mb), attempt)
+
+
+def _memory_error(limit_mb: float) -> str:
+    return f"the job exceeded its memory limit of {limit_mb:g} MB"
 
 
 def _run_here(job_id: str, data_dir: str, db_url: str, extra_analyses: str,
-              attempt: str, memory_limit_mb: float) -> None:
+              attempt: str, memory_limit_mb: float, device: str = "cpu") -> None:
     load_all(extra_analyses)
     store, storage = JobStore(db_url), Storage(Path(data_dir), db_url)
     job = store.get(job_id)
-    memory_error = f"the job exceeded its memory limit of {memory_limit_mb:g} MB"
+    memory_error = _memory_error(memory_limit_mb)
     try:
-        result = _execute(job, store, storage, attempt)
+        result = _execute(job, store, storage, attempt, device)
         text = json.dumps(jsonable(result), allow_nan=False)
     except Cancelled:
         store.mark_cancelled(job_id, attempt)
@@ -248,7 +266,8 @@ def _run_here(job_id: str, data_dir: str, db_url: str, extra_analyses: str,
     store.finish(job_id, text, attempt)
 
 
-def _execute(job, store: JobStore, storage: Storage, attempt: str) -> dict:  # noqa: ANN001
+def _execute(job, store: JobStore, storage: Storage, attempt: str,  # noqa: ANN001
+             device: str = "cpu") -> dict:
     analysis = REGISTRY.get(job.analysis)
     if analysis is None:
         raise LookupError(f"unknown analysis '{job.analysis}'")
@@ -256,7 +275,7 @@ def _execute(job, store: JobStore, storage: Storage, attempt: str) -> dict:  # n
     model = storage.model(job.model_id, job.owner or "")  # with the owner's card
     if model is None:
         raise LookupError(f"model {job.model_id} no longer exists")
-    net = storage.network(model)
+    net = storage.network(model).to(_device(device))  # inputs stay on the CPU: the engine moves them
 
     def load_input(input_id: str) -> tuple[torch.Tensor, int | None]:
         try:
