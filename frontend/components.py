@@ -57,6 +57,13 @@ def input_values(model_id: str, input_id: str) -> np.ndarray:
     return np.asarray(info["values"], dtype=np.float32).reshape(info["shape"])
 
 
+@st.cache_data(max_entries=64, show_spinner=False)
+def job_result(job_id: str) -> Any:
+    """A finished job's result: it never changes, so reruns, other tabs and shared links
+    reuse it instead of fetching (and decoding) it again."""
+    return client().result(job_id)
+
+
 @st.cache_data(ttl=60, show_spinner=False)
 def analyses() -> dict[str, dict]:
     """The backend's analyses by name."""
@@ -502,10 +509,15 @@ def run_job(
         if st.query_params.get(url_param) != job["id"]:
             st.query_params[url_param] = job["id"]
         job = _follow(api, job, key)
-        return _outcome(api, job, key)
+        return _outcome(job, key)
     except ApiError as exc:
         st.error(str(exc))
         return None
+
+
+def shown_job(key: str) -> str | None:
+    """The id of the job the widget ``run_job(..., key=key)`` showed in this session."""
+    return st.session_state.get(f"_atlas_job_{key}")
 
 
 def _job_param(key: str) -> str:
@@ -560,7 +572,7 @@ def _progress_text(job: dict) -> str:
     return f"{job['analysis']} · {message} ({100 * float(job.get('progress') or 0):.0f}%)"
 
 
-def _outcome(api: ApiClient, job: dict, key: str) -> dict | None:
+def _outcome(job: dict, key: str) -> dict | None:
     status = job["status"]
     if status == "failed":
         st.error(f"The analysis failed: {job.get('error') or job.get('message') or 'no reason'}")
@@ -568,7 +580,7 @@ def _outcome(api: ApiClient, job: dict, key: str) -> dict | None:
     if status == "cancelled":
         st.warning("The job was cancelled. Press Run to start it again.")
         return None
-    result = api.result(job["id"])
+    result = job_result(job["id"])
     cols = st.columns([3, 1])
     cols[0].caption(
         f"Job `{job['id'][:8]}` {status}" + (" (cached result)" if job.get("cached") else "")
@@ -625,8 +637,9 @@ def show_figure(fig: go.Figure, name: str, key: str | None = None) -> None:
 
 
 def download_json(result: Any, file_name: str, key: str | None = None) -> None:
-    """A button that downloads ``result`` as pretty-printed JSON."""
+    """A button that downloads ``result`` as pretty-printed JSON (written on click only, so
+    a large result costs nothing on reruns)."""
     st.download_button(
-        "Result JSON", json.dumps(result, indent=2), file_name=file_name,
+        "Result JSON", lambda: json.dumps(result, indent=2), file_name=file_name,
         mime="application/json", key=key, icon=":material/download:", on_click="ignore",
     )

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import plotly.colors as pc
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from frontend.figures import region_map
+
 PALETTE = pc.qualitative.Plotly + pc.qualitative.D3
+REGION_COLOURS = pc.qualitative.Pastel1[:8] + pc.qualitative.Pastel2[:4]
 
 
 def _class_color(k: int) -> str:
@@ -56,28 +60,72 @@ def tangent_gap(result: dict) -> go.Figure:
     return fig
 
 
-def plane_map(result: dict) -> go.Figure:
-    """Polygons of the plane coloured by predicted class, region edges drawn."""
+def plane_map(result: dict, size: int = 240) -> go.Figure:
+    """The plane's linear regions as a map: each region (activation pattern) filled with a
+    colour its neighbours do not share, class boundaries in bold black, region edges thin,
+    the input marked; hovering names the region's pattern id and predicted class."""
     classes = result["classes"]
-    fig = go.Figure()
-    seen = set()
-    for poly, label, pid in zip(result["polygons"], result["polygon_classes"],
-                                result["pattern_ids"], strict=True):
-        xs = [p[0] for p in poly] + [poly[0][0]]
-        ys = [p[1] for p in poly] + [poly[0][1]]
-        fig.add_trace(go.Scatter(
-            x=xs, y=ys, fill="toself", mode="lines", fillcolor=_class_color(label),
-            line={"color": "rgba(0,0,0,0.35)", "width": 0.5}, name=f"class {classes[label]}",
-            legendgroup=str(label), showlegend=label not in seen,
-            hovertemplate=f"class {classes[label]}, region {pid}<extra></extra>"))
-        seen.add(label)
+    polygons = [np.asarray(p, dtype=float) for p in result["polygons"]]
+    pattern = np.asarray(result["pattern_ids"], dtype=np.int64)
+    label = np.asarray(result["polygon_classes"], dtype=np.int64)
+    grid = region_map.raster(polygons, size)
+    starts, ends, owner, across = region_map.neighbours(polygons)
+    colour = region_map.colour_regions(pattern, owner, across, len(REGION_COLOURS))
+    inside = grid.owner >= 0
+    safe = np.where(inside, grid.owner, 0)
+    steps = len(REGION_COLOURS)
+    scale = [[(c + edge) / steps, REGION_COLOURS[c]] for c in range(steps) for edge in (0, 1)]
+    names = [str(c) for c in classes]
+    by_index = names == [str(k) for k in range(len(names))]
+    hover = ("class %{customdata[1]}" if by_index else "class %{text}")
+    fig = go.Figure(go.Heatmap(
+        x=grid.a, y=grid.b, zmin=0, zmax=steps, colorscale=scale, showscale=False,
+        z=np.where(inside, colour[pattern[safe]] + 0.5, np.nan).astype(np.float32),
+        customdata=np.stack([np.where(inside, pattern[safe], -1),
+                             np.where(inside, label[safe], -1)], -1),
+        text=None if by_index else np.array(names + [""])[np.where(inside, label[safe], -1)],
+        hoverongaps=False, name="regions",
+        hovertemplate=hover + "<br>region (pattern) %{customdata[0]}"
+                              "<br>a %{x:.3f}, b %{y:.3f}<extra></extra>"))
+    ex, ey = region_map.outlines(polygons)
+    fig.add_trace(go.Scatter(x=ex, y=ey, mode="lines", name="region edges",
+                             line={"color": "rgba(60,60,60,0.45)", "width": 0.6},
+                             hoverinfo="skip"))
+    valid = across >= 0
+    cut = valid & (label[owner] != label[np.where(valid, across, 0)])
+    bx, by = region_map.segments(starts[cut], ends[cut])
+    fig.add_trace(go.Scatter(x=bx, y=by, mode="lines", name="class boundary",
+                             line={"color": "black", "width": 3}, hoverinfo="skip"))
+    fig.add_trace(go.Scatter(x=[0.0], y=[0.0], mode="markers+text", name="input",
+                             text=["input"], textposition="top right",
+                             marker={"symbol": "star", "size": 16, "color": "white",
+                                     "line": {"color": "black", "width": 1.5}},
+                             hovertemplate="the input (a = 0, b = 0)<extra></extra>"))
+    _label_classes(fig, polygons, label, classes)
     a, b = result["axes"]
+    shown = len(np.unique(label))
     fig.update_layout(
-        title=f"{result['num_regions']} linear regions ({result['num_polygons']} polygons)",
-        xaxis_title=f"a: along {a}", yaxis_title=f"b: along {b}", height=520,
-        margin={"t": 40, "b": 10})
-    fig.update_yaxes(scaleanchor="x")
+        title=f"{result['num_regions']} linear regions ({result['num_polygons']} polygons), "
+              f"{shown} predicted class{'es' if shown > 1 else ''}",
+        xaxis_title=f"a: along {a}", yaxis_title=f"b: along {b}", height=560,
+        margin={"t": 40, "b": 10}, plot_bgcolor="white",
+        legend={"orientation": "h", "y": -0.12})
+    fig.update_yaxes(scaleanchor="x", constrain="domain")
+    fig.update_xaxes(constrain="domain")
     return fig
+
+
+def _label_classes(fig: go.Figure, polygons: list[np.ndarray], label: np.ndarray,
+                   classes: list) -> None:
+    """Name each predicted class once, inside its largest polygon."""
+    area = np.array([0.5 * abs(np.dot(p[:, 0], np.roll(p[:, 1], -1))
+                               - np.dot(p[:, 1], np.roll(p[:, 0], -1))) for p in polygons])
+    for k in np.unique(label):
+        best = int(np.flatnonzero(label == k)[np.argmax(area[label == k])])
+        cx, cy = polygons[best].mean(0)
+        fig.add_annotation(x=cx, y=cy, text=f"class {classes[k]}", showarrow=False,
+                           font={"size": 13, "color": "black"},
+                           bgcolor="rgba(255,255,255,0.75)")
 
 
 def ig_error(result: dict) -> go.Figure:

@@ -5,6 +5,7 @@ import time
 
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 import streamlit as st
 
 from frontend import components as ui
@@ -33,6 +34,13 @@ def _measured_outcome(rows: list[dict]) -> str:
                        "\"more linear\" claim does not hold on this input.")
     return text + ("Mixed: some robust models are denser than the standard one, so the "
                    "\"more linear\" claim does not hold for all of them on this input.")
+
+
+@st.cache_data(max_entries=16, show_spinner="drawing the region map")
+def _plane_figure(job_id: str) -> go.Figure:
+    """The region map of a finished plane job (built once per job: about a second for
+    a thousand polygons, then reused by reruns, tabs and shared links)."""
+    return figures.plane_map(ui.job_result(job_id))
 
 
 def _density_rows(models: list[dict], input_id: str, params: dict) -> list[dict]:
@@ -117,7 +125,11 @@ with plane_tab:
         m[0].metric("Linear regions", result["num_regions"])
         m[1].metric("Polygons", result["num_polygons"],
                     help="regions are also cut where the predicted class changes")
-        ui.show_figure(figures.plane_map(result), "linear_regions_plane")
+        st.caption("Each colour patch is one linear region (one activation pattern; "
+                   "neighbours get different colours), bold black lines are where the "
+                   "predicted class changes, and the star is the input. Hover a point for its "
+                   "region's pattern id and class.")
+        ui.show_figure(_plane_figure(ui.shown_job("lr_plane")), "linear_regions_plane")
 
 with ig_tab:
     cols = st.columns(3)
