@@ -16,7 +16,7 @@ from torch import nn
 
 from app import load_network
 from app.analyses.saliency import robust_milp
-from app.analyses.saliency.verix import UNPROVEN, WITNESSED, verified_explanation
+from app.analyses.saliency.verix import UNPROVEN, WITNESSED, attack_batch, verified_explanation
 from app.errors import InvalidInputError
 from tests.conftest import SAMPLE_MODELS, shared_path
 
@@ -202,3 +202,80 @@ def test_job_returns_the_explanation_with_checked_counterexamples(tmp_path) -> N
         with torch.no_grad():
             cls = int(net.with_dtype(torch.float64)(point).argmax())
         assert cls == item["predicted"] != out["target"] and expl[item["feature"]]
+
+
+def _wider(seed: int) -> nn.Sequential:
+    """A 7-8-8-4 net with hidden hyperplanes through the cube's centre (two hidden layers:
+    the MILP encodes stacked ReLUs, the z3 oracle the module itself)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(7, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                          nn.Linear(8, 4)).double().eval()
+    with torch.no_grad():
+        centre = torch.full((7,), 0.5, dtype=torch.float64)
+        model[0].bias.copy_(-model[0].weight @ centre)
+        model[2].bias.copy_(-model[2].weight @ torch.relu(model[0](centre)))
+        model[4].bias.zero_()
+    return model
+
+
+@pytest.mark.parametrize(("seed", "eps"), [(21, 0.07), (22, 0.05), (23, 0.12)])
+def test_unseen_deeper_nets_sound_and_irreducible_by_z3(seed: int, eps: float) -> None:
+    """Seeds, depth and eps not used while tuning the search: z3 proves the complement box
+    of the explanation robust and finds another class once any kept feature is freed."""
+    model = _wider(seed)
+    net = load_network(model, input_shape=(7,))
+    pts = torch.from_numpy(np.random.default_rng(seed).uniform(0.2, 0.8, (4000, 7)))
+    with torch.no_grad():
+        top = model(pts).sort(1).values
+    x = pts[int(np.argsort((top[:, -1] - top[:, -2]).numpy())[400])].numpy()
+    res = verified_explanation(net, x, eps, timeout_s=60, check_timeout_s=20)
+    expl = res.explanation.reshape(-1)
+    assert sorted(res.freed + list(res.kept)) == list(range(7))
+    assert not _exists_other_class(model, *_box(res, x, expl), res.target)  # sound
+    assert res.irreducible
+    _check_counterexamples(model, x, res)
+    for i in np.flatnonzero(expl):
+        fixed = expl.copy()
+        fixed[i] = False
+        assert _exists_other_class(model, *_box(res, x, fixed), res.target)
+
+
+def test_budget_leaves_untried_features_unproven_and_still_sound() -> None:
+    """A budget too short to try every feature: every kept feature without a witness is
+    "sound, not proven irreducible", and PGD on the complement still never flips."""
+    path = shared_path("vnncomp2021", "mnistfc", "mnist-net_256x2.onnx")
+    row = np.loadtxt(shared_path("eran", "mnist_test.csv"), delimiter=",", skiprows=7,
+                     max_rows=1)
+    net = load_network(str(path)).with_dtype(torch.float64)
+    x = torch.from_numpy(row[1:] / 255.0).reshape(784, 1)
+    res = verified_explanation(net, x, 0.04, timeout_s=1.5, check_timeout_s=0.5)
+    assert res.target == int(row[0])
+    assert set(res.kept) == set(np.flatnonzero(res.explanation.reshape(-1)))
+    assert all((v == UNPROVEN) == (i not in res.counterexamples) for i, v in res.kept.items())
+    assert res.checks["unchecked"] <= res.size
+    assert not _pgd_on_complement(net, x, res)
+    _check_counterexamples(net, x.numpy(), res)
+
+
+def test_batched_attack_returns_points_of_another_class_inside_each_box() -> None:
+    """The batched PGD behind witness search: every returned point lies in its own box and
+    the torch module classifies it otherwise; boxes z3 proves robust return nothing."""
+    model = _small(7)
+    net = load_network(model, input_shape=(5,)).with_dtype(torch.float64)
+    x = _near_boundary(model, 7)
+    with torch.no_grad():
+        target = int(model(torch.from_numpy(x)[None]).argmax())
+    widths = np.array([0.002, 0.05, 0.2, 0.4])
+    lo = np.clip(x[None] - widths[:, None], 0, 1)
+    hi = np.clip(x[None] + widths[:, None], 0, 1)
+    points = attack_batch(net, torch.from_numpy(lo), torch.from_numpy(hi), target)
+    assert any(p is not None for p in points)
+    for k, p in enumerate(points):
+        if p is None:
+            continue
+        assert np.all(p.numpy() >= lo[k]) and np.all(p.numpy() <= hi[k])
+        with torch.no_grad():
+            assert int(model(p[None]).argmax()) != target
+    robust = [k for k in range(len(widths)) if not _exists_other_class(model, lo[k], hi[k],
+                                                                       target)]
+    assert all(points[k] is None for k in robust)
