@@ -17,7 +17,9 @@ from __future__ import annotations
 import io
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -158,30 +160,85 @@ def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
+ModuleHandler = Callable[[Any], Layer | None]
+_MODULES: dict[type[nn.Module], ModuleHandler] = {}
+
+
+def _module(*kinds: type[nn.Module]) -> Callable[[ModuleHandler], ModuleHandler]:
+    """Register the handler mapping a torch module kind to one engine layer (None: drop it),
+    as the ONNX loader registers its op handlers; a handler raises ``_NotPlain`` for a
+    configuration it cannot map (the model then goes through ONNX)."""
+
+    def register(fn: ModuleHandler) -> ModuleHandler:
+        for kind in kinds:
+            _MODULES[kind] = fn
+        return fn
+
+    return register
+
+
 def _map_layer(m: nn.Module) -> Layer | None:
-    if isinstance(m, nn.Identity | nn.Dropout):
-        return None
-    if isinstance(m, nn.Linear):
-        return Linear(m.weight, m.bias)
-    if isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str):
-        return Conv2d(m.weight, m.bias, _pair(m.stride), _pair(m.padding), _pair(m.dilation),
-                      m.groups)
-    if isinstance(m, nn.ReLU):
-        return ReLU()
-    if isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1:
-        return Flatten()
-    if isinstance(m, nn.MaxPool2d) and not m.ceil_mode and m.dilation in (1, (1, 1)):
-        return MaxPool2d(_pair(m.kernel_size), _pair(m.stride or m.kernel_size), _pair(m.padding))
-    if isinstance(m, nn.AvgPool2d) and not m.ceil_mode:
-        return AvgPool2d(_pair(m.kernel_size), _pair(m.stride or m.kernel_size),
-                         _pair(m.padding), m.count_include_pad)
-    if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d) and m.running_mean is not None:
-        scale = (m.weight if m.affine else 1.0) / torch.sqrt(m.running_var + m.eps)
-        shift = (m.bias if m.affine else 0.0) - m.running_mean * scale
-        extra = (1, 1) if isinstance(m, nn.BatchNorm2d) else ()
-        return ElementwiseAffine(scale.detach().reshape(-1, *extra),
-                                 shift.detach().reshape(-1, *extra))
+    """The engine layer of module ``m``, by its class or nearest registered base class."""
+    for cls in type(m).__mro__:
+        if cls in _MODULES:
+            return _MODULES[cls](m)
     raise _NotPlain(type(m).__name__)
+
+
+def _plain(ok: bool, m: nn.Module) -> None:
+    if not ok:
+        raise _NotPlain(type(m).__name__)
+
+
+@_module(nn.Identity, nn.Dropout)
+def _drop(_m: nn.Module) -> None:
+    return None
+
+
+@_module(nn.Linear)
+def _linear(m: nn.Linear) -> Layer:
+    return Linear(m.weight, m.bias)
+
+
+@_module(nn.Conv2d)
+def _conv(m: nn.Conv2d) -> Layer:
+    _plain(m.padding_mode == "zeros" and not isinstance(m.padding, str), m)
+    return Conv2d(m.weight, m.bias, _pair(m.stride), _pair(m.padding), _pair(m.dilation),
+                  m.groups)
+
+
+@_module(nn.ReLU)
+def _relu(_m: nn.ReLU) -> Layer:
+    return ReLU()
+
+
+@_module(nn.Flatten)
+def _flatten(m: nn.Flatten) -> Layer:
+    _plain(m.start_dim == 1 and m.end_dim == -1, m)
+    return Flatten()
+
+
+@_module(nn.MaxPool2d)
+def _maxpool(m: nn.MaxPool2d) -> Layer:
+    _plain(not m.ceil_mode and m.dilation in (1, (1, 1)), m)
+    return MaxPool2d(_pair(m.kernel_size), _pair(m.stride or m.kernel_size), _pair(m.padding))
+
+
+@_module(nn.AvgPool2d)
+def _avgpool(m: nn.AvgPool2d) -> Layer:
+    _plain(not m.ceil_mode, m)
+    return AvgPool2d(_pair(m.kernel_size), _pair(m.stride or m.kernel_size),
+                     _pair(m.padding), m.count_include_pad)
+
+
+@_module(nn.BatchNorm1d, nn.BatchNorm2d)
+def _batchnorm(m: nn.BatchNorm1d | nn.BatchNorm2d) -> Layer:
+    _plain(m.running_mean is not None, m)
+    scale = (m.weight if m.affine else 1.0) / torch.sqrt(m.running_var + m.eps)
+    shift = (m.bias if m.affine else 0.0) - m.running_mean * scale
+    extra = (1, 1) if isinstance(m, nn.BatchNorm2d) else ()
+    return ElementwiseAffine(scale.detach().reshape(-1, *extra),
+                             shift.detach().reshape(-1, *extra))
 
 
 def _via_onnx(module: nn.Module, input_shape: tuple[int, ...], name: str) -> Network:

@@ -32,7 +32,6 @@ from app.analyses.patterns.verify import (
     InputDomain,
     Method,
     Verdict,
-    _as_domain,
     _confirm,
     check_property,
 )
@@ -85,7 +84,7 @@ def input_property(
     with ``method`` (``"auto"`` splits the input box on few input dimensions).
     """
     ordinal, node = relu_node(net, layer)
-    domain = _as_domain(net, input_domain)
+    domain = InputDomain.of(net, input_domain)
     net64 = net.with_dtype(torch.float64)
     x64 = x.to(torch.float64).reshape(1, *net.input_shape)
     if not bool(domain.contains(x64)[0]):
@@ -119,7 +118,7 @@ def property_verdict(
     """Only the verdict of :func:`input_property` for the network's decision at ``x`` (no
     radii, no Chebyshev balls): does the polytope of its pattern imply it?"""
     _, node = relu_node(net, layer)
-    domain = _as_domain(net, input_domain)
+    domain = InputDomain.of(net, input_domain)
     net64 = net64 if net64 is not None else net.with_dtype(torch.float64)
     x64 = x.to(torch.float64).reshape(1, *net.input_shape)
     if not bool(domain.contains(x64)[0]):

@@ -42,6 +42,15 @@ class InputDomain:
     hi: Tensor
 
     @classmethod
+    def of(cls, net: Network, domain: InputDomain | tuple[float | Tensor, float | Tensor]
+           ) -> InputDomain:
+        """``domain`` itself, or the box ``(lo, hi)`` it names (what the verbs accept)."""
+        if isinstance(domain, InputDomain):
+            return domain
+        lo, hi = domain
+        return cls.box(net, lo, hi)
+
+    @classmethod
     def box(cls, net: Network, lo: float | Tensor, hi: float | Tensor) -> InputDomain:
         shape = net.input_shape
         lo_t = torch.as_tensor(lo, dtype=torch.float64).expand(shape).clone()
@@ -96,7 +105,7 @@ def verify_rule(
     ``known``: inputs (e.g. the covered input a ball is centred on) that the solver's
     verdicts are cross-checked against.
     """
-    domain = _as_domain(net, input_domain)
+    domain = InputDomain.of(net, input_domain)
     _check_pattern_rule(rule)
     return check_property(net, {rule.node: (rule.on, rule.off)}, domain, rule.target,
                           rule.lowest, timeout, method=method, progress=progress, known=known)
@@ -111,7 +120,7 @@ def verify_rules(
     method: Method = "auto",
 ) -> list[Verdict]:
     """:func:`verify_rule` for each rule in turn, reporting progress between rules."""
-    domain = _as_domain(net, input_domain)
+    domain = InputDomain.of(net, input_domain)
     net64 = net.with_dtype(torch.float64)
     verdicts = []
     for k, rule in enumerate(rules):
@@ -334,11 +343,7 @@ def _check_pattern_rule(rule: Rule) -> None:
                                 "thresholds (those come from a distilled rule list)")
 
 
-def _as_domain(net: Network, domain) -> InputDomain:
-    if isinstance(domain, InputDomain):
-        return domain
-    lo, hi = domain
-    return InputDomain.box(net, lo, hi)
+_as_domain = InputDomain.of  # the old private name, still imported by coverage and refine
 
 
 __all__ = ["InputDomain", "Verdict", "check_property", "verify_rule", "verify_rules"]
