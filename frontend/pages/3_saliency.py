@@ -75,7 +75,8 @@ st.caption(
     "the predicted class for every input within eps of it elsewhere (inside the input range). "
     "Features are freed least sensitive first, each step proven by CROWN bounds or a MILP; "
     "each kept feature comes with a counterexample once freed, or is marked 'sound, not "
-    "proven irreducible' where the complete check ran out of time.")
+    "proven irreducible' where the complete check ran out of time or the time-out came "
+    "before one was tried (those features got only an attack).")
 vcols = st.columns(2)
 verix_params = {
     "eps": vcols[0].number_input("eps", 0.001, 1.0, 0.05, step=0.01, format="%.3f"),
