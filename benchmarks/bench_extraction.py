@@ -7,8 +7,6 @@ through the second-layer equations; where some second-layer neuron barely crosse
 result is partial (undetermined weights, always-on stand-ins), and the median error shows how
 well the rest was recovered. The output ends with
 
-    RESULT max_rel_err_1hidden=<x> queries_1hidden=<n> max_rel_err_2hidden=<y>
-
     RESULT max_rel_err_1hidden=<x> queries_1hidden=<n> max_rel_err_2hidden=<y> false_complete=<k>
 
 (worst error over the 1-hidden nets, most queries any 1-hidden net needed, worst error over
@@ -18,8 +16,10 @@ than 1e-6, relative to the largest output, on 10^5 uniform points). Besides the 
 nets: single-output He-normal nets (100-20-1, 784-32-1 at the default budget of 200k and,
 with ``--large``, 784-128-1 within 2^21.5 queries) and 3-8-6-1 / 5-10-8-1 nets whose
 second-layer neuron 0 is active on about 0.02% of the box (these may end partial, never
-falsely complete). Nets are named ``sizes@box`` for the domain ``[-box, box]^d``.
-``--large`` adds bigger nets.
+falsely complete), and He-normal 10-10-10-1 / 8-16-16-16-1 nets with bias sigma 0.1 and 1
+under a 60 s time limit (partial with a reason where they are not recovered). Nets are named
+``sizes@box`` for the domain ``[-box, box]^d``. ``--large`` adds bigger nets; ``--only`` runs
+a subset of the groups (the RESULT line then covers only those: inf / 0 for a group left out).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from app import load_network  # noqa: E402
 from app.analyses.extraction import QueryOracle, extract, grade  # noqa: E402
 from tests.seeded_mlp import mlp  # noqa: E402
 
+GROUPS = ("one", "single", "two", "expansive", "rare", "hard")
 ONE_HIDDEN = [((2, 8, 1), 5.0), ((10, 20, 3), 1.0), ((64, 32, 10), 1.0), ((64, 128, 10), 1.0)]
 TWO_HIDDEN = [((64, 32, 16, 10), 1.0), ((64, 48, 24, 10), 1.0), ((20, 16, 8, 1), 1.0)]
 EXPANSIVE = [((6, 12, 8, 2), 3.0), ((10, 20, 20, 1), 1.0), ((10, 20, 20, 1), 2.0)]
@@ -47,6 +48,8 @@ LARGE = [((784, 32, 1), 1.0), ((784, 128, 10), 1.0), ((100, 64, 32, 10), 1.0)]
 SINGLE_OUTPUT = [((100, 20, 1), 200_000), ((784, 32, 1), 200_000)]
 SINGLE_OUTPUT_LARGE = [((784, 128, 1), int(2**21.5))]
 RARE = [(3, 8, 6, 1), (5, 10, 8, 1)]
+HARD = [((10, 10, 10, 1), 0.1), ((10, 10, 10, 1), 1.0), ((8, 16, 16, 16, 1), 1.0)]
+HARD_TIME_LIMIT = 60.0
 
 
 def he_normal(sizes: tuple[int, ...], seed: int, bias_sigma: float = 0.1) -> nn.Sequential:
@@ -85,10 +88,12 @@ def output_error(net, result, box: float, n: int = 100_000) -> float:
 
 
 def run(sizes: tuple[int, ...], box: float, seed: int, budget: int,
-        module: nn.Sequential | None = None, name: str = "") -> dict:
+        module: nn.Sequential | None = None, name: str = "",
+        time_limit_s: float | None = None) -> dict:
     net = load_network(module if module is not None else mlp(sizes, seed),
                        input_shape=(sizes[0],))
-    result = extract(QueryOracle(net), sizes[0], budget, lo=-box, hi=box, seed=seed)
+    result = extract(QueryOracle(net), sizes[0], budget, lo=-box, hi=box, seed=seed,
+                     time_limit_s=time_limit_s)
     report = grade(net, result, -box, box)
     params = sum(p.numel() for p in net.parameters())
     err_out = output_error(net, result, box)
@@ -116,33 +121,48 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--budget", type=int, default=1_000_000)
     parser.add_argument("--large", action="store_true")
+    parser.add_argument("--only", default="", help="comma-separated groups to run (a subset: "
+                        "the RESULT line then covers only them): " + ",".join(GROUPS))
     args = parser.parse_args()
+    groups = set(args.only.split(",")) if args.only else set(GROUPS)
     print(f"{'net':>14} {'found/true':>12} {'queries':>8} {'q/param':>8} {'seconds':>7} "
           f"{'max_rel_err':>11} {'L1 up2sign':>11} {'agree':>7} {'logit_diff':>10} "
           f"{'complete':>8} {'L2 median':>10} {'out_err':>10}")
+    seeds = range(args.seeds)
     one = ONE_HIDDEN + ([LARGE[0], LARGE[1]] if args.large else [])
     two = TWO_HIDDEN + ([LARGE[2]] if args.large else [])
-    rows1 = [run(s, b, seed, args.budget) for s, b in one for seed in range(args.seeds)]
-    print("single output, He-normal (budget as given per net):")
-    single = SINGLE_OUTPUT + (SINGLE_OUTPUT_LARGE if args.large else [])
-    rows1 += [run(s, 1.0, seed, budget, he_normal(s, seed), "he:") for s, budget in single
-              for seed in range(args.seeds)]
-    rows2 = [run(s, b, seed, args.budget) for s, b in two for seed in range(args.seeds)]
-    print("expansive first layer (more neurons than inputs):")
-    rows2 += [run(s, b, seed, args.budget) for s, b in EXPANSIVE for seed in range(args.seeds)]
-    print("a second-layer neuron active on ~0.02% of the box (default budget):")
-    rows2 += [run(s, 1.0, seed, 200_000, rare_neuron(s, seed), "rare:") for s in RARE
-              for seed in range(args.seeds)]
-    err1 = max(r["max_rel_err"] for r in rows1)
-    queries1 = max(r["queries"] for r in rows1)
+    rows1, rows2 = [], []
+    if "one" in groups:
+        rows1 += [run(s, b, seed, args.budget) for s, b in one for seed in seeds]
+    if "single" in groups:
+        print("single output, He-normal (budget as given per net):")
+        single = SINGLE_OUTPUT + (SINGLE_OUTPUT_LARGE if args.large else [])
+        rows1 += [run(s, 1.0, seed, budget, he_normal(s, seed), "he:") for s, budget in single
+                  for seed in seeds]
+    if "two" in groups:
+        rows2 += [run(s, b, seed, args.budget) for s, b in two for seed in seeds]
+    if "expansive" in groups:
+        print("expansive first layer (more neurons than inputs):")
+        rows2 += [run(s, b, seed, args.budget) for s, b in EXPANSIVE for seed in seeds]
+    if "rare" in groups:
+        print("a second-layer neuron active on ~0.02% of the box (default budget):")
+        rows2 += [run(s, 1.0, seed, 200_000, rare_neuron(s, seed), "rare:") for s in RARE
+                  for seed in seeds]
+    if "hard" in groups:
+        print(f"He-normal, bias sigma 0.1 / 1 (default budget, time limit {HARD_TIME_LIMIT:g} s):")
+        rows2 += [run(s, 1.0, seed, 200_000, he_normal(s, seed, sigma), f"he{sigma:g}:",
+                      HARD_TIME_LIMIT) for s, sigma in HARD for seed in seeds]
+    err1 = max((r["max_rel_err"] for r in rows1), default=float("inf"))
+    queries1 = max((r["queries"] for r in rows1), default=0)
     done = [r for r in rows2 if r["complete"]]
     err2 = max(r["max_rel_err"] for r in done) if done else float("inf")
     partial = [r for r in rows2 if not r["complete"]]
     print(f"2 hidden: {len(done)} of {len(rows2)} runs complete; partial runs (median error of layer 2): "
           + (", ".join(f"{r['net']} ({r['median_rel_err']:.1e})" for r in partial) or "none"))
     print(f"median queries per parameter, 1 hidden: "
-          f"{np.median([r['q/param'] for r in rows1]):.1f}; 2 hidden: "
-          f"{np.median([r['q/param'] for r in rows2]):.1f}")
+          f"{np.median([r['q/param'] for r in rows1] or [np.nan]):.1f}; 2 hidden: "
+          f"{np.median([r['q/param'] for r in rows2] or [np.nan]):.1f}; longest run "
+          f"{max(r['seconds'] for r in rows1 + rows2):.1f} s")
     false_complete = sum(r["false_complete"] for r in rows1 + rows2)
     print(f"RESULT max_rel_err_1hidden={err1:.3g} queries_1hidden={queries1} "
           f"max_rel_err_2hidden={err2:.3g} false_complete={false_complete}")

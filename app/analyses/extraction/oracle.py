@@ -58,14 +58,24 @@ class Budget:
     """
 
     def __init__(self, oracle: Oracle, budget: int, progress: ProgressFn | None,
-                 deadline: float | None = None) -> None:
+                 deadline: float | None = None, end: float | None = None) -> None:
         self._oracle = oracle
         self.budget = int(budget)
         self.deadline = deadline  # time.perf_counter() value after which no query is made
+        self.end = end  # the hard limit, for the output layer and the check after the search
+        self._search_deadline = deadline
         self.used = 0
         self.neurons = 0
         self.phase = "search"
         self._progress = progress
+
+    def finishing(self) -> None:
+        """The search is over: the output layer and the final check may use the time left."""
+        self.deadline = self.end
+
+    def searching(self) -> None:
+        """A search again (a second attempt): back to the search's deadline."""
+        self.deadline = self._search_deadline
 
     @property
     def left(self) -> int:

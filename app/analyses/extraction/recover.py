@@ -34,15 +34,14 @@ import numpy as np
 import torch
 
 from app.analyses.extraction.lines import (
-    RANK_ONE_RTOL,
     Hyperplane,
     boundary_normals,
-    jacobians,
     kinks_on_line,
 )
 from app.analyses.extraction.oracle import Budget, BudgetExhausted, Oracle
+from app.analyses.extraction.refine import cell_centre, remeasure
 from app.analyses.extraction.second_layer import assemble, critical_points, group_neurons
-from app.analyses.extraction.verify import VALID_RTOL, check
+from app.analyses.extraction.verify import VALID_RTOL, check, unchecked
 from app.errors import InvalidInputError
 from app.layers import Layer, Linear, ReLU
 from app.network import Network
@@ -57,6 +56,7 @@ MAX_DEEP_CHECKED = 200  # deeper boundary points checked beside by the one-layer
 VERIFY_RESERVE = 10_000  # queries kept back for the final check (at most a tenth of the budget)
 PROBE_ROUNDS = 3  # rounds of short lines near rare neurons and undetermined weights
 EXPANSIVE_ROUNDS = 8  # rounds of lines collecting critical points behind an expansive layer
+SEARCH_SHARE = 0.9  # of the time limit for the search; the rest for the output layer and check
 
 
 @dataclass
@@ -97,6 +97,7 @@ class _Level:
     to_input: Callable[[np.ndarray], np.ndarray] = lambda p: p  # this level's points as inputs
     anywhere: bool = True  # the oracle may be queried outside the sampled domain
     vertices: Sampler | None = None  # random vertices of the domain box, where it is a box
+    box: tuple[np.ndarray, np.ndarray] | None = None  # (lo, hi) where the domain is a box
 
     def points(self) -> np.ndarray:
         """Every critical point found on this level, in input space."""
@@ -138,8 +139,9 @@ def extract(
     Only the oracle is called; lines are sampled in the box ``[lo, hi]``. Neurons whose
     boundary never crosses the box cannot be seen and are reported in ``notes``. ``progress``
     hears queries spent and neurons found and may raise :class:`app.Cancelled`. The search
-    stops at ``time_limit_s`` seconds (and at the budget) with a partial result; a share of
-    the budget is kept for the final check (:mod:`.verify`), which alone may call it complete.
+    stops at ``SEARCH_SHARE`` of ``time_limit_s`` seconds (and at the budget) with a partial
+    result; a share of the budget and the rest of the time are kept for the final check
+    (:mod:`.verify`), which alone may call it complete (unchecked when the time runs out).
     """
     if input_dim < 1 or budget < 1:
         raise InvalidInputError("input_dim and budget must be positive")
@@ -151,10 +153,14 @@ def extract(
         raise InvalidInputError("the domain box needs lo < hi in every coordinate")
     start = time.perf_counter()
     reserve = min(budget // 10, VERIFY_RESERVE)
-    deadline = None if time_limit_s is None else start + time_limit_s
-    run = _Run(Budget(oracle, budget - reserve, progress, deadline), np.random.default_rng(seed))
+    deadline = end = None
+    if time_limit_s is not None:  # a share of the time is kept for the output layer and check
+        deadline, end = start + SEARCH_SHARE * time_limit_s, start + time_limit_s
+    run = _Run(Budget(oracle, budget - reserve, progress, deadline, end),
+               np.random.default_rng(seed))
     top = _Level(run.budget, lambda rng, n: rng.uniform(lo_v, hi_v, (n, input_dim)), input_dim,
-                 vertices=lambda rng, n: lo_v + (hi_v - lo_v) * rng.integers(0, 2, (n, input_dim)))
+                 vertices=lambda rng, n: lo_v + (hi_v - lo_v) * rng.integers(0, 2, (n, input_dim)),
+                 box=(lo_v, hi_v))
     run.levels.append(top)
     layers: list[Layer] | None
     try:
@@ -168,9 +174,10 @@ def extract(
                          f"{len(run.found)} layer(s)")
         run.complete = False
         layers = None
+    run.budget.finishing()
     if not layers and top.first:
         run.budget.budget += reserve
-        reserve, run.budget.deadline = 0, None
+        reserve = 0
         normals = np.stack([p.normal for p in top.first])
         offsets = np.array([p.offset for p in top.first])
         try:
@@ -191,11 +198,14 @@ def extract(
         )
     run.budget.phase = "validation"
     run.budget.budget += reserve
-    run.budget.deadline = None  # the check is short and decides what the result may claim
     points = np.vstack([p for p in (lv.points() for lv in run.levels) if p.size]
                        or [np.zeros((0, input_dim))])
-    verdict = check(_dense(layers), run.budget, points, lo_v, hi_v, run.rng, run.budget.left,
-                    uniform=run.budget.used // 4)
+    try:
+        verdict = check(_dense(layers), run.budget, points, lo_v, hi_v, run.rng,
+                        run.budget.left, uniform=run.budget.used // 4)
+    except BudgetExhausted as exc:  # the time limit: the result is returned unchecked
+        verdict = unchecked(_dense(layers), points, lo_v, hi_v,
+                            f"{exc}: the recovered network is not validated")
     if verdict.pruned:
         run.notes.append(f"{verdict.pruned} redundant unit(s) with negligible outgoing "
                          "weights pruned")
@@ -309,46 +319,32 @@ def _one_layer_suffices(level: _Level, normals: np.ndarray, offsets: np.ndarray,
     return float(np.abs(ours - f).max() / (np.abs(f).max() + 1e-300)) <= VALID_RTOL
 
 
-def _sharpen(level: _Level, run: _Run, gain: float = 2.0) -> None:
-    """Re-measure first-layer normals whose probes had to stay very close to their kink.
+def _sharpen(level: _Level, run: _Run) -> None:
+    """Re-measure every first-layer plane at the centre of its cell (:mod:`.refine`).
 
-    On a line crossing many planes the probes sit a fraction of the distance to the next
-    kink, and the finite-difference Jacobians lose digits. With the whole layer known, each
-    plane's point farthest from the others allows probes ``gain`` times (or more) farther out,
-    straight across the plane; the new normal replaces the old one when the jump is rank one
-    and points the same way (``2 d + 2`` queries per plane re-measured).
+    On a line crossing many planes the probes sit a fraction of the distance to the next kink,
+    and the finite-difference Jacobians lose digits; with the whole layer known, each plane is
+    re-measured where it is farthest from the others (``2 d + 2`` queries per plane).
     """
     planes = level.first
-    if len(planes) < 2:
+    if len(planes) < 2 or level.box is None:
         return
     run.budget.phase = "sharpening normals"
     normals = np.stack([p.normal for p in planes])
     offsets = np.array([p.offset for p in planes])
-    scale = level.scale(run.rng)
-    chosen, deltas = [], []
+    chosen, centres, radii = [], [], []
     for j, plane in enumerate(planes):
-        pts = np.stack(plane.points)
-        others = np.abs(pts @ np.delete(normals, j, 0).T + np.delete(offsets, j)).min(axis=1)
-        k = int(np.argmax(others))
-        delta = min(0.5 * others[k], 0.05 * scale)
-        if delta > gain * plane.gap:
-            chosen.append((j, pts[k]))
-            deltas.append(delta)
+        centre, radius = cell_centre(normals, offsets, j, plane.points[0], *level.box)
+        if radius > 0:
+            chosen.append(j)
+            centres.append(centre)
+            radii.append(radius)
     if not chosen:
         return
-    delta = np.array(deltas)
-    centre = np.stack([p for _, p in chosen])
-    direction = np.stack([normals[j] for j, _ in chosen])
-    sides = np.vstack([centre - delta[:, None] * direction, centre + delta[:, None] * direction])
-    values = level.oracle(sides)
-    jac = jacobians(level.oracle, sides, values, np.concatenate([1e-3 * delta] * 2))
-    m = len(chosen)
-    for i, (j, point) in enumerate(chosen):
-        _, sv, vt = np.linalg.svd(jac[m + i] - jac[i], full_matrices=False)
-        normal = vt[0] * np.sign(vt[0] @ normals[j])
-        if sv[0] > 0 and (len(sv) < 2 or sv[1] <= RANK_ONE_RTOL * sv[0]) \
-                and normal @ normals[j] > 1 - 1e-4:
-            planes[j].normal, planes[j].offset = normal, float(-normal @ point)
+    found = remeasure(level.oracle, normals[chosen], np.stack(centres), np.array(radii))
+    for j, new in zip(chosen, found, strict=True):
+        if new is not None:
+            planes[j].normal, planes[j].offset = new
 
 
 def _repair_first_layer(level: _Level, run: _Run, rounds: int = 3, lines: int = 16,
@@ -447,6 +443,7 @@ def _second_opinion(level: _Level, normals: np.ndarray, offsets: np.ndarray, run
     kept = (list(run.found), list(run.notes))
     run.found, run.notes = list(before[0]), list(before[1])
     run.complete = True
+    run.budget.searching()
     try:
         layers = _expansive(level, normals, offsets, run, depth)
     except BudgetExhausted:
@@ -480,8 +477,8 @@ def _expansive(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Ru
         try:
             planes += _deep_planes(level, normals, offsets, run, tol, stop_at)
             kept = _promote(level, planes, run, tol)
-        except BudgetExhausted:
-            run.notes.append(f"layer {depth + 1}: budget ran out while collecting points")
+        except BudgetExhausted as exc:
+            run.notes.append(f"layer {depth + 1}: {exc} while collecting points")
             break
         if len(kept) < len(planes):  # new first-layer units: every equation changes
             planes, neurons = kept, []
@@ -507,8 +504,8 @@ def _expansive(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Ru
                                     deadline=run.budget.deadline)
             if (len(neurons), sum(n.rank_deficit for n in neurons)) == before:
                 break
-    except BudgetExhausted:
-        run.notes.append(f"layer {depth + 1}: budget ran out while probing")
+    except BudgetExhausted as exc:
+        run.notes.append(f"layer {depth + 1}: {exc} while probing")
     level.deep = planes
     if not neurons:
         run.notes.append(f"layer {depth + 1}: no neuron recovered behind the expansive layer "
@@ -516,9 +513,10 @@ def _expansive(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Ru
                          "check says whether that explains everything)")
         return _output_layer(level, normals, offsets, run, depth)
     run.budget.phase = "output layer"
+    run.budget.finishing()
     n1 = len(offsets)
     x = level.sample(run.rng, 4 * (n1 + len(neurons)) + 64)
-    net = assemble(pts, neurons, normals, offsets, x, level.oracle(x))
+    net = assemble(pts, neurons, normals, offsets, x, level.oracle(x), run.budget.deadline)
     run.found.append(len(net.b2))
     run.budget.neurons = sum(run.found)
     free = len(pts.x) - sum(len(n.members) for n in neurons)
@@ -830,6 +828,7 @@ def _output_layer(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: 
                   depth: int) -> list[Layer]:
     """Signs of the last hidden layer and the output layer (:func:`_fit_one_layer`)."""
     run.budget.phase = "output layer"
+    run.budget.finishing()
     fit = _fit_one_layer(level, normals, offsets, run)
     residual, sign_err = fit.residual, fit.sign_err
     if residual > VALID_RTOL:  # the final check holds the result to the same tolerance

@@ -88,7 +88,8 @@ def critical_points(planes: list[Hyperplane]) -> Critical:
 class _System:
     """Per-point equation blocks ``M_p theta = [sigma_p g_p, 0]`` for ``theta = [a, e, c]``."""
 
-    def __init__(self, pts: Critical, weight: np.ndarray, bias: np.ndarray) -> None:
+    def __init__(self, pts: Critical, weight: np.ndarray, bias: np.ndarray,
+                 deadline: float | None = None) -> None:
         m, d = pts.x.shape
         n = len(bias)
         z = pts.x @ weight.T + bias
@@ -102,6 +103,11 @@ class _System:
         self.rhs = torch.from_numpy(np.hstack([pts.g, np.zeros((m, 1))]))
         self.n, self.d = n, d
         self.on = z > 0
+        self.deadline = deadline
+
+    def late(self) -> bool:
+        """Past the deadline: every loop of the grouping stops with what it has."""
+        return self.deadline is not None and time.perf_counter() > self.deadline
 
     def fit(self, sets: torch.Tensor, signs: torch.Tensor,
             rcond: float | None = SEED_RCOND) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,11 +132,11 @@ def group_neurons(pts: Critical, weight: np.ndarray, bias: np.ndarray,
     that fit them. Seeds are triples of points with one output direction whose equations
     (under one of the four relative signs) are consistent; the most consistent seeds are grown
     first, rounds repeat on the points left over, and sets of one neuron are merged. Past
-    ``deadline`` (a ``time.perf_counter()`` value) no new seed is tried.
+    ``deadline`` (a ``time.perf_counter()`` value) every loop stops with the sets it has.
     """
     if not len(pts.x):
         return list(start)
-    system = _System(pts, weight, bias)
+    system = _System(pts, weight, bias, deadline)
     on = system.on
     free = np.ones(len(pts.x), dtype=bool)
     for n in start:
@@ -145,13 +151,13 @@ def group_neurons(pts: Critical, weight: np.ndarray, bias: np.ndarray,
                                                      n.signs)))
                 free[sets[-1][0]] = False
         found = True
-        while found and free[group].sum() >= min_members:
+        while found and free[group].sum() >= min_members and not system.late():
             found = False
             pool = group[free[group]]
             triples, signs = _consistent_triples(system, pool, on[pool])
             misses = 0
             for triple, sign in zip(triples, signs, strict=True):
-                if deadline is not None and time.perf_counter() > deadline:
+                if system.late():
                     break
                 if not free[triple].all():
                     continue
@@ -179,7 +185,7 @@ def _merged(system: _System, sets: list[tuple[np.ndarray, np.ndarray]]
     i = 0
     while i < len(sets):
         j = i + 1
-        while j < len(sets):
+        while j < len(sets) and not system.late():
             (mi, si), (mj, sj) = sets[i], sets[j]
             joint = np.concatenate([mi, mj])
             signs = next((np.concatenate([si, flip * sj]) for flip in (1.0, -1.0)
@@ -211,7 +217,7 @@ def _output_groups(out: np.ndarray) -> list[np.ndarray]:
 
 
 def _consistent_triples(system: _System, pool: np.ndarray, on: np.ndarray,
-                        near: int = 6) -> tuple[np.ndarray, np.ndarray]:
+                        near: int = 6, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """Triples of ``pool`` whose equations fit, best first, with their signs.
 
     Each point is tried with pairs of its ``near`` nearest points by first-layer pattern: two
@@ -226,9 +232,15 @@ def _consistent_triples(system: _System, pool: np.ndarray, on: np.ndarray,
     triples = np.unique(np.sort(pool[local], axis=1), axis=0)
     triples = triples[(triples[:, 0] < triples[:, 1]) & (triples[:, 1] < triples[:, 2])]
     combos = np.array([[1.0, s1, s2] for s1 in (1.0, -1.0) for s2 in (1.0, -1.0)])
-    sets = torch.from_numpy(np.repeat(triples, 4, axis=0))
-    _, res = system.fit(sets, torch.from_numpy(np.tile(combos, (len(triples), 1))))
-    res = res.numpy().reshape(len(triples), 4)
+    parts = []
+    for i in range(0, len(triples), chunk):  # in chunks: the deadline is checked between them
+        if system.late():
+            triples = triples[:i]
+            break
+        sets = torch.from_numpy(np.repeat(triples[i:i + chunk], 4, axis=0))
+        _, res = system.fit(sets, torch.from_numpy(np.tile(combos, (len(sets) // 4, 1))))
+        parts.append(res.numpy())
+    res = np.concatenate(parts).reshape(len(triples), 4) if parts else np.zeros((0, 4))
     best = res.argmin(1)
     res = res.min(1)
     order = np.argsort(res)
@@ -246,7 +258,7 @@ def _grow(system: _System, pool: np.ndarray, members: np.ndarray,
     """
     members, signs = members.copy(), signs.copy()
     null_dim = 1
-    while True:
+    while not system.late():
         rest = pool[~np.isin(pool, members)]
         if not len(rest):
             return members, signs
@@ -269,6 +281,7 @@ def _grow(system: _System, pool: np.ndarray, members: np.ndarray,
             ok &= absorbed == 0
         members = np.concatenate([members, cand[ok]])
         signs = np.concatenate([signs, np.where(res[ok, 0] <= res[ok, 1], 1.0, -1.0)])
+    return members, signs
 
 
 def _added_residual(system: _System, members: np.ndarray, signs: np.ndarray,
@@ -425,12 +438,12 @@ class TwoLayers:
 
 
 def assemble(pts: Critical, neurons: list[Neuron], normals: np.ndarray, offsets: np.ndarray,
-             x: np.ndarray, y: np.ndarray) -> TwoLayers:
+             x: np.ndarray, y: np.ndarray, deadline: float | None = None) -> TwoLayers:
     """First-layer signs, second-layer rows and the output layer, fitted on queries ``x, y``.
 
     Flips the second-layer equations leave open (few inputs: each neuron's boundary crosses few
     first-layer planes) are searched exhaustively for the best output fit, up to
-    ``2^MAX_OPEN_FLIPS`` combinations.
+    ``2^MAX_OPEN_FLIPS`` combinations, until ``deadline``.
     """
     flips, misfit, fixed = first_layer_flips(pts, neurons, normals, offsets)
     best = _assemble_with(pts, neurons, normals, offsets, x, y, flips, misfit)
@@ -438,6 +451,8 @@ def assemble(pts: Critical, neurons: list[Neuron], normals: np.ndarray, offsets:
     if best.residual <= FIT_RTOL or not 0 < len(open_units) <= MAX_OPEN_FLIPS:
         return best
     for combo in itertools.product((False, True), repeat=len(open_units)):
+        if deadline is not None and time.perf_counter() > deadline:
+            break
         trial = flips.copy()
         trial[open_units] = combo
         net = _assemble_with(pts, neurons, normals, offsets, x, y, trial, misfit)

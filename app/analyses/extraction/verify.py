@@ -217,6 +217,20 @@ def check(layers: Dense, oracle: Oracle, points: np.ndarray, lo: np.ndarray, hi:
     return Verdict(layers, pruned, unexplained, owner, err, len(x), notes, spurious)
 
 
+def unchecked(layers: Dense, points: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+              reason: str) -> Verdict:
+    """The verdict when the check could not run (time limit): pruned, owners found, failed."""
+    scale = float(np.linalg.norm(hi - lo))
+    layers, pruned = prune(layers, float(np.linalg.norm(np.maximum(np.abs(lo), np.abs(hi)))))
+    owner = np.full(len(points), -1)
+    if len(points):
+        w, b = layers[0]
+        first = np.abs(points @ w.T + b) / (np.linalg.norm(w, axis=1) + 1e-300)
+        owner = np.where(first.min(axis=1) <= EXPLAIN_RTOL * scale, first.argmin(axis=1), -1)
+    return Verdict(layers, pruned, np.zeros(len(points), dtype=bool), owner, float("inf"), 0,
+                   [reason])
+
+
 def _kinked(oracle: Oracle, x: np.ndarray, step: float, rng: np.random.Generator,
             max_queries: int, directions: int = 2) -> tuple[np.ndarray | None, int]:
     """Whether the oracle has a kink at each point (on lines in random directions through it).
