@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +69,20 @@ def job_result(job_id: str) -> Any:
 def analyses() -> dict[str, dict]:
     """The backend's analyses by name."""
     return {a["name"]: a for a in client().analyses()}
+
+
+def choices(analysis: str, field: str) -> tuple[list, int]:
+    """The options the API accepts for ``params.field`` of ``analysis`` (from the
+    ``params_schema`` it serves) and the index of its default, for a selectbox."""
+    schema = analyses()[analysis]["params_schema"]
+    prop = schema["properties"][field]
+    found = [prop, *prop.get("anyOf", [])]
+    for item in list(found):
+        if "$ref" in item:
+            found.append(schema["$defs"][item["$ref"].rsplit("/", 1)[-1]])
+    options = next(item["enum"] for item in found if "enum" in item)
+    default = prop.get("default")
+    return options, options.index(default) if default in options else 0
 
 
 # -- sidebar ----------------------------------------------------------------------------------
@@ -508,7 +523,8 @@ def run_job(
         st.session_state[state_key] = job["id"]
         if st.query_params.get(url_param) != job["id"]:
             st.query_params[url_param] = job["id"]
-        job = _follow(api, job, key)
+        job = follow([job], api.job, key=key, text=lambda jobs: _progress_text(jobs[0]),
+                     cancel=api.cancel)[0]
         return _outcome(job, key)
     except ApiError as exc:
         st.error(str(exc))
@@ -550,21 +566,27 @@ def _current_job(
     return None
 
 
-def _follow(api: ApiClient, job: dict, key: str) -> dict:
-    """Poll a queued or running job, drawing its progress, until it stops."""
-    if job["status"] not in ACTIVE:
-        return job
+def follow(items: list[dict], fetch: Callable[[str], dict], *, key: str,
+           text: Callable[[list[dict]], str],
+           cancel: Callable[[str], dict] | None = None) -> list[dict]:
+    """Poll jobs or batches (both have ``id``, ``status`` and ``progress``) until none is
+    queued or running, with one progress bar (their mean progress) and a Cancel button;
+    returns their last records. Every page waits on the service through this."""
+    if not any(i["status"] in ACTIVE for i in items):
+        return items
     bar = st.progress(0.0)
     cancel_slot = st.empty()
-    if cancel_slot.button("Cancel", key=f"cancel_{key}", icon=":material/stop:"):
-        job = api.cancel(job["id"])
-    while job["status"] in ACTIVE:
-        bar.progress(float(job.get("progress") or 0.0), text=_progress_text(job))
+    if cancel is not None and cancel_slot.button("Cancel", key=f"cancel_{key}",
+                                                 icon=":material/stop:"):
+        items = [cancel(i["id"]) if i["status"] in ACTIVE else i for i in items]
+    while any(i["status"] in ACTIVE for i in items):
+        bar.progress(float(np.mean([i.get("progress") or 0.0 for i in items])),
+                     text=text(items))
         time.sleep(POLL_SECONDS)
-        job = api.job(job["id"])
+        items = [fetch(i["id"]) if i["status"] in ACTIVE else i for i in items]
     bar.empty()
     cancel_slot.empty()
-    return job
+    return items
 
 
 def _progress_text(job: dict) -> str:

@@ -13,6 +13,8 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
+from frontend.figures.images import as_image
+
 COLORS = qualitative.Plotly
 MAX_FEATURE_ROWS = 4
 
@@ -179,12 +181,12 @@ def saliency_masks(labels: list[str], masks: list[dict | None]) -> go.Figure:
     for k, result in enumerate(masks):
         if not result:
             continue
-        mask = _image(result["mask"])
-        fig.add_trace(go.Heatmap(z=mask * _image(result["input"]), colorscale="Greys",
+        mask = as_image(result["mask"], how="sum")
+        fig.add_trace(go.Heatmap(z=mask * as_image(result["input"]), colorscale="Greys",
                                  reversescale=True, showscale=False, zmin=0,
                                  hovertemplate="row %{y}, col %{x}<br>kept input %{z:.3f}"
                                                "<extra></extra>"), row=1, col=k + 1)
-        ig = _image(result["ig"])
+        ig = as_image(result["ig"], how="sum")
         bound = float(np.abs(ig).max()) or 1.0
         fig.add_trace(go.Heatmap(z=ig, colorscale="RdBu", zmin=-bound, zmax=bound,
                                  showscale=False,
@@ -195,12 +197,6 @@ def saliency_masks(labels: list[str], masks: list[dict | None]) -> go.Figure:
     fig.update_layout(title="SMT saliency mask (input kept by the mask) next to IG",
                       height=520, margin={"t": 100, "b": 10})
     return fig
-
-
-def _image(values: list) -> np.ndarray:
-    """An input-shaped array as one 2-D image (channels summed)."""
-    arr = np.asarray(values, dtype=float)
-    return arr.reshape(-1, *arr.shape[-2:]).sum(0) if arr.ndim >= 2 else arr[None]
 
 
 def density_summary(labels: list[str], summaries: list[dict]) -> go.Figure:

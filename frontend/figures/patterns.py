@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+
+from frontend.figures.images import as_image
 
 
 def rule_neurons(result: dict, index: int) -> go.Figure:
@@ -26,18 +27,13 @@ def rule_neurons(result: dict, index: int) -> go.Figure:
     return fig
 
 
-def _image(values, shape: list[int]) -> np.ndarray:
-    arr = np.asarray(values, dtype=float).reshape(shape)
-    return arr.reshape(-1, *arr.shape[-2:]).mean(0) if arr.ndim >= 2 else arr.reshape(1, -1)
-
-
 def covered_inputs(result: dict, index: int) -> go.Figure:
     """Thumbnails of held-out inputs the rule covers, plus its counterexample if any."""
     rule = result["rules"][index]
     shape = result["input_shape"]
-    images = [(_image(v, shape), "covered") for v in rule["covered"]]
+    images = [(as_image(v, shape), "covered") for v in rule["covered"]]
     if rule["counterexample"] is not None:
-        images.append((_image(rule["counterexample"], shape),
+        images.append((as_image(rule["counterexample"], shape),
                        f"counterexample: class {rule['counterexample_class']}"))
     if not images:
         return go.Figure().update_layout(title="No held-out input is covered", height=120)

@@ -1,8 +1,6 @@
 """Linear regions: exact pieces along a line, a plane region map, exact IG vs Captum, and the
 density of pieces across sibling models (standard vs adversarially/certifiably trained)."""
 
-import time
-
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -36,6 +34,12 @@ def _measured_outcome(rows: list[dict]) -> str:
                    "\"more linear\" claim does not hold for all of them on this input.")
 
 
+def _select(col, label: str, analysis: str, field: str) -> str:
+    """A selectbox over the options the API serves for ``field`` (default preselected)."""
+    options, default = ui.choices(analysis, field)
+    return col.selectbox(label, options, index=default)
+
+
 @st.cache_data(max_entries=16, show_spinner="drawing the region map")
 def _plane_figure(job_id: str) -> go.Figure:
     """The region map of a finished plane job (built once per job: about a second for
@@ -44,16 +48,11 @@ def _plane_figure(job_id: str) -> go.Figure:
 
 
 def _density_rows(models: list[dict], input_id: str, params: dict) -> list[dict]:
-    """One line job per model (cached by the service), polled with one progress bar."""
+    """One line job per model (cached by the service), followed with one progress bar."""
     api = ui.client()
-    bar = st.progress(0.0, text=f"linear regions on {len(models)} models")
     jobs = [api.submit("linear_regions_line", m["id"], input_id, params) for m in models]
-    while any(j["status"] in ("queued", "running") for j in jobs):
-        bar.progress(float(np.mean([j.get("progress") or 0.0 for j in jobs])),
-                     text=f"linear regions on {len(models)} models")
-        time.sleep(0.5)
-        jobs = [api.job(j["id"]) if j["status"] in ("queued", "running") else j for j in jobs]
-    bar.empty()
+    jobs = ui.follow(jobs, api.job, key="lr_robust_jobs", cancel=api.cancel,
+                     text=lambda _: f"linear regions on {len(models)} models")
     rows = []
     for model, job in zip(models, jobs, strict=True):
         if job["status"] != "finished":
@@ -87,7 +86,7 @@ with line_tab:
                                       "input": "input A to input B"}.get)
     params: dict = {"mode": mode}
     if mode == "direction":
-        params["direction"] = cols[1].selectbox("Direction", ["fgsm", "pgd", "random"])
+        params["direction"] = _select(cols[1], "Direction", "linear_regions_line", "direction")
         params["length"] = cols[2].number_input("Length (L-inf)", 0.01, 10.0, 0.3, step=0.05)
         params["random_directions"] = int(cols[3].number_input("Random lines", 0, 16, 4))
     else:
@@ -114,9 +113,9 @@ with line_tab:
 with plane_tab:
     cols = st.columns(4)
     plane_params = {
-        "shape": cols[0].selectbox("Shape", ["parallelogram", "triangle"]),
-        "first": cols[1].selectbox("First side", ["fgsm", "pgd", "random"]),
-        "second": cols[2].selectbox("Second side", ["random", "fgsm", "pgd"]),
+        "shape": _select(cols[0], "Shape", "linear_regions_plane", "shape"),
+        "first": _select(cols[1], "First side", "linear_regions_plane", "first"),
+        "second": _select(cols[2], "Second side", "linear_regions_plane", "second"),
         "length": cols[3].number_input("Side length (L-inf)", 0.01, 10.0, 0.1, step=0.05),
     }
     result = ui.run_job("linear_regions_plane", params=plane_params, key="lr_plane")
@@ -134,8 +133,8 @@ with plane_tab:
 with ig_tab:
     cols = st.columns(3)
     ig_params: dict = {
-        "baseline": cols[0].selectbox("Baseline", ["zeros", "input"]),
-        "method": cols[1].selectbox("Captum method", ["gausslegendre", "riemann_trapezoid"]),
+        "baseline": _select(cols[0], "Baseline", "linear_regions_ig", "baseline"),
+        "method": _select(cols[1], "Captum method", "linear_regions_ig", "method"),
     }
     if ig_params["baseline"] == "input":
         ig_params["baseline_input_id"] = cols[2].text_input("Baseline input id",

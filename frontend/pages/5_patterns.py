@@ -1,6 +1,5 @@
 """Pattern rules: on/off neuron patterns that imply a decision, mined, verified, applied."""
 
-import time
 from collections import Counter
 
 import numpy as np
@@ -81,18 +80,9 @@ def verify_all(model_id: str, result: dict, settings: dict) -> list[dict | None]
     if state is None:
         return None
     if state["items"] is None:
-        bar = st.progress(0.0)
-        cancel_slot = st.empty()
-        if cancel_slot.button("Cancel", key="cancel_verify_all", icon=":material/stop:"):
-            api.cancel_batch(state["id"])
-        batch = api.batch(state["id"])
-        while batch["status"] != "finished":
-            bar.progress(float(batch["progress"]),
-                         text=f"Verifying {batch['total']} rules: {batch['message']}")
-            time.sleep(ui.POLL_SECONDS)
-            batch = api.batch(state["id"])
-        bar.empty()
-        cancel_slot.empty()
+        ui.follow([api.batch(state["id"])], api.batch, key="verify_all",
+                  cancel=api.cancel_batch,
+                  text=lambda b: f"Verifying {b[0]['total']} rules: {b[0]['message']}")
         state["items"] = api.batch_result(state["id"])["items"]
     items = iter(state["items"])
     return [None if s is None else next(items) for s in specs]
@@ -105,6 +95,11 @@ def dataset_source(model_id: str) -> tuple[bool, str | None]:
                            "y), .npy of inputs, or .csv with one input per row (labels are "
                            "not needed: rules explain the network's own decisions)")
     if source == "gallery":
+        if not any(i.get("source") == "gallery" for i in ui.client().inputs(model_id)):
+            st.warning("This model has no gallery to mine rules from (its card names no "
+                       "dataset with one). Upload a dataset file here, or give the model a "
+                       "card with its dataset in the sidebar.")
+            return False, None
         return True, None
     upload = st.file_uploader("Dataset file", type=["npz", "npy", "csv"],
                               key=f"pattern_dataset_{model_id}")
