@@ -423,11 +423,20 @@ T = TypeVar("T")
 class KindTable(Generic[T]):
     """What one analysis needs of each layer kind (auto_LiRPA's per-operator methods, kept
     beside the analysis): found by the layer's class or its nearest registered base class, so
-    one ``AffineLayer`` entry serves every affine kind unless a subclass has its own."""
+    one ``AffineLayer`` entry serves every affine kind unless a subclass has its own.
 
-    def __init__(self, missing: str, entries: Mapping[type[Layer], T] | None = None) -> None:
+    A table that cannot handle a kind says so by name (``refuses``); every table is listed in
+    ``KindTable.tables``, so a test can demand that each one covers or refuses every kind.
+    """
+
+    tables: ClassVar[list[KindTable]] = []
+
+    def __init__(self, missing: str, entries: Mapping[type[Layer], T] | None = None,
+                 refuses: tuple[type[Layer], ...] = ()) -> None:
         self.missing = missing  # the error's words before the kind, e.g. "no MILP encoding for"
         self._entries: dict[type, T] = dict(entries or {})
+        self.refuses = frozenset(refuses)
+        KindTable.tables.append(self)
 
     def register(self, kind: type[Layer]) -> Callable[[T], T]:
         """Decorator: ``value`` is the entry for ``kind``."""
@@ -438,11 +447,20 @@ class KindTable(Generic[T]):
 
         return add
 
-    def __call__(self, layer: Layer) -> T:
-        for cls in type(layer).__mro__:
+    def entry(self, kind: type[Layer]) -> T | None:
+        """The entry for layers of class ``kind`` (None: refused, or missing)."""
+        if kind in self.refuses:
+            return None
+        for cls in kind.__mro__:
             if cls in self._entries:
                 return self._entries[cls]
-        raise UnsupportedModelError(f"{self.missing} layer kind '{layer.kind}'")
+        return None
+
+    def __call__(self, layer: Layer) -> T:
+        value = self.entry(type(layer))
+        if value is None:
+            raise UnsupportedModelError(f"{self.missing} layer kind '{layer.kind}'")
+        return value
 
 
 def _param(t: Tensor | None) -> nn.Parameter | None:

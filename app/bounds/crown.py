@@ -11,6 +11,9 @@ bounds (so CROWN is never looser than IBP on any node).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -19,6 +22,10 @@ from app.layers import Add, AffineLayer, KindTable, MaxPool2d, ReLU
 from app.network import INPUT, Network
 
 Bounds = tuple[Tensor, Tensor]
+# (layer, coefficients [B, m, *out_shape], input shapes, input bounds, out_shape) ->
+# (coefficients on each input, constant [B, m]); the layer is the entry's own kind
+BackwardRule = Callable[[Any, Tensor, list, list[Bounds], tuple[int, ...]],
+                        tuple[list[Tensor], Tensor]]
 
 
 class CrownAnalysis(BoundAnalysis):
@@ -196,5 +203,5 @@ def _add(_layer: Add, a: Tensor, _s: list, _b: list,
 
 
 _RELAXED = (ReLU, MaxPool2d)
-_BACKWARD = KindTable("no bound rule for",
+_BACKWARD: KindTable[BackwardRule] = KindTable("no bound rule for",
                       {AffineLayer: _affine, ReLU: _relu, MaxPool2d: _maxpool, Add: _add})

@@ -9,6 +9,9 @@ interval bounds, which keeps DeepZ sound and never looser than IBP.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -17,6 +20,8 @@ from app.layers import Add, AffineLayer, KindTable, MaxPool2d, ReLU
 from app.network import INPUT, Network
 
 Zonotope = tuple[Tensor, Tensor]  # center [B, *shape], generators [B, G, *shape]
+# (layer, input zonotopes, input bounds) -> output zonotope; the layer is the entry's kind
+ForwardRule = Callable[[Any, list[Zonotope], list], Zonotope]
 
 
 class DeepZAnalysis(BoundAnalysis):
@@ -117,5 +122,5 @@ def _pad(g: Tensor, n: int) -> Tensor:
     return torch.cat([g, extra], 1)
 
 
-_FORWARD = KindTable("no bound rule for",
+_FORWARD: KindTable[ForwardRule] = KindTable("no bound rule for",
                      {AffineLayer: _affine, ReLU: _relu, MaxPool2d: _maxpool, Add: _add})
