@@ -22,9 +22,12 @@ counts. Only chains of affine layers and ReLUs (``milp.supports``) are covered.
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -38,6 +41,7 @@ BATCH = 256  # sub-domains taken per step (each gives two children)
 MAX_DOMAINS = 200_000  # open sub-domains before giving up (unknown)
 STEPS = 15  # alpha/beta steps per batch
 ROOT_STEPS = 60
+MAX_SPLITS = 3  # neurons split at once per sub-domain
 SLACK = 1e-9  # relative to the largest magnitude a bound's terms reach
 
 
@@ -62,6 +66,7 @@ class BabResult:
     domains: int
     leaves: int
     point: Tensor | None = None
+    case: int | None = None  # index into the cases given, of the one ``point`` meets
 
 
 def chain(net: Network, lo: Tensor, hi: Tensor, spec: Tensor, offset: Tensor,
@@ -99,21 +104,22 @@ def chain(net: Network, lo: Tensor, hi: Tensor, spec: Tensor, offset: Tensor,
 
 
 class _Bounder:
-    """Batched beta-CROWN bounds of ``rows . y - rhs`` for sub-domains of one case."""
+    """Batched beta-CROWN bounds of ``rows . y - rhs`` for sub-domains of cases sharing
+    one box (``rows`` ``[C, m, n_out]``, each sub-domain of case ``case[d]``)."""
 
     def __init__(self, ch: Chain, lo: Tensor, hi: Tensor, rows: Tensor, rhs: Tensor) -> None:
         self.ch, self.lo, self.hi = ch, lo.reshape(-1), hi.reshape(-1)
-        self.top = rows @ ch.weights[-1]  # [m, n_{K-1}]
-        self.top_const = rows @ ch.biases[-1] - rhs  # [m]
+        self.top = rows @ ch.weights[-1]  # [C, m, n_{K-1}]
+        self.top_const = rows @ ch.biases[-1] - rhs  # [C, m]
 
-    def bound(self, splits: list[Tensor], alpha: list[Tensor], beta: list[Tensor]
-              ) -> tuple[Tensor, Tensor, list[Tensor], Tensor]:
+    def bound(self, case: Tensor, splits: list[Tensor], alpha: list[Tensor],
+              beta: list[Tensor]) -> tuple[Tensor, Tensor, list[Tensor], Tensor]:
         """``(bound [D, m], x* [D, m, n_in], lambda per ReLU [D, m, n_k], scale [D, m])``:
         the lower bound per sub-domain and row, the input where its linear bound is least,
         the coefficients on each ReLU's output, and the terms' largest magnitude."""
-        ch, d = self.ch, splits[0].shape[0]
-        lam = self.top.expand(d, -1, -1)
-        const = self.top_const.expand(d, -1)
+        ch = self.ch
+        lam = self.top[case]
+        const = self.top_const[case]
         scale = const.abs()
         lambdas: list[Tensor] = []
         for k in range(len(ch.lower) - 1, -1, -1):
@@ -140,8 +146,8 @@ class _Bounder:
         scale = torch.maximum(scale, lam.abs() @ torch.maximum(self.lo.abs(), self.hi.abs()))
         return bound, point.detach(), lambdas, scale.detach()
 
-    def optimise(self, splits: list[Tensor], alpha: list[Tensor], beta: list[Tensor],
-                 steps: int) -> tuple[Tensor, Tensor, list[Tensor]]:
+    def optimise(self, case: Tensor, splits: list[Tensor], alpha: list[Tensor],
+                 beta: list[Tensor], steps: int) -> tuple[Tensor, Tensor, list[Tensor]]:
         """Best sound bound ``[D]`` (max over rows, lowered by the slack) over ``steps``
         projected Adam steps on ``alpha``/``beta`` (updated in place), with ``x*`` and the
         lambdas of the best row of the last step."""
@@ -150,7 +156,7 @@ class _Bounder:
         best = None
         with torch.enable_grad():
             for step in range(steps + 1):
-                bound, point, lambdas, scale = self.bound(splits, alpha, beta)
+                bound, point, lambdas, scale = self.bound(case, splits, alpha, beta)
                 safe = (bound.detach() - SLACK * (1 + scale)).amax(1)
                 best = safe if best is None else torch.maximum(best, safe)
                 if step == steps or bool((best > 0).all()):
@@ -170,65 +176,69 @@ class _Bounder:
         return best, point[pick, row], [lam[pick, row] for lam in lambdas]
 
 
-def _branch(ch: Chain, splits: list[Tensor], lambdas: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """Per sub-domain the (layer, neuron) to split: the free unstable neuron whose upper
-    chord's intercept, times the weight the bound puts on it, costs the bound most."""
+def _branch(ch: Chain, splits: list[Tensor], lambdas: list[Tensor], k: int
+            ) -> tuple[Tensor, Tensor]:
+    """Per sub-domain the ``k`` (layer, neuron) pairs ``[D, k]`` to split: the free unstable
+    neurons whose upper chord's intercept, times the weight the bound puts on it, costs the
+    bound most (layer ``-1``: no free unstable neuron left)."""
     scores = []
-    for k, lam in enumerate(lambdas):
-        lo, up = ch.lower[k], ch.upper[k]
-        free = (splits[k] == 0) & (lo < 0) & (up > 0)
+    for i, lam in enumerate(lambdas):
+        lo, up = ch.lower[i], ch.upper[i]
+        free = (splits[i] == 0) & (lo < 0) & (up > 0)
         gap = (-lo * up / (up - lo).clamp(min=1e-30)).clamp(min=0)
         score = (lam.clamp(max=0).abs() + 1e-3 * lam.abs()) * gap + 1e-9 * gap
         scores.append(torch.where(free, score, torch.full_like(score, -1.0)))
     flat = torch.cat(scores, 1)
-    best = flat.argmax(1)
+    value, best = flat.topk(min(k, flat.shape[1]), 1)
     sizes = torch.tensor([s.shape[1] for s in scores])
     ends = sizes.cumsum(0)
     layer = torch.bucketize(best, ends, right=True)
     neuron = best - (ends - sizes)[layer]
-    ok = flat.gather(1, best[:, None])[:, 0] >= 0
-    return torch.where(ok, layer, -1), neuron
+    return torch.where(value >= 0, layer, -1), neuron
 
 
-def refute(net: Network, case: Case, ch: Chain, deadline: float,
-           progress: ProgressFn | None = None,
-           check=None) -> BabResult:
-    """Refute ``case`` by ReLU-split branch and bound until ``deadline`` (monotonic s).
+def refute(net: Network, cases: list[Case], ch: Chain, deadline: float,
+           progress: ProgressFn | None, check: Callable[[int, Tensor], bool]) -> BabResult:
+    """Refute every one of ``cases`` (one shared box, the same number of rows) by ReLU-split
+    branch and bound until ``deadline`` (monotonic s); their sub-domains share batches.
 
-    ``check(x)`` says whether an input meets the case by a forward pass (the caller's own
-    check, so a counterexample is never reported unchecked)."""
-    lo = torch.as_tensor(case.lo, dtype=torch.float64)
-    hi = torch.as_tensor(case.hi, dtype=torch.float64)
-    rows = torch.as_tensor(case.rows, dtype=torch.float64)
-    rhs = torch.as_tensor(case.rhs, dtype=torch.float64)
+    ``check(k, x)`` says whether input ``x`` meets case ``k`` by a forward pass (the caller's
+    own check, so a counterexample is never reported unchecked)."""
+    lo = torch.as_tensor(cases[0].lo, dtype=torch.float64)
+    hi = torch.as_tensor(cases[0].hi, dtype=torch.float64)
+    rows = torch.as_tensor(np.stack([c.rows for c in cases]), dtype=torch.float64)
+    rhs = torch.as_tensor(np.stack([c.rhs for c in cases]), dtype=torch.float64)
     bounder = _Bounder(ch, lo, hi, rows, rhs)
     net64 = float64(net)
-    m = rows.shape[0]
+    c, m = rows.shape[:2]
     sizes = [t.shape[0] for t in ch.lower]
-    splits = [torch.zeros(1, n, dtype=torch.int8) for n in sizes]
-    alpha = [(u > -low).to(torch.float64).expand(1, m, -1).clone()
+    case = torch.arange(c)
+    splits = [torch.zeros(c, n, dtype=torch.int8) for n in sizes]
+    alpha = [(u > -low).to(torch.float64).expand(c, m, -1).clone()
              for low, u in zip(ch.lower, ch.upper, strict=True)]
-    beta = [torch.zeros(1, m, n, dtype=torch.float64) for n in sizes]
-    bound, point, lambdas = bounder.optimise(splits, alpha, beta, ROOT_STEPS)
-    domains, leaves = 1, 0
-    pool = None  # open sub-domains: (bound, splits, alpha, beta, point, layer, neuron)
+    beta = [torch.zeros(c, m, n, dtype=torch.float64) for n in sizes]
+    bound, point, lambdas = bounder.optimise(case, splits, alpha, beta, ROOT_STEPS)
+    domains, leaves, rounds = c, 0, 0
+    pool = None  # open sub-domains: (bound, case, splits, alpha, beta, layer, neuron)
     while True:
-        found = _counterexample(net64, rows, rhs, lo, hi, point, bound, check)
+        found = _counterexample(net64, rows, rhs, lo, hi, case, point, bound, check,
+                                pgd=rounds % 4 == 0)
         if found is not None:
-            return BabResult("counterexample", "a sub-domain's point meets the case",
-                             domains, leaves, found)
+            return BabResult("counterexample", "a sub-domain's point meets a case",
+                             domains, leaves, *found)
+        rounds += 1
         open_ = bound <= 0
         leaves += int((~open_).sum())
-        layer, neuron = _branch(ch, splits, lambdas)
+        layer, neuron = _branch(ch, splits, lambdas, MAX_SPLITS)
         keep = open_.nonzero()[:, 0]
-        batch = (bound[keep], [s[keep] for s in splits], [a[keep] for a in alpha],
-                 [b[keep] for b in beta], point[keep], layer[keep], neuron[keep])
+        batch = (bound[keep], case[keep], [s[keep] for s in splits], [a[keep] for a in alpha],
+                 [b[keep] for b in beta], layer[keep], neuron[keep])
         pool = batch if pool is None else _cat(pool, batch)
         n_open = pool[0].shape[0]
         if n_open == 0:
             return BabResult("refuted", f"all {leaves} leaves bounded above zero",
                              domains, leaves)
-        if bool((pool[5] < 0).any()):
+        if bool((pool[5][:, 0] < 0).any()):
             return BabResult("unknown", "a sub-domain with every unstable ReLU split is not "
                                         "bounded above zero", domains, leaves)
         if time.monotonic() > deadline:
@@ -242,49 +252,67 @@ def refute(net: Network, case: Case, ch: Chain, deadline: float,
         take, rest = order[:BATCH], order[BATCH:]
         parent = tuple(_index(t, take) for t in pool)
         pool = tuple(_index(t, rest) for t in pool)
-        splits, alpha, beta = _children(parent)
+        # several neurons at once while few sub-domains are open (fewer, fuller batches)
+        k = max(1, min(MAX_SPLITS, int(math.log2(BATCH / take.numel()))))
+        k = min(k, int((parent[5] >= 0).sum(1).min()))
+        case, splits, alpha, beta = _children(parent, k)
         domains += splits[0].shape[0]
-        bound, point, lambdas = bounder.optimise(splits, alpha, beta, STEPS)
+        bound, point, lambdas = bounder.optimise(case, splits, alpha, beta, STEPS)
 
 
-def _children(parent) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-    """Two children per parent: its branching neuron fixed active, then inactive."""
-    _, splits, alpha, beta, _, layer, neuron = parent
-    n = layer.shape[0]
-    splits = [torch.cat([s, s]) for s in splits]
-    alpha = [torch.cat([a, a]).detach().clone() for a in alpha]
-    beta = [torch.cat([b, b]).detach().clone() for b in beta]
-    rows = torch.arange(2 * n)
-    sign = torch.cat([torch.ones(n), -torch.ones(n)]).to(torch.int8)
-    layer2, neuron2 = torch.cat([layer, layer]), torch.cat([neuron, neuron])
-    for k in range(len(splits)):
-        here = layer2 == k
-        splits[k][rows[here], neuron2[here]] = sign[here]
-    return splits, alpha, beta
+def _children(parent, k: int) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+    """``2^k`` children per parent: its first ``k`` branching neurons fixed active or
+    inactive in every combination (a neuron with layer ``-1`` is none: its copies repeat)."""
+    _, case, splits, alpha, beta, layer, neuron = parent
+    layer, neuron = layer[:, :k], neuron[:, :k]
+    for j in range(k):
+        n = splits[0].shape[0]
+        case = torch.cat([case, case])
+        splits = [torch.cat([s, s]) for s in splits]
+        alpha, beta = [torch.cat([a, a]) for a in alpha], [torch.cat([b, b]) for b in beta]
+        layer, neuron = torch.cat([layer, layer]), torch.cat([neuron, neuron])
+        rows = torch.arange(2 * n)
+        sign = torch.cat([torch.ones(n), -torch.ones(n)]).to(torch.int8)
+        for i in range(len(splits)):
+            here = layer[:, j] == i
+            splits[i][rows[here], neuron[here, j]] = sign[here]
+    return (case, splits, [a.detach().clone() for a in alpha],
+            [b.detach().clone() for b in beta])
 
 
 def _counterexample(net64: Network, rows: Tensor, rhs: Tensor, lo: Tensor, hi: Tensor,
-                    point: Tensor, bound: Tensor, check) -> Tensor | None:
-    """A checked counterexample among the sub-domains' points and PGD from the worst few."""
-    worst = point[bound.argsort()[:8]].clone()
-    for x in (point, _pgd(net64, rows, rhs, lo, hi, worst)):
+                    case: Tensor, point: Tensor, bound: Tensor, check, pgd: bool
+                    ) -> tuple[Tensor, int] | None:
+    """A checked ``(input, case)`` among the sub-domains' points and (with ``pgd``) PGD
+    from the worst few."""
+    worst = bound.argsort()[:8]
+    tries = [(point, case)]
+    if pgd:
+        tries.append((_pgd(net64, rows[case[worst]], rhs[case[worst]], lo, hi,
+                           point[worst].clone()), case[worst]))
+    for x, k in tries:
         with torch.no_grad():
-            viol = (net64(x.reshape(-1, *net64.input_shape)) @ rows.T - rhs).amax(1)
+            viol = _violation(net64, rows[k], rhs[k], x)
         for i in (viol <= 0).nonzero()[:, 0].tolist()[:4]:
-            if check(x[i]):
-                return x[i]
+            if check(int(k[i]), x[i]):
+                return x[i], int(k[i])
     return None
+
+
+def _violation(net64: Network, rows: Tensor, rhs: Tensor, x: Tensor) -> Tensor:
+    """``max_j (c_j y - d_j)`` per point, each with its own rows ``[D, m, n_out]``."""
+    y = net64(x.reshape(-1, *net64.input_shape))
+    return ((rows @ y.unsqueeze(-1)).squeeze(-1) - rhs).amax(1)
 
 
 def _pgd(net64: Network, rows: Tensor, rhs: Tensor, lo: Tensor, hi: Tensor, x: Tensor,
          steps: int = 10) -> Tensor:
-    """Projected sign-gradient descent on ``max_k (c_k y - d_k)`` inside the box."""
+    """Projected sign-gradient descent on each point's violation inside the box."""
     step = (hi - lo) / 8
     for i in range(steps):
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():
-            viol = (net64(x.reshape(-1, *net64.input_shape)) @ rows.T - rhs).amax(1)
-            (grad,) = torch.autograd.grad(viol.sum(), x)
+            (grad,) = torch.autograd.grad(_violation(net64, rows, rhs, x).sum(), x)
         x = torch.minimum(torch.maximum(x - step * (1 - i / steps) * grad.sign(), lo), hi)
     return x.detach()
 

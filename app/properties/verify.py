@@ -117,38 +117,49 @@ def verify(net: Network, prop: VnnProperty, method: str = "bab", time_limit: flo
 
 def _by_relu_splits(net: Network, prop: VnnProperty, status: list[str], deadline: float,
                     done, progress: ProgressFn | None) -> Verdict:
-    """The open cases of a high-dimensional property by ReLU-split branch and bound, each
-    case's root bounds by alpha-CROWN on its box; a case the search cannot close (every
-    unstable ReLU split) goes to the MILP with the time left."""
+    """The open cases of a high-dimensional property by ReLU-split branch and bound: cases
+    sharing a box (and row count) share root bounds (alpha-CROWN for all their rows) and
+    batches. A search that cannot close (every unstable ReLU split) goes to the MILP."""
     domains = leaves = 0
-    for k in [k for k, s in enumerate(status) if s == "open"]:
-        case = prop.cases[k]
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return done("unknown", "time limit reached", boxes=domains)
-        report(progress, 0.3, f"ReLU branch and bound on case {k + 1}")
-        lo, hi = _box(net, case)
-        spec = torch.as_tensor(case.rows, dtype=torch.float64)[None]
-        offset = -torch.as_tensor(case.rhs, dtype=torch.float64)[None]
-        ch = relu_bab.chain(net, lo, hi, spec, offset, min(10.0, left / 4))
-        res = relu_bab.refute(net, case, ch, deadline, progress,
-                              lambda x, c=case: check_counterexample(net, c, x))
-        domains, leaves = domains + res.domains, leaves + res.leaves
-        if res.status == "counterexample":
-            status[k] = "counterexample"
-            found = _found(net, case, res.point)
-            return done("counterexample", f"case {k + 1} is met by a point of ReLU branch "
-                                          "and bound (forward pass)", counterexample=found[0],
-                        output=found[1], case=k, boxes=domains)
-        if res.status == "unknown":
-            if time.monotonic() < deadline - 1 and "split" in res.reason:
-                return _by_milp(net, prop, status, deadline, done)
-            return done("unknown", f"case {k + 1}: {res.reason}", boxes=domains)
-        status[k] = "refuted"
+    for group in _same_box(prop.cases, status):
+        for same in _by_row_count(prop.cases, group):
+            cases = [prop.cases[k] for k in same]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return done("unknown", "time limit reached", boxes=domains)
+            report(progress, 0.3, f"ReLU branch and bound on {len(cases)} cases")
+            lo, hi = _box(net, cases[0])
+            spec = torch.as_tensor(np.concatenate([c.rows for c in cases]))[None].double()
+            offset = -torch.as_tensor(np.concatenate([c.rhs for c in cases]))[None].double()
+            ch = relu_bab.chain(net, lo, hi, spec, offset, min(10.0, left / 6))
+            res = relu_bab.refute(net, cases, ch, deadline, progress,
+                                  lambda j, x, cs=cases: check_counterexample(net, cs[j], x))
+            domains, leaves = domains + res.domains, leaves + res.leaves
+            if res.status == "counterexample":
+                k = same[res.case]
+                status[k] = "counterexample"
+                found = _found(net, prop.cases[k], res.point)
+                return done("counterexample", f"case {k + 1} is met by a point of ReLU branch "
+                                              "and bound (forward pass)",
+                            counterexample=found[0], output=found[1], case=k, boxes=domains)
+            if res.status == "unknown":
+                if time.monotonic() < deadline - 1 and "split" in res.reason:
+                    return _by_milp(net, prop, status, deadline, done)
+                return done("unknown", res.reason, boxes=domains)
+            for k in same:
+                status[k] = "refuted"
     return done("proven", f"all {len(status)} cases refuted: bounds, then ReLU-split branch "
                           f"and bound over {domains} sub-domains; each of the {leaves} leaves "
                           "(a set of ReLUs fixed active/inactive) has a positive beta-CROWN "
                           "lower bound of some row", boxes=domains)
+
+
+def _by_row_count(cases: list[Case], group: list[int]) -> list[list[int]]:
+    """``group`` split by the cases' number of output rows (batched together)."""
+    out: dict[int, list[int]] = {}
+    for k in group:
+        out.setdefault(cases[k].rows.shape[0], []).append(k)
+    return list(out.values())
 
 
 def _by_milp(net: Network, prop: VnnProperty, status: list[str], deadline: float,
