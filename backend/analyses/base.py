@@ -89,6 +89,18 @@ class JobContext:
         default=None, repr=False
     )
 
+    @property
+    def input_range(self) -> tuple[float, float]:
+        """The card's ``input_range`` (every value an input may take), ``(0, 1)`` when the card
+        has none: the analyses' one default for pixel inputs."""
+        lo, hi = (self.card.get("input_range") or [0.0, 1.0])[:2]
+        return float(lo), float(hi)
+
+    @property
+    def class_names(self) -> list:
+        """The card's ``classes``, or the output indices when it names none."""
+        return self.card.get("classes") or list(range(self.net.num_outputs))
+
     def load_input(self, input_id: str) -> tuple[torch.Tensor, int | None]:
         """Another input of this model by id: ``(x, label)``, ``x`` in the model's shape."""
         if self._load_input is None:
@@ -110,6 +122,20 @@ class JobContext:
         if self._load_dataset is None:
             raise LookupError("no dataset store in this context")
         return self._load_dataset(dataset_id)
+
+
+def serialise(result: Any, *, exclude: tuple[str, ...] = (), rename: dict[str, str] | None = None,
+              properties: tuple[str, ...] = (), **extra: Any) -> dict:
+    """An engine result (a dataclass) as a job's JSON, in one place for every analysis: its
+    fields as they are (``jsonable``) less ``exclude`` (bulk the pages never read), keys
+    renamed by ``rename`` (names the pages already use), the computed ``properties`` named,
+    then the job's own keys (``extra``: context such as class names; they win a clash)."""
+    rename = rename or {}
+    out = {rename.get(f.name, f.name): getattr(result, f.name)
+           for f in dataclasses.fields(result) if f.name not in exclude}
+    out.update({rename.get(p, p): getattr(result, p) for p in properties})
+    out.update(extra)
+    return jsonable(out)
 
 
 def jsonable(obj: Any) -> Any:

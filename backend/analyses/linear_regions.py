@@ -14,6 +14,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from app.analyses.linear_regions import (
+    ExactLine,
     compare_with_captum,
     endpoint,
     exact_line,
@@ -21,7 +22,7 @@ from app.analyses.linear_regions import (
     linearity_study,
 )
 from app.errors import InvalidInputError
-from backend.analyses.base import Analysis, JobContext, jsonable, register
+from backend.analyses.base import Analysis, JobContext, jsonable, register, serialise
 
 Direction = Literal["fgsm", "pgd", "random"]
 
@@ -52,10 +53,6 @@ class IGParams(BaseModel):
     method: Literal["gausslegendre", "riemann_trapezoid"] = "gausslegendre"
 
 
-def _classes(ctx: JobContext) -> list:
-    return ctx.card.get("classes") or list(range(ctx.net.num_outputs))
-
-
 def _other_input(ctx: JobContext, input_id: str | None) -> torch.Tensor:
     if not input_id:
         raise InvalidInputError("choose the second input (other_input_id)")
@@ -63,13 +60,11 @@ def _other_input(ctx: JobContext, input_id: str | None) -> torch.Tensor:
     return x
 
 
-def _line_dict(line) -> dict:
-    return {
-        "ts": line.ts, "logits": line.logits, "pattern_ids": line.pattern_ids,
-        "classes": line.classes, "class_ts": line.class_ts, "class_labels": line.class_labels,
-        "num_pieces": line.num_pieces, "num_patterns": int(line.pattern_ids.max()) + 1,
-        "length": line.length, "density": line.density,
-    }
+def _line_dict(line: ExactLine) -> dict:
+    """The line's fields but the end points and the per-piece ReLU bits (large, unread)."""
+    return serialise(line, exclude=("start", "end", "relu_pattern"),
+                     properties=("num_pieces", "length", "density"),
+                     num_patterns=int(line.pattern_ids.max()) + 1)
 
 
 def run_line(ctx: JobContext, params: LineParams) -> dict:
@@ -79,7 +74,7 @@ def run_line(ctx: JobContext, params: LineParams) -> dict:
     else:
         end = endpoint(ctx.net, ctx.x, params.direction, params.length, seed=params.seed)
     line = exact_line(ctx.net, ctx.x, end, progress=lambda f, m: ctx.progress(0.5 * f, m))
-    result = {"mode": params.mode, "direction": params.direction, "classes": _classes(ctx),
+    result = {"mode": params.mode, "direction": params.direction, "classes": ctx.class_names,
               "line": _line_dict(line)}
     if params.mode == "direction" and params.random_directions:
         study = linearity_study(ctx.net, ctx.x, params.length,
@@ -106,13 +101,12 @@ def run_plane(ctx: JobContext, params: PlaneParams) -> dict:
     p1 = endpoint(ctx.net, ctx.x, params.first, params.length, seed=params.seed)
     p2 = endpoint(ctx.net, ctx.x, params.second, params.length, seed=params.seed + 1)
     plane = exact_plane(ctx.net, ctx.x, p1, p2, shape=params.shape, progress=ctx.progress)
-    return jsonable({
-        "shape": plane.shape, "axes": [params.first, params.second], "classes": _classes(ctx),
-        "corners": [ctx.x, p1, p2],  # the plane's origin and axis ends, in input space
-        "polygons": plane.polygons, "pattern_ids": plane.pattern_ids,
-        "polygon_classes": plane.classes, "num_polygons": plane.num_polygons,
-        "num_regions": plane.num_regions,
-    })
+    return serialise(
+        plane, exclude=("p0", "p1", "p2", "relu_pattern"), rename={"classes": "polygon_classes"},
+        properties=("num_polygons", "num_regions"), axes=[params.first, params.second],
+        classes=ctx.class_names,
+        corners=[ctx.x, p1, p2],  # the plane's origin and axis ends, in input space
+    )
 
 
 def run_ig(ctx: JobContext, params: IGParams) -> dict:
@@ -120,17 +114,14 @@ def run_ig(ctx: JobContext, params: IGParams) -> dict:
             else None)
     cmp = compare_with_captum(ctx.net, ctx.x, base, params.target, method=params.method,
                               progress=ctx.progress)
-    return jsonable({
-        "target": cmp.exact.target, "classes": _classes(ctx),
-        "input_shape": list(ctx.net.input_shape),
-        "exact": cmp.exact.attributions, "num_pieces": cmp.exact.num_pieces,
-        "completeness_error": cmp.exact.completeness_error,
-        "f_x": cmp.exact.f_x, "f_baseline": cmp.exact.f_baseline,
-        "exact_seconds": cmp.exact_seconds, "method": cmp.method,
-        "table": [{"steps": s, "relative_error": e, "seconds": t}
-                  for s, e, t in zip(cmp.steps, cmp.rel_errors, cmp.seconds, strict=True)],
-        "captum": {str(s): a for s, a in zip(cmp.steps, cmp.captum, strict=True)},
-    })
+    return serialise(
+        cmp.exact, rename={"attributions": "exact"}, properties=("completeness_error",),
+        classes=ctx.class_names, input_shape=list(ctx.net.input_shape),
+        exact_seconds=cmp.exact_seconds, method=cmp.method,
+        table=[{"steps": s, "relative_error": e, "seconds": t}
+               for s, e, t in zip(cmp.steps, cmp.rel_errors, cmp.seconds, strict=True)],
+        captum={str(s): a for s, a in zip(cmp.steps, cmp.captum, strict=True)},
+    )
 
 
 register(Analysis(

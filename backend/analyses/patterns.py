@@ -56,11 +56,6 @@ class Params(BaseModel):
                           "property is decided for the proven coverage (0: skip)")
 
 
-def _range(ctx: JobContext) -> tuple[float, float]:
-    lo, hi = (ctx.card.get("input_range") or [0.0, 1.0])[:2]
-    return float(lo), float(hi)
-
-
 def run(ctx: JobContext, params: Params) -> dict:
     if params.layer == 0:
         raise InvalidInputError("layer counts ReLU layers from 1 (or from the end with -1)")
@@ -71,7 +66,7 @@ def run(ctx: JobContext, params: Params) -> dict:
         source = "the dataset" if params.dataset_id else "this model's gallery"
         raise InvalidInputError(f"mining needs at least 10 inputs; {source} has {len(xs)}")
     xs = xs.to(ctx.net.dtype)
-    lo, hi = _range(ctx)
+    lo, hi = ctx.input_range
     ctx.progress(0.02, "mining rules")
     mined = mine_rules(ctx.net, xs, layer=params.layer, target=params.target,
                        min_support=params.min_support, min_precision=params.min_precision,
@@ -176,7 +171,7 @@ def verify(ctx: JobContext, params: VerifyParams) -> dict:
         raise InvalidInputError(f"neurons of layer {ordinal} are numbered 0..{width - 1}")
     literals = tuple((n, True) for n in params.on) + tuple((n, False) for n in params.off)
     rule = Rule(ordinal, node, literals, params.target, params.lowest)
-    lo, hi = _range(ctx)
+    lo, hi = ctx.input_range
     if params.domain == "box":
         domain = InputDomain.box(net, lo, hi)
     else:

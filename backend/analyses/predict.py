@@ -9,7 +9,7 @@ from backend.analyses.base import Analysis, JobContext, NoParams, jsonable, regi
 def run(ctx: JobContext, params: NoParams) -> dict:
     ctx.progress(0.1, "running the network")
     result = predict(ctx.net, ctx.x)
-    classes = ctx.card.get("classes") or list(range(len(result.scores)))
+    classes = ctx.class_names
     ctx.progress(1.0, "done")
     return jsonable({
         "predicted": result.predicted,

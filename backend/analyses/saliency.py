@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field
 
 from app.analyses.saliency import smt_mask
-from backend.analyses.base import Analysis, JobContext, jsonable, register
+from backend.analyses.base import Analysis, JobContext, register, serialise
 
 
 class Params(BaseModel):
@@ -32,34 +32,13 @@ def run(ctx: JobContext, params: Params) -> dict:
                    threshold=params.threshold, granularity=params.granularity,
                    timeout_s=params.timeout_s, baseline=params.baseline, solver=params.solver,
                    progress=ctx.progress)
-    classes = ctx.card.get("classes") or list(range(ctx.net.num_outputs))
-    return jsonable({
-        "input_shape": list(ctx.net.input_shape),
-        "input": ctx.x,
-        "label": ctx.label,
-        "target": res.target,
-        "target_class": classes[res.target] if res.target < len(classes) else res.target,
-        "status": res.status,
-        "solver": res.solver,
-        "iterations": res.iterations,
-        "lower_bound": res.lower_bound,
-        "mask_size": res.mask_size,
-        "num_groups": res.num_groups,
-        "patch": res.patch,
-        "groups": res.groups,
-        "threshold": res.threshold,
-        "top_k": res.top_k,
-        "mask": res.mask.astype(float),
-        "saliency": res.saliency,
-        "ranking": res.ranking,
-        "ig": res.ig,
-        "smoothgrad": res.smoothgrad,
-        "neurons": res.neurons,
-        "baseline": res.baseline,
-        "grades": {name: g.as_dict() for name, g in res.grades.items()},
-        "winners": res.winners,
-        "timings": res.timings,
-    })
+    classes = ctx.class_names
+    return serialise(
+        res, exclude=("group_mask",), properties=("mask_size", "num_groups"),
+        input_shape=list(ctx.net.input_shape), input=ctx.x, label=ctx.label,
+        target_class=classes[res.target] if res.target < len(classes) else res.target,
+        mask=res.mask.astype(float),  # drawn as an image: numbers, not booleans
+    )
 
 
 register(Analysis(

@@ -21,11 +21,10 @@ class Params(BaseModel):
 
 
 def run(ctx: JobContext, params: Params) -> dict:
-    lo, hi = ctx.card.get("input_range") or (0.0, 1.0)
-    res = verified_explanation(ctx.net, ctx.x, params.eps, input_range=(lo, hi),
+    res = verified_explanation(ctx.net, ctx.x, params.eps, input_range=ctx.input_range,
                                timeout_s=params.timeout_s, check_timeout_s=params.check_timeout_s,
                                progress=ctx.progress)
-    classes = ctx.card.get("classes") or list(range(ctx.net.num_outputs))
+    classes = ctx.class_names
     shown = list(res.counterexamples)[:MAX_COUNTEREXAMPLES]
     points = {i: torch.from_numpy(res.counterexamples[i]) for i in shown}
     with torch.no_grad():  # the class each witness gets, in float64 as it was checked
