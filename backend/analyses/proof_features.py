@@ -51,7 +51,7 @@ def _domain(ctx: JobContext) -> tuple[float, float]:
 def _target(ctx: JobContext) -> tuple[torch.Tensor, int]:
     """The input and the class to prove: the network's own prediction."""
     with torch.no_grad():
-        predicted = int(ctx.net(ctx.x[None].to(ctx.net.dtype)).argmax())
+        predicted = int(ctx.net(ctx.x[None].to(ctx.net.device, ctx.net.dtype)).argmax())
     return ctx.x, predicted
 
 
