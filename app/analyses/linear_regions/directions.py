@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from app.analyses.linear_regions.points import host
 from app.attacks import fgsm, pgd
 from app.errors import InvalidInputError
 from app.network import Network
@@ -31,10 +32,10 @@ def direction(
     ``fgsm``/``pgd`` increase the loss of ``label`` (default: the predicted class); ``random``
     is a seeded random sign vector.
     """
-    xb = torch.as_tensor(np.asarray(x), dtype=net.dtype).reshape(1, *net.input_shape).to(net.device)
-    gen = torch.Generator().manual_seed(seed)
+    xb = torch.as_tensor(host(x), dtype=net.dtype).reshape(1, *net.input_shape).to(net.device)
+    gen = torch.Generator(device="cpu").manual_seed(seed)  # the same draws on any device
     if kind == "random":
-        d = torch.randint(0, 2, xb.shape, generator=gen).to(xb) * 2 - 1
+        d = torch.randint(0, 2, xb.shape, generator=gen, device="cpu").to(xb) * 2 - 1
     elif kind in ("fgsm", "pgd"):
         with torch.no_grad():
             y = net(xb).argmax(1) if label is None else torch.tensor([int(label)], device=xb.device)
@@ -53,5 +54,5 @@ def direction(
 def endpoint(net: Network, x: torch.Tensor | np.ndarray, kind: str, length: float,
              **kwargs) -> torch.Tensor:
     """``x + length * direction(net, x, kind)``."""
-    xt = torch.as_tensor(np.asarray(x), dtype=net.dtype).reshape(net.input_shape)
+    xt = torch.as_tensor(host(x), dtype=net.dtype).reshape(net.input_shape)
     return xt + float(length) * direction(net, xt, kind, **kwargs)

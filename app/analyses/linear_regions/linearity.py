@@ -14,6 +14,7 @@ import torch
 
 from app.analyses.linear_regions.directions import direction
 from app.analyses.linear_regions.line import ExactLine, exact_lines
+from app.analyses.linear_regions.points import host
 from app.network import Network
 from app.progress import ProgressFn, report
 
@@ -69,7 +70,7 @@ def linearity_study(
     progress: ProgressFn | None = None,
 ) -> LinearityStudy:
     """Exact lines of L-inf ``length`` from ``x`` along FGSM and ``n_random`` sign directions."""
-    xt = torch.as_tensor(np.asarray(x), dtype=torch.float64).reshape(net.input_shape)
+    xt = torch.as_tensor(host(x), dtype=torch.float64).reshape(net.input_shape)
     dirs = [direction(net, xt.to(net.dtype), "fgsm", label=label).to(torch.float64)]
     dirs += [direction(net, xt, "random", seed=seed + k).to(torch.float64)
              for k in range(n_random)]

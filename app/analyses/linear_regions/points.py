@@ -99,10 +99,15 @@ def sorted_cuts(seg: np.ndarray, ratio: np.ndarray) -> tuple[np.ndarray, ...]:
     return seg[order], ratio[order], order
 
 
+def host(x: Tensor | np.ndarray) -> np.ndarray:
+    """``x`` as a numpy array on the host, from a tensor on any device or an array."""
+    return x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
+
+
 def as_array(net: Network, x: Tensor | np.ndarray, dtype: torch.dtype) -> np.ndarray:
     """``x`` as a numpy batch ``[B, *input_shape]`` in ``dtype`` (numpy in, numpy out: no
     tensor round trip on the line hot path)."""
-    a = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
+    a = host(x)
     a = a.astype(torch.empty(0, dtype=dtype, device="cpu").numpy().dtype, copy=False)
     if a.shape == net.input_shape:
         a = a[None]

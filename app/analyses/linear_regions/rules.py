@@ -15,6 +15,8 @@ same line. Planes carry per-polygon affine maps ``[3, Q, *shape]`` (offset, d/da
 
 from __future__ import annotations
 
+from typing import Any, Generic, TypeVar
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -32,6 +34,8 @@ from app.layers import (
 )
 
 Cuts = tuple[np.ndarray, np.ndarray]  # (segment index [K], ratio in (0, 1) along it [K])
+L = TypeVar("L", bound=Layer)  # the layer kind a rule is for
+A = TypeVar("A", bound=AffineLayer)
 
 
 def tolerance(values: Tensor | np.ndarray) -> float:
@@ -83,125 +87,121 @@ def relu_crossings(pre: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.n
     return seg[keep], pa / (pa - pb), unit[keep]
 
 
-class Rule:
+class Rule(Generic[L]):
     """Default rule: the layer is affine in its inputs, so it never bends anything."""
 
     line_rounds = 0  # rounds of cuts until no segment bends (ReLU: one; arg-max: several)
 
-    def line_cuts(self, layer: Layer, ins: list[np.ndarray], valid: np.ndarray) -> Cuts | None:
+    def line_cuts(self, layer: L, ins: list[np.ndarray], valid: np.ndarray) -> Cuts | None:
         return None
 
-    def line_code(self, layer: Layer, ins: list[np.ndarray]) -> np.ndarray | None:
+    def line_code(self, layer: L, ins: list[np.ndarray]) -> np.ndarray | None:
         """Per-segment code ``[S, n]`` of the layer's linear behaviour (None: always the same)."""
         return None
 
-    def line_forward(self, layer: Layer, ins: list[np.ndarray]) -> np.ndarray:
+    def line_forward(self, layer: L, ins: list[np.ndarray]) -> np.ndarray:
         """The layer's output at the points (torch does the math, numpy shares the memory)."""
         with torch.no_grad():
             return layer(*(torch.from_numpy(v) for v in ins)).numpy()
 
-    def line_backward(self, layer: Layer, grad: Tensor, code: np.ndarray | None,
+    def line_backward(self, layer: L, grad: Tensor, code: np.ndarray | None,
                       in_shape: tuple[int, ...]) -> Tensor | None:
         """``J^T grad`` for rows ``grad`` ``[G, *out_shape]`` on pieces with codes ``[G, n]``;
         None where the rule has no closed form (callers fall back to autograd)."""
         return None
 
-    def plane_split(self, layer: Layer, ins: list[Tensor], at: Tensor) -> Tensor | None:
+    def plane_split(self, layer: L, ins: list[Tensor], at: Tensor) -> Tensor | None:
         """Affine functions ``[3, Q, M]`` whose zero lines may cut polygons (None: no cuts).
 
         ``at`` ``[Q, V, 3]`` are the vertices in homogeneous form (1, a, b)."""
         return None
 
-    def plane_code(self, layer: Layer, ins: list[Tensor], centre: Tensor) -> Tensor | None:
+    def plane_code(self, layer: L, ins: list[Tensor], centre: Tensor) -> Tensor | None:
         """Per-polygon code, evaluated at an interior point ``centre`` ``[Q, 3]``."""
         return None
 
-    def plane_forward(self, layer: Layer, ins: list[Tensor], code: Tensor | None) -> Tensor:
+    def plane_forward(self, layer: L, ins: list[Tensor], code: Tensor | None) -> Tensor:
         raise NotImplementedError
 
 
-class AffineRule(Rule):
-    def line_forward(self, layer: Layer, ins: list[np.ndarray]) -> np.ndarray:
-        assert isinstance(layer, AffineLayer)
+class AffineRule(Rule[A]):
+    def line_forward(self, layer: A, ins: list[np.ndarray]) -> np.ndarray:
         with torch.no_grad():  # ``A x + b`` as in ``forward``, the bias added in place
             out = layer.linear(torch.from_numpy(ins[0]))  # a new tensor (reshapes: below)
             out += layer.bias_map(tuple(out.shape[1:])).to(out)
             return out.numpy()
 
-    def line_backward(self, layer: Layer, grad: Tensor, code: np.ndarray | None,
+    def line_backward(self, layer: A, grad: Tensor, code: np.ndarray | None,
                       in_shape: tuple[int, ...]) -> Tensor:
-        assert isinstance(layer, AffineLayer)
         return layer.transpose(grad, in_shape)
 
-    def plane_forward(self, layer: Layer, ins: list[Tensor], code: Tensor | None) -> Tensor:
-        assert isinstance(layer, AffineLayer)
+    def plane_forward(self, layer: A, ins: list[Tensor], code: Tensor | None) -> Tensor:
         c = ins[0]
         offset = layer(c[0])
         lin = layer.linear(c[1:].reshape(-1, *c.shape[2:]))
         return torch.cat([offset.unsqueeze(0), lin.reshape(2, *offset.shape)])
 
 
-class LinearRule(AffineRule):
+class LinearRule(AffineRule[Linear]):
     """Fully connected layers on lines: one numpy matrix product (torch's per-call cost is
     several times numpy's, and tiny nets' walks are mostly per-call cost)."""
 
-    def line_forward(self, layer: Layer, ins: list[np.ndarray]) -> np.ndarray:
-        assert isinstance(layer, Linear)
+    def line_forward(self, layer: Linear, ins: list[np.ndarray]) -> np.ndarray:
         out = ins[0] @ layer.weight.detach().numpy().T
         out += layer.bias.detach().numpy()
         return out
 
 
-class ReshapeRule(AffineRule):
+class ReshapeRule(AffineRule[AffineLayer]):
     """Flatten/Reshape: a bias-free row-major reshape, done by numpy on lines (no torch call)."""
 
-    def line_forward(self, layer: Layer, ins: list[np.ndarray]) -> np.ndarray:
+    def line_forward(self, layer: AffineLayer, ins: list[np.ndarray]) -> np.ndarray:
         x = ins[0]
         return x.reshape(len(x), *(layer.shape if isinstance(layer, Reshape) else (-1,)))
 
 
-class AddRule(Rule):
-    def line_forward(self, layer: Layer, ins: list[np.ndarray]) -> np.ndarray:
+class AddRule(Rule[Add]):
+    def line_forward(self, layer: Add, ins: list[np.ndarray]) -> np.ndarray:
         return ins[0] + ins[1]
 
-    def plane_forward(self, layer: Layer, ins: list[Tensor], code: Tensor | None) -> Tensor:
+    def plane_forward(self, layer: Add, ins: list[Tensor], code: Tensor | None) -> Tensor:
         return ins[0] + ins[1]
 
 
-class ReLURule(Rule):
+class ReLURule(Rule[ReLU]):
     """Cuts at the zero crossings of every pre-activation; code = on/off bits."""
 
     line_rounds = 1  # every zero crossing of an affine function is found at once
 
-    def line_cuts(self, layer: Layer, ins: list[np.ndarray], valid: np.ndarray) -> Cuts | None:
+    def line_cuts(self, layer: ReLU, ins: list[np.ndarray], valid: np.ndarray) -> Cuts | None:
         seg, ratio, _ = relu_crossings(ins[0].reshape(ins[0].shape[0], -1), valid)
         return (seg, ratio) if len(seg) else None
 
-    def line_code(self, layer: Layer, ins: list[np.ndarray]) -> np.ndarray:
+    def line_code(self, layer: ReLU, ins: list[np.ndarray]) -> np.ndarray:
         pre = ins[0].reshape(ins[0].shape[0], -1)
         return (pre[:-1] + pre[1:]) > 0
 
-    def line_forward(self, layer: Layer, ins: list[np.ndarray]) -> np.ndarray:
+    def line_forward(self, layer: ReLU, ins: list[np.ndarray]) -> np.ndarray:
         return np.maximum(ins[0], 0)
 
-    def line_backward(self, layer: Layer, grad: Tensor, code: np.ndarray | None,
+    def line_backward(self, layer: ReLU, grad: Tensor, code: np.ndarray | None,
                       in_shape: tuple[int, ...]) -> Tensor:
         assert code is not None
         return grad.masked_fill_(~torch.from_numpy(code).reshape(grad.shape), 0.0)
 
-    def plane_split(self, layer: Layer, ins: list[Tensor], at: Tensor) -> Tensor:
+    def plane_split(self, layer: ReLU, ins: list[Tensor], at: Tensor) -> Tensor:
         return ins[0].reshape(3, ins[0].shape[1], -1)
 
-    def plane_code(self, layer: Layer, ins: list[Tensor], centre: Tensor) -> Tensor:
+    def plane_code(self, layer: ReLU, ins: list[Tensor], centre: Tensor) -> Tensor:
         c = ins[0].reshape(3, ins[0].shape[1], -1)
         return torch.einsum("kqn,qk->qn", c, centre) > 0
 
-    def plane_forward(self, layer: Layer, ins: list[Tensor], code: Tensor | None) -> Tensor:
+    def plane_forward(self, layer: ReLU, ins: list[Tensor], code: Tensor | None) -> Tensor:
         assert code is not None
         return ins[0] * code.reshape(1, *ins[0].shape[1:]).to(ins[0].dtype)
 
 
-class MaxPoolRule(Rule):
+class MaxPoolRule(Rule[MaxPool2d]):
     """Cuts where a window's arg-max switches; code = the winning position per output."""
 
     line_rounds = 64  # arg-max tracing needs at most k - 1 rounds per window of k candidates
@@ -211,13 +211,11 @@ class MaxPoolRule(Rule):
         w = layer.windows(x)
         return w.reshape(w.shape[0], -1, w.shape[-1])
 
-    def line_cuts(self, layer: Layer, ins: list[np.ndarray], valid: np.ndarray) -> Cuts | None:
-        assert isinstance(layer, MaxPool2d)
+    def line_cuts(self, layer: MaxPool2d, ins: list[np.ndarray], valid: np.ndarray) -> Cuts | None:
         w = self._windows(layer, torch.from_numpy(ins[0])).numpy()
         return envelope_cuts(w[:-1], w[1:], valid, tolerance(ins[0]))
 
-    def line_code(self, layer: Layer, ins: list[np.ndarray]) -> np.ndarray:
-        assert isinstance(layer, MaxPool2d)
+    def line_code(self, layer: MaxPool2d, ins: list[np.ndarray]) -> np.ndarray:
         w = self._windows(layer, torch.from_numpy(ins[0])).numpy()
         return (w[:-1] + w[1:]).argmax(-1).astype(np.int16)
 
@@ -228,16 +226,14 @@ class MaxPoolRule(Rule):
         slopes = torch.where(torch.isinf(w[1:]), torch.zeros_like(w[1:]), w[1:])
         return torch.cat([w[:1], slopes])
 
-    def plane_split(self, layer: Layer, ins: list[Tensor], at: Tensor) -> Tensor:
-        assert isinstance(layer, MaxPool2d)
+    def plane_split(self, layer: MaxPool2d, ins: list[Tensor], at: Tensor) -> Tensor:
         return argmax_split_functions(self._coeff_windows(layer, ins[0]), at.mean(1))
 
-    def plane_code(self, layer: Layer, ins: list[Tensor], centre: Tensor) -> Tensor:
-        assert isinstance(layer, MaxPool2d)
+    def plane_code(self, layer: MaxPool2d, ins: list[Tensor], centre: Tensor) -> Tensor:
         return argmax_at(self._coeff_windows(layer, ins[0]), centre)
 
-    def plane_forward(self, layer: Layer, ins: list[Tensor], code: Tensor | None) -> Tensor:
-        assert isinstance(layer, MaxPool2d) and code is not None
+    def plane_forward(self, layer: MaxPool2d, ins: list[Tensor], code: Tensor | None) -> Tensor:
+        assert code is not None
         w = self._coeff_windows(layer, ins[0])
         out = w.gather(-1, code.unsqueeze(0).unsqueeze(-1).expand(3, *code.shape, 1))
         q = ins[0].shape[1]
@@ -260,7 +256,7 @@ def argmax_split_functions(w: Tensor, centre: Tensor) -> Tensor:
     return diff.reshape(3, diff.shape[1], -1)
 
 
-rule_for: KindTable[Rule] = KindTable("linear regions: no rule for", {
+rule_for: KindTable[Rule[Any]] = KindTable("linear regions: no rule for", {
     AffineLayer: AffineRule(),
     Linear: LinearRule(),
     Flatten: ReshapeRule(),
