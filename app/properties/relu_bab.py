@@ -222,7 +222,7 @@ def refute(net: Network, cases: list[Case], ch: Chain, deadline: float,
     pool = None  # open sub-domains: (bound, case, splits, alpha, beta, layer, neuron)
     while True:
         found = _counterexample(net64, rows, rhs, lo, hi, case, point, bound, check,
-                                pgd=rounds % 4 == 0)
+                                pgd=rounds % 4 == 0, net_dtype=net.dtype)
         if found is not None:
             return BabResult("counterexample", "a sub-domain's point meets a case",
                              domains, leaves, *found)
@@ -281,8 +281,8 @@ def _children(parent, k: int) -> tuple[Tensor, list[Tensor], list[Tensor], list[
 
 
 def _counterexample(net64: Network, rows: Tensor, rhs: Tensor, lo: Tensor, hi: Tensor,
-                    case: Tensor, point: Tensor, bound: Tensor, check, pgd: bool
-                    ) -> tuple[Tensor, int] | None:
+                    case: Tensor, point: Tensor, bound: Tensor, check, pgd: bool,
+                    net_dtype: torch.dtype) -> tuple[Tensor, int] | None:
     """A checked ``(input, case)`` among the sub-domains' points and (with ``pgd``) PGD
     from the worst few."""
     worst = bound.argsort()[:8]
@@ -291,12 +291,22 @@ def _counterexample(net64: Network, rows: Tensor, rhs: Tensor, lo: Tensor, hi: T
         tries.append((_pgd(net64, rows[case[worst]], rhs[case[worst]], lo, hi,
                            point[worst].clone()), case[worst]))
     for x, k in tries:
+        x = inside(x, lo, hi, net_dtype)
         with torch.no_grad():
             viol = _violation(net64, rows[k], rhs[k], x)
         for i in (viol <= 0).nonzero()[:, 0].tolist()[:4]:
             if check(int(k[i]), x[i]):
                 return x[i], int(k[i])
     return None
+
+
+def inside(x: Tensor, lo: Tensor, hi: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` rounded to the network's precision, moved one ulp inward where rounding left
+    the box (so the point checked and reported is the one in the box)."""
+    r = x.to(dtype)
+    r = torch.where(r.double() < lo, torch.nextafter(r, r.new_tensor(torch.inf)), r)
+    r = torch.where(r.double() > hi, torch.nextafter(r, r.new_tensor(-torch.inf)), r)
+    return r.double()
 
 
 def _violation(net64: Network, rows: Tensor, rhs: Tensor, x: Tensor) -> Tensor:

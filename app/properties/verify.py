@@ -175,7 +175,9 @@ def _by_milp(net: Network, prop: VnnProperty, status: list[str], deadline: float
         if left < 1:
             break
         ok, bound, point = milp.refute(net, prop.cases[k], left)
-        if point is not None and check_counterexample(net, prop.cases[k], torch.as_tensor(point)):
+        if point is not None:  # in the network's precision, inside the box
+            point = relu_bab.inside(torch.as_tensor(point), *_box(net, prop.cases[k]), net.dtype)
+        if point is not None and check_counterexample(net, prop.cases[k], point):
             status[k] = "counterexample"
             found = _found(net, prop.cases[k], torch.as_tensor(point))
             return done("counterexample", f"case {k + 1} is met by the MILP's point "
@@ -191,7 +193,9 @@ def _by_milp(net: Network, prop: VnnProperty, status: list[str], deadline: float
 
 
 def check_counterexample(net: Network, case: Case, x: Tensor) -> bool:
-    """Whether ``x`` (in the case's box) meets every output row by the network's forward pass."""
+    """Whether ``x`` in the network's precision (as it is evaluated and reported) lies in the
+    case's box and meets every output row by the network's forward pass."""
+    x = x.to(net.dtype)
     flat = x.reshape(-1).double()
     if (flat < torch.as_tensor(case.lo)).any() or (flat > torch.as_tensor(case.hi)).any():
         return False
