@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from app.bounds.base import has_values
-from app.bounds.crown import Bounds, CrownAnalysis, _needs_input_bounds
+from app.bounds.crown import Bounds, CrownAnalysis, needs_input_bounds
 from app.layers import ReLU
 from app.network import INPUT, Network
 
@@ -68,7 +68,7 @@ class AlphaCrownAnalysis(CrownAnalysis):
         rows: dict[int, Tensor] = {}
         inner: dict[int, dict[int, Tensor]] = {}
         for j in sorted({net.inputs[k][0] for k in relus} - {INPUT}):
-            if _needs_input_bounds(net.layers[j]):
+            if needs_input_bounds(net.layers[j]):
                 continue
             lo, hi = (t.reshape(t.shape[0], -1) for t in self._relax[j])
             unstable = (((lo < 0) & (hi > 0)).any(0).nonzero().squeeze(1) if has_values(lo)

@@ -45,7 +45,7 @@ class CrownAnalysis(BoundAnalysis):
         if node not in self._full:
             self._prepare(node)
             layer, ins = self.net.layers[node], self.net.inputs[node]
-            if _needs_input_bounds(layer):
+            if needs_input_bounds(layer):
                 found = layer.interval(*(self.bounds(j) for j in ins))
             else:
                 found = self._back_substitute(node, only_unstable=False)
@@ -65,14 +65,14 @@ class CrownAnalysis(BoundAnalysis):
     def _prepare(self, node: int) -> None:
         """Bounds of every relaxed layer's input before ``node``, in topological order."""
         net = self.net
-        needed = {net.inputs[k][0] for k in range(node) if _needs_input_bounds(net.layers[k])}
+        needed = {net.inputs[k][0] for k in range(node) if needs_input_bounds(net.layers[k])}
         for j in sorted(needed - set(self._relax)):
             self._relax[j] = self._relaxation_bounds(j)
 
     def _relaxation_bounds(self, node: int) -> Bounds:
         layer, ins = self.net.layers[node], self.net.inputs[node]
         ibp_lo, ibp_hi = self.box(node)
-        if _needs_input_bounds(layer):
+        if needs_input_bounds(layer):
             lo, hi = layer.interval(*(self._relax[j] for j in ins))
         else:
             lo, hi = self._back_substitute(node, only_unstable=not self._needs_values(node))
@@ -82,7 +82,7 @@ class CrownAnalysis(BoundAnalysis):
         """Whether a relaxation uses this node's bounds beyond their signs (e.g. MaxPool)."""
         net = self.net
         for k in range(node + 1, len(net.layers)):
-            if node in net.inputs[k] and _needs_input_bounds(net.layers[k]):
+            if node in net.inputs[k] and needs_input_bounds(net.layers[k]):
                 if not isinstance(net.layers[k], ReLU) or self._needs_values(k):
                     return True
         return False
@@ -126,7 +126,7 @@ class CrownAnalysis(BoundAnalysis):
                 continue
             a = coeffs.pop(i)
             layer, ins = net.layers[i], net.inputs[i]
-            in_bounds = [relax[j] for j in ins] if _needs_input_bounds(layer) else []
+            in_bounds = [relax[j] for j in ins] if needs_input_bounds(layer) else []
             if i in slopes:
                 a_ins, c = relu_backward(a, *in_bounds[0], slopes[i])
             else:
@@ -141,7 +141,7 @@ class CrownAnalysis(BoundAnalysis):
         return const + box_lower(self.lo, self.hi, a)
 
 
-def _needs_input_bounds(layer) -> bool:
+def needs_input_bounds(layer) -> bool:
     """Whether the layer's relaxation depends on bounds of its input."""
     return isinstance(layer, _RELAXED)
 
