@@ -175,9 +175,7 @@ def _by_milp(net: Network, prop: VnnProperty, status: list[str], deadline: float
         if left < 1:
             break
         ok, bound, point = milp.refute(net, prop.cases[k], left)
-        if point is not None:  # in the network's precision, inside the box
-            point = relu_bab.inside(torch.as_tensor(point), *_box(net, prop.cases[k]), net.dtype)
-        if point is not None and check_counterexample(net, prop.cases[k], point):
+        if point is not None and check_counterexample(net, prop.cases[k], torch.as_tensor(point)):
             status[k] = "counterexample"
             found = _found(net, prop.cases[k], torch.as_tensor(point))
             return done("counterexample", f"case {k + 1} is met by the MILP's point "
@@ -193,9 +191,9 @@ def _by_milp(net: Network, prop: VnnProperty, status: list[str], deadline: float
 
 
 def check_counterexample(net: Network, case: Case, x: Tensor) -> bool:
-    """Whether ``x`` in the network's precision (as it is evaluated and reported) lies in the
-    case's box and meets every output row by the network's forward pass."""
-    x = x.to(net.dtype)
+    """Whether ``x``, in the network's precision (rounded inward, as it is evaluated and
+    reported), lies in the case's box and meets every output row by a forward pass."""
+    x = _in_precision(net, case, x)
     flat = x.reshape(-1).double()
     if (flat < torch.as_tensor(case.lo)).any() or (flat > torch.as_tensor(case.hi)).any():
         return False
@@ -276,8 +274,14 @@ def _attack(net: Network, case: Case, gen: torch.Generator, starts: int = 64,
     return None
 
 
+def _in_precision(net: Network, case: Case, x: Tensor) -> Tensor:
+    """``x`` in the network's precision, one ulp inward where the rounding left the box."""
+    lo, hi = (torch.as_tensor(t, dtype=torch.float64) for t in (case.lo, case.hi))
+    return relu_bab.inside(x.reshape(-1).double(), lo, hi, net.dtype).to(net.dtype)
+
+
 def _found(net: Network, case: Case, x: Tensor) -> tuple[np.ndarray, np.ndarray]:
-    x = x.reshape(net.input_shape).to(net.dtype)
+    x = _in_precision(net, case, x.detach()).reshape(net.input_shape)
     with torch.no_grad():
         y = net(x[None])[0]
     return x.detach().numpy(), y.detach().numpy()
