@@ -301,16 +301,22 @@ def _input_chooser(api: ApiClient, model: dict) -> str | None:
     if (pending := st.session_state.pop(_PENDING_INPUT, None)) in by_id:
         st.session_state["input"] = pending
     _choose_initial("input", list(by_id))
-    input_id = st.selectbox(
-        "Input", list(by_id), key="input", label_visibility="collapsed",
-        format_func=lambda i: _input_name(by_id[i]) if i in by_id else i,
-        placeholder="Upload or draw an input below",
-    )
+    if not by_id:  # no empty selectbox: it would keep showing the last model's input
+        st.caption("No input yet for this model: upload or draw one below.")
+        input_id = None
+    else:
+        input_id = st.selectbox(
+            "Input", list(by_id), key="input", label_visibility="collapsed",
+            format_func=lambda i: _input_name(by_id[i]) if i in by_id else i,
+            placeholder="Upload or draw an input below",
+        )
     _to_url("input", input_id)
     if input_id is not None and is_image(model):
         _show_input_preview(mid, input_id, model)
 
     gallery = [i for i in inputs if i.get("source") == "gallery"]
+    if input_id is not None and by_id[input_id].get("source") == "upload":
+        _check_upload(mid, input_id, model, gallery[0]["id"] if gallery else None)
     tabs = st.tabs(["Gallery", "Upload", "Draw"])
     with tabs[0]:
         if gallery and is_image(model):
@@ -368,6 +374,52 @@ def _show_input_preview(model_id: str, input_id: str, model: dict) -> None:
         st.error(str(exc))
         return
     st.image(to_image(values, value_range(model), size=128), caption="Selected input")
+
+
+def _check_upload(model_id: str, input_id: str, model: dict, gallery_id: str | None) -> None:
+    """Warn when an uploaded input cannot be what the model expects, and offer the fix: values
+    far above the model's range (a 0..255 file for a [0, 1] model) or dark strokes on a light
+    background for a model whose gallery is light on dark (the two look alike to a person
+    and give confident nonsense)."""
+    try:
+        values = input_values(model_id, input_id)
+        reference = input_values(model_id, gallery_id) if gallery_id else None
+    except ApiError:
+        return
+    lo, hi = value_range(model)
+    if values.max() > hi + 0.5 * (hi - lo) and values.min() >= 0 and values.max() <= 255:
+        st.warning(f"This input's values reach {values.max():g}, but the model takes inputs "
+                   f"in [{lo:g}, {hi:g}]: it looks like a 0..255 file.")
+        if st.button(f"Scale 0..255 to [{lo:g}, {hi:g}]", key="fix_scale", width="stretch"):
+            _upload_fixed(model_id, lo + (hi - lo) * values / 255.0, "scaled")
+    elif reference is not None and is_image(model) and values.shape[0] == 1:
+        light = lo + 0.5 * (hi - lo)
+        if _border_mean(reference) < light <= _border_mean(values):
+            st.warning("This image has dark strokes on a light background; the model was "
+                       "trained on light strokes on a dark background (like its gallery), "
+                       "so its prediction on it means little.")
+            if st.button("Invert the image", key="fix_invert", width="stretch"):
+                _upload_fixed(model_id, lo + hi - values, "inverted")
+
+
+def _border_mean(values: np.ndarray) -> float:
+    """Mean of an image's outermost pixels: its background."""
+    img = values.reshape(-1, *values.shape[-2:])
+    return float(np.concatenate([img[:, 0].ravel(), img[:, -1].ravel(),
+                                 img[:, :, 0].ravel(), img[:, :, -1].ravel()]).mean())
+
+
+def _upload_fixed(model_id: str, values: np.ndarray, what: str) -> None:
+    """Upload the corrected input and select it."""
+    buffer = io.BytesIO()
+    np.save(buffer, values.astype(np.float32))
+    try:
+        info = client().upload_input(model_id, f"{what}.npy", buffer.getvalue())
+    except ApiError as exc:
+        st.error(f"Upload of the {what} input failed: {exc}")
+        return
+    st.session_state[_PENDING_INPUT] = info["id"]
+    st.rerun()
 
 
 def _gallery_thumbnails(model_id: str, gallery: list[dict], model: dict) -> None:

@@ -124,7 +124,7 @@ def test_draw_an_input(ui, atlas) -> None:
     swallow strokes), reaches the backend as an 8x8 input prepared like the digits data:
     its bar on the top row, the model reading it as 7."""
     page = ui.page
-    ui.open()
+    ui.open_sample("", "digits_fc_pgd")  # not whichever model other tests uploaded first
     page.get_by_role("tab", name="Draw").click()
     canvas = page.locator("canvas.upper-canvas")
     canvas.wait_for(state="visible")
