@@ -95,7 +95,12 @@ def dataset_source(model_id: str) -> tuple[bool, str | None]:
                            "y), .npy of inputs, or .csv with one input per row (labels are "
                            "not needed: rules explain the network's own decisions)")
     if source == "gallery":
-        if not any(i.get("source") == "gallery" for i in ui.client().inputs(model_id)):
+        try:
+            inputs = ui.client().inputs(model_id)
+        except ApiError as exc:
+            st.error(str(exc))
+            return False, None
+        if not any(i.get("source") == "gallery" for i in inputs):
             st.warning("This model has no gallery to mine rules from (its card names no "
                        "dataset with one). Upload a dataset file here, or give the model a "
                        "card with its dataset in the sidebar.")
