@@ -63,3 +63,43 @@ def largest_eps(result: dict) -> go.Figure:
     fig.update_layout(title="Largest certified eps", yaxis_title="eps", height=300,
                       margin={"t": 40, "b": 10})
     return fig
+
+
+def property_verdict(result: dict) -> go.Figure:
+    """A VNN-LIB verdict's counterexample: the input (an image when its shape is one, else
+    one bar per input) beside the network's outputs on it."""
+    if result.get("counterexample") is None:
+        return go.Figure().update_layout(
+            title=f"{result['status']}: no counterexample to show", height=120)
+    x = np.asarray(result["counterexample"], dtype=float)
+    y = np.asarray(result["output"], dtype=float).reshape(-1)
+    image = _image_shape(result.get("input_shape") or list(x.shape), x.size)
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.6, 0.4],
+                        subplot_titles=["counterexample input", "network output on it"])
+    if image is not None:
+        img = x.reshape(-1, *image).mean(0)  # channels averaged
+        fig.add_trace(go.Heatmap(z=img, colorscale="Greys", showscale=False,
+                                 hovertemplate="row %{y}, col %{x}: %{z:.4g}<extra></extra>"),
+                      row=1, col=1)
+        fig.update_yaxes(autorange="reversed", scaleanchor="x", row=1, col=1)
+    else:
+        x = x.reshape(-1)
+        fig.add_trace(go.Bar(x=[f"X_{i}" for i in range(x.size)], y=x, marker_color="#1f77b4",
+                             hovertemplate="%{x}: %{y:.4g}<extra></extra>"), row=1, col=1)
+    fig.add_trace(go.Bar(x=[f"Y_{j}" for j in range(y.size)], y=y, marker_color="#d62728",
+                         hovertemplate="%{x}: %{y:.4g}<extra></extra>"), row=1, col=2)
+    case = result.get("case")
+    fig.update_layout(title=f"Counterexample (meets case {case + 1 if case is not None else '?'}"
+                            f" of {result.get('cases', '?')})", showlegend=False, height=340,
+                      margin={"t": 60, "b": 10})
+    return fig
+
+
+def _image_shape(shape: list[int], size: int) -> tuple[int, int] | None:
+    """``(height, width)`` when the input reads as an image: two non-unit trailing dimensions,
+    or a flat square of at least 16 pixels (MNIST's 784 as 28x28); else ``None``."""
+    dims = [int(d) for d in shape if int(d) > 1]
+    if len(dims) >= 2:
+        return dims[-2], dims[-1]
+    side = math.isqrt(size)
+    return (side, side) if side * side == size and size >= 16 else None

@@ -1,6 +1,7 @@
 """Proof features: certify an eps-ball, prune the proof, see what each kept feature looks at."""
 
 import time
+from pathlib import Path
 
 import streamlit as st
 
@@ -82,3 +83,45 @@ st.subheader("Bound methods over the gallery")
 compared = ui.run_job("proof_compare", {"eps": eps}, key="proof_compare")
 if compared:
     st.dataframe(compared["rows"], hide_index=True)
+
+st.divider()
+st.subheader("VNN-LIB property")
+st.caption(
+    "A property as VNN-COMP writes it: an input box and linear constraints on the outputs that "
+    "together describe a counterexample. The verifier answers proven (no input in the box "
+    "meets them), a counterexample (checked by a forward pass) or unknown within the time "
+    "limit. Branch and bound splits the input on low-dimensional inputs and ReLUs on large "
+    "ones; a proof by ReLU splits shows that every leaf (a set of ReLUs fixed active or "
+    "inactive) has a positive lower bound, not one feature set per leaf."
+)
+SHARED_VNN = Path(__file__).resolve().parents[3] / "shared" / "data" / "vnncomp2021"
+shared_files = sorted(SHARED_VNN.glob("*/*.vnnlib")) if SHARED_VNN.exists() else []
+source = st.radio("Property", ["Upload a .vnnlib file", "Shared VNN-COMP 2021 file"],
+                  horizontal=True, key="vnn_source") if shared_files else "Upload a .vnnlib file"
+text = None
+if source.startswith("Upload"):
+    uploaded = st.file_uploader("VNN-LIB file", type=["vnnlib", "txt"], key="vnn_upload")
+    if uploaded is not None:
+        text = uploaded.getvalue().decode("utf-8", errors="replace")
+else:
+    picked = st.selectbox("Shared file", shared_files, key="vnn_shared",
+                          format_func=lambda p: f"{p.parent.name}/{p.name}")
+    text = picked.read_text() if picked else None
+v_left, v_right = st.columns(2)
+v_method = v_left.selectbox("Method", ["bab", "alpha-crown", "crown", "deepz", "interval"],
+                            key="vnn_method")
+v_limit = v_right.number_input("Time limit (s)", 1.0, 600.0, 60.0, step=10.0, key="vnn_limit")
+if text is None:
+    st.info("Upload or pick a .vnnlib file; its inputs and outputs must match the model's.")
+else:
+    verdict = ui.run_job("verify_property", {"vnnlib": text, "method": v_method,
+                                             "time_limit": v_limit}, key="verify_property")
+    if verdict:
+        cols = st.columns(3)
+        cols[0].metric("Verdict", verdict["status"])
+        cols[1].metric("Time", f"{verdict['seconds']:.2f} s")
+        cols[2].metric("Cases", verdict["cases"],
+                       help="conjunctions of the counterexample region after expansion")
+        st.caption(verdict["message"])
+        if verdict["status"] == "counterexample":
+            ui.show_figure(figures.property_verdict(verdict), "vnnlib_counterexample")
