@@ -77,6 +77,10 @@ class Budget:
         """A search again (a second attempt): back to the search's deadline."""
         self.deadline = self._search_deadline
 
+    def late(self) -> bool:
+        """Past the current deadline (the next query would be refused)."""
+        return self.deadline is not None and time.perf_counter() > self.deadline
+
     @property
     def left(self) -> int:
         return self.budget - self.used
@@ -85,7 +89,7 @@ class Budget:
         x = np.atleast_2d(np.asarray(x, dtype=np.float64))
         if self.used + len(x) > self.budget:
             raise BudgetExhausted(f"query budget of {self.budget} exhausted in {self.phase}")
-        if self.deadline is not None and time.perf_counter() > self.deadline:
+        if self.late():
             raise BudgetExhausted(f"time limit reached in {self.phase}")
         self.used += len(x)
         out = np.asarray(self._oracle(x), dtype=np.float64).reshape(len(x), -1)

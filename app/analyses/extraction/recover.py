@@ -334,6 +334,8 @@ def _sharpen(level: _Level, run: _Run) -> None:
     offsets = np.array([p.offset for p in planes])
     chosen, centres, radii = [], [], []
     for j, plane in enumerate(planes):
+        if run.budget.late():
+            break
         centre, radius = cell_centre(normals, offsets, j, plane.points[0], *level.box)
         if radius > 0:
             chosen.append(j)
