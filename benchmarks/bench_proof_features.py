@@ -9,7 +9,8 @@ is proof plus pruning under 2 s median on 2 CPU cores for the small conv network
 
 With the shared VNN-COMP 2021 data the RESULT line adds ``vnn_mnistfc_safe_proven=<k>/<n>
 vnn_violated_proven=<v>/<m> acasxu_safe_proven=<a>/<b>``: ``app.properties.verify`` with
-``bab`` (at most ``--vnn-limit`` seconds per instance) on the instances that the competition's
+``bab`` (input splitting on ACAS Xu's 5 inputs, ReLU-split branch and bound on mnistfc's 784;
+at most ``--vnn-limit`` seconds per instance) on the instances that the competition's
 tools agree on (``results_csv``: some tool proved it and none found a counterexample, or the
 reverse); ``--acas-max`` (known-safe ACAS Xu) and ``--vnn-max`` (each benchmark and outcome)
 take evenly spread subsets to stay short.
@@ -18,6 +19,7 @@ take evenly spread subsets to stay short.
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.bench_proof_features [--samples 50]
         [--shared 20] [--methods interval,deepz,crown] [--all-shared]
         [--vnn-limit 60] [--acas-max 139] [--vnn-max N] [--no-vnn]
+        [--vnn-benchmarks mnistfc,acasxu]
 """
 
 from __future__ import annotations
@@ -91,10 +93,11 @@ def _every(items: list, most: int) -> list:
     return items[::max(1, len(items) // max(1, most))][:most]
 
 
-def vnn_counts(limit: float, acas_max: int, most: int) -> dict[str, str]:
+def vnn_counts(limit: float, acas_max: int, most: int,
+               benches: tuple[str, ...] = ("mnistfc", "acasxu")) -> dict[str, str]:
     """Proven / counterexample / unknown per benchmark and truth, one line per instance."""
     counts: dict[tuple[str, str], list[int]] = {}
-    for bench in ("mnistfc", "acasxu"):
+    for bench in benches:
         items = list(known_outcomes(bench).items())
         safe = _every([it for it in items if it[1] == "holds"],
                       min(most, acas_max) if bench == "acasxu" else most)
@@ -130,6 +133,8 @@ def main() -> None:
     parser.add_argument("--vnn-max", type=int, default=10_000,
                         help="at most this many instances per benchmark and outcome")
     parser.add_argument("--no-vnn", action="store_true")
+    parser.add_argument("--vnn-benchmarks", default="mnistfc,acasxu",
+                        help="which VNN-COMP benchmarks to run (a subset: the others read 0/0)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     methods = args.methods.split(",")
@@ -163,8 +168,8 @@ def main() -> None:
                   f"{statistics.median(t_proof):8.3f} {prune} {ratio}", flush=True)
     median_prune = statistics.median(prunes) if prunes else float("nan")
     kept_fraction = statistics.mean(kept_fracs) if kept_fracs else float("nan")
-    vnn = {} if args.no_vnn or not SHARED.exists() else vnn_counts(args.vnn_limit, args.acas_max,
-                                                                  args.vnn_max)
+    vnn = {} if args.no_vnn or not SHARED.exists() else vnn_counts(
+        args.vnn_limit, args.acas_max, args.vnn_max, tuple(args.vnn_benchmarks.split(",")))
     extra = "".join(f" {k}={v}" for k, v in vnn.items())
     median_proof = statistics.median(proofs) if proofs else float("nan")
     print(f"RESULT median_proof_s={median_proof:.4f} "
