@@ -15,6 +15,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from tests.e2e.conftest import ROOT
+
 MODEL = "digits_fc_standard"
 INPUT = "gallery:digits:3"
 LENGTH = "0.5"  # a side long enough to cross several classes on this model
@@ -127,3 +129,60 @@ def test_plane_region_map(ui, atlas) -> None:
     _plane_chart(shared.page).locator(".main-svg").first.wait_for(timeout=60_000)
     print(f"TIMING linear_regions shared_link_s={time.monotonic() - start:.2f}")
     shared.page.close()
+
+
+SHARED_NET = ROOT / ".." / "shared" / "data" / "vnncomp2021" / "mnistfc" / "mnist-net_256x2.onnx"
+ERAN_MNIST = ROOT / ".." / "shared" / "data" / "eran" / "mnist_test.csv"
+
+
+@pytest.mark.slow
+def test_plane_map_of_an_uploaded_mnist_net(ui, atlas) -> None:
+    """The issue's case: mnist-net_256x2's plane (hundreds of polygons) shown, rerun by a
+    widget click and reopened from its link; times printed, the map's parts checked."""
+    if not (SHARED_NET.exists() and ERAN_MNIST.exists()):
+        pytest.skip("shared data absent")
+    row = np.loadtxt(ERAN_MNIST, delimiter=",", max_rows=1)
+    csv = ",".join(f"{v:.6f}" for v in row[1:] / 255.0).encode()
+    with atlas.api() as api:
+        model = api.post("/models", files={"file": (SHARED_NET.name,
+                                                    SHARED_NET.read_bytes())}).json()
+        item = api.post(f"/models/{model['id']}/inputs",
+                        files={"file": ("mnist0.csv", csv)}).json()
+    ui.open("linear_regions", model=model["id"], input=item["id"])
+    page = ui.page
+    page.get_by_role("tab", name="In a plane").click()
+    length = page.get_by_label("Side length (L-inf)")
+    length.fill("0.6")
+    length.press("Enter")
+    ui.wait_idle()
+    start = time.monotonic()
+    ui.click_run("lr_plane")
+    chart = _plane_chart(page)
+    chart.locator(".main-svg").first.wait_for(timeout=300_000)
+    ui.wait_idle()
+    print(f"\nTIMING mnist-net_256x2 plane run_to_result_s={time.monotonic() - start:.2f}")
+    names = {t["name"] for t in chart.locator(".js-plotly-plot").evaluate(_TRACES)}
+    assert {"regions", "class boundary", "input"} <= names
+    with atlas.api() as api:
+        result = api.get(f"/jobs/{ui.query_params()['job.lr_plane']}/result").json()
+    print(f"TIMING mnist-net_256x2 plane polygons={result['num_polygons']}")
+    ui.screenshot("linear_regions_plane_mnist")
+
+    start = time.monotonic()
+    page.get_by_test_id("stNumberInput").filter(has_text="Side length").get_by_test_id(
+        "stNumberInputStepUp").click()
+    page.wait_for_timeout(200)
+    ui.wait_idle()
+    _plane_chart(page).locator(".main-svg").first.wait_for()
+    print(f"TIMING mnist-net_256x2 plane widget_click_s={time.monotonic() - start:.2f}")
+
+    shared = type(ui)(page.context.new_page(), atlas)
+    start = time.monotonic()
+    shared.page.goto(page.url)
+    shared.wait_idle()
+    shared.page.get_by_role("tab", name="In a plane").click()
+    _plane_chart(shared.page).locator(".main-svg").first.wait_for(timeout=120_000)
+    print(f"TIMING mnist-net_256x2 plane shared_link_s={time.monotonic() - start:.2f}")
+    shared.page.close()
+    with atlas.api() as api:
+        api.delete(f"/models/{model['id']}").raise_for_status()
