@@ -338,6 +338,6 @@ def _cat(a: tuple, b: tuple) -> tuple:
 
 def supports(net: Network) -> bool:
     """Whether the dense chain view covers ``net``: affine layers and ReLUs, in sequence,
-    with an affine layer before every ReLU."""
-    return (net.is_sequential and not isinstance(net.layers[0], ReLU)
+    with an affine layer before every ReLU, and at least one ReLU (else CROWN is exact)."""
+    return (net.is_sequential and bool(net.relu_indices) and not isinstance(net.layers[0], ReLU)
             and all(isinstance(layer, AffineLayer | ReLU) for layer in net.layers))
