@@ -105,7 +105,7 @@ def test_seeded_families_claim_complete_only_when_exact(sizes, bias_sigma, gain,
 
 
 @pytest.mark.parametrize(("sizes", "seed", "limit"), [((8, 16, 16, 16, 1), 0, 5.0),
-                                                     ((10, 10, 10, 1), 1, 4.0)])
+                                                     ((8, 16, 16, 16, 1), 1, 3.0)])
 def test_time_limit_ends_a_hard_case_with_a_partial_result(sizes, seed, limit) -> None:
     """Large biases (sigma 1): the search, the second-layer grouping and the check all stop
     at the limit (the grouping alone once ran ~15 s past a 60 s one)."""
