@@ -58,7 +58,8 @@ register(Analysis(
     title="Verified explanation (VeriX)",
     description="The features that, fixed at the input's values, provably keep the predicted "
                 "class for every perturbation of at most eps elsewhere (CROWN bounds, then a "
-                "MILP); each kept feature comes with a counterexample when freed.",
+                "MILP); a kept feature comes with a counterexample when one was found, "
+                "otherwise it is marked sound but not proven irreducible.",
     params=Params,
     run=run,
 ))
