@@ -18,7 +18,7 @@ from torch import Tensor
 
 from app.analyses.patterns.polytope import property_verdict
 from app.analyses.patterns.rules import Rule, decisions
-from app.analyses.patterns.verify import InputDomain, Method, Verdict, _as_domain
+from app.analyses.patterns.verify import InputDomain, Method, Verdict
 from app.network import Network
 from app.progress import ProgressFn, report
 
@@ -70,7 +70,7 @@ def proven_coverage(
     domain or, with ``eps``, on the L-inf ball of that radius around the input within it.
     """
     start = time.perf_counter()
-    domain = _as_domain(net, input_domain)
+    domain = InputDomain.of(net, input_domain)
     net64 = net.with_dtype(torch.float64)
     xs = inputs.to(torch.float64).reshape(-1, *net.input_shape)
     decided = decisions(net64, xs, lowest)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from app.analyses.patterns.rules import Rule, decisions, layer_pattern
-from app.analyses.patterns.verify import InputDomain, Method, Verdict, _as_domain, verify_rule
+from app.analyses.patterns.verify import InputDomain, Method, Verdict, verify_rule
 from app.network import Network
 
 
@@ -55,7 +55,7 @@ def refine_rule(
     """Verify ``rule``; while refuted, add the literal that excludes the counterexample and
     keeps most of the covered ``inputs``, and verify again (at most ``max_steps`` literals).
     ``first``: the rule's verdict on this domain when already known."""
-    domain = _as_domain(net, input_domain)
+    domain = InputDomain.of(net, input_domain)
     net64 = net.with_dtype(torch.float64)
     xs = inputs.to(torch.float64).reshape(-1, *net.input_shape)
     pattern = layer_pattern(net64, xs, rule.node).numpy()

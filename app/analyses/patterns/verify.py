@@ -343,7 +343,4 @@ def _check_pattern_rule(rule: Rule) -> None:
                                 "thresholds (those come from a distilled rule list)")
 
 
-_as_domain = InputDomain.of  # the old private name, still imported by coverage and refine
-
-
 __all__ = ["InputDomain", "Verdict", "check_property", "verify_rule", "verify_rules"]
