@@ -25,4 +25,4 @@ lint: venv
 	$(PY) -m ruff check app backend frontend sample_models tests benchmarks
 
 test: venv browser lint
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -m "not slow"

@@ -43,11 +43,6 @@ class PropertyParams(BaseModel):
     time_limit: float = Field(60.0, gt=0.0, le=3600.0, description="seconds")
 
 
-def _domain(ctx: JobContext) -> tuple[float, float]:
-    lo, hi = (ctx.card.get("input_range") or [0.0, 1.0])[:2]
-    return float(lo), float(hi)
-
-
 def _target(ctx: JobContext) -> tuple[torch.Tensor, int]:
     """The input and the class to prove: the network's own prediction."""
     with torch.no_grad():
@@ -57,7 +52,7 @@ def _target(ctx: JobContext) -> tuple[torch.Tensor, int]:
 
 def run(ctx: JobContext, params: Params) -> dict:
     x, predicted = _target(ctx)
-    result = proof_features(ctx.net, x, predicted, params.eps, params.method, _domain(ctx),
+    result = proof_features(ctx.net, x, predicted, params.eps, params.method, ctx.input_range,
                             progress=ctx.progress)
     cert = result.certificate
     kept = result.kept[: params.max_maps]
@@ -81,7 +76,7 @@ def run_eps(ctx: JobContext, params: EpsParams) -> dict:
             ctx.progress((k + frac) / len(QUICK_METHODS), msg)
 
         found[method] = largest_certified_eps(ctx.net, x, predicted, method, params.eps_max,
-                                              params.tol, _domain(ctx), progress=step)
+                                              params.tol, ctx.input_range, progress=step)
     return jsonable({"predicted": predicted, "label": ctx.label, "eps_max": params.eps_max,
                      "tol": params.tol, "largest_eps": found})
 
@@ -96,11 +91,11 @@ def run_compare(ctx: JobContext, params: CompareParams) -> dict:
         certified, kept, margins = 0, [], []
         for i, (x, y) in enumerate(zip(xs, ys.tolist(), strict=True)):
             ctx.progress((k * len(xs) + i) / total, f"{method}: input {i + 1} of {len(xs)}")
-            cert = certify(ctx.net, x, int(y), params.eps, method, _domain(ctx))
+            cert = certify(ctx.net, x, int(y), params.eps, method, ctx.input_range)
             margins.append(cert.margin)
             if cert.certified:
                 certified += 1
-                result = proof_features(ctx.net, x, int(y), params.eps, method, _domain(ctx))
+                result = proof_features(ctx.net, x, int(y), params.eps, method, ctx.input_range)
                 kept.append(len(result.kept) / result.num_features)
         rows.append({"method": method, "certified_rate": certified / len(xs),
                      "median_margin": statistics.median(margins),

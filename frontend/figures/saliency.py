@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from frontend.figures.images import as_image
+
 METHODS = {"smt": "SMT mask", "ig": "Integrated Gradients", "smoothgrad": "SmoothGrad"}
-
-
-def as_image(values: list | np.ndarray) -> np.ndarray:
-    """A 2-D view of one input-shaped array: channels summed, a flat square read as square."""
-    arr = np.asarray(values, dtype=float)
-    if arr.ndim == 3 and min(arr.shape[1:]) > 1:
-        return arr.sum(0)
-    side = math.isqrt(arr.size)
-    return arr.reshape(side, side) if side * side == arr.size else arr.reshape(1, -1)
 
 
 def maps(result: dict) -> go.Figure:
@@ -30,7 +21,7 @@ def maps(result: dict) -> go.Figure:
     fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[p[0] for p in panels],
                         horizontal_spacing=0.02)
     for col, (_, values, scale, signed) in enumerate(panels, start=1):
-        img = as_image(values)
+        img = as_image(values, how="mean" if col == 1 else "sum")  # the input, then attributions
         bound = float(np.abs(img).max()) or 1.0
         fig.add_trace(go.Heatmap(
             z=img, colorscale=scale, showscale=False, zmin=-bound if signed else 0.0,

@@ -1,6 +1,5 @@
 """Proof features: certify an eps-ball, prune the proof, see what each kept feature looks at."""
 
-import time
 from pathlib import Path
 
 import streamlit as st
@@ -51,18 +50,21 @@ if result:
         st.subheader("Same input and eps, other training methods")
         if st.button("Compare", key="proof_siblings"):
             api = ui.client()
-            columns = st.columns(len(siblings))
-            for col, model in zip(columns, siblings, strict=True):
+            try:
+                jobs = [api.submit("proof_features", m["id"], selection.input_id, params)
+                        for m in siblings]
+                jobs = ui.follow(jobs, api.job, key="proof_siblings", cancel=api.cancel,
+                                 text=lambda js: "proving on the other training methods")
+            except ApiError as exc:
+                st.error(str(exc))
+                jobs = []
+            for col, model, job in zip(st.columns(len(siblings)), siblings, jobs, strict=False):
                 training = (model.get("card") or {}).get("training", model["name"])
-                with col, st.spinner(f"proving on {model['name']}"):
+                with col:
+                    if job["status"] != "finished":
+                        st.error(job.get("error") or job["status"])
+                        continue
                     try:
-                        job = api.submit("proof_features", model["id"], selection.input_id, params)
-                        while job["status"] in ("queued", "running"):
-                            time.sleep(0.5)
-                            job = api.job(job["id"])
-                        if job["status"] != "finished":
-                            st.error(job.get("error") or job["status"])
-                            continue
                         other = api.result(job["id"])
                     except ApiError as exc:
                         st.error(str(exc))
