@@ -20,11 +20,13 @@ cols = st.columns(4)
 extra = st.columns(2)
 baseline = extra[0].selectbox("Baseline (masked-out features)", [0.0, 0.5, "blurred"],
                               format_func=lambda b: b if isinstance(b, str) else f"constant {b}")
+solvers, default_solver = ui.choices("saliency", "solver")
 params = {
     "baseline": baseline,
-    "solver": extra[1].selectbox("Solver", ["highs", "bisection", "optimize"],
-                                 format_func={"highs": "HiGHS (MILP)", "bisection": "z3 bisection",
-                                              "optimize": "z3 Optimize"}.get),
+    "solver": extra[1].selectbox("Solver", solvers, index=default_solver,
+                                 format_func=lambda s: {"highs": "HiGHS (MILP)",
+                                                        "bisection": "z3 bisection",
+                                                        "optimize": "z3 Optimize"}.get(s, s)),
     "threshold": cols[0].slider("Threshold", 0.05, 1.0, 0.5, step=0.05,
                                 help="each neuron keeps at least this fraction of its value"),
     "top_k": cols[1].slider("Top-k neurons", 1, 50, 10),

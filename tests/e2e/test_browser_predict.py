@@ -125,20 +125,22 @@ def test_draw_an_input(ui, atlas) -> None:
     its bar on the top row, the model reading it as 7."""
     page = ui.page
     ui.open_sample("", "digits_fc_pgd")  # not whichever model other tests uploaded first
+    ui.wait_idle()
     page.get_by_role("tab", name="Draw").click()
-    canvas = page.locator("canvas.upper-canvas")
-    canvas.wait_for(state="visible")
-    canvas.scroll_into_view_if_needed()
-    box = canvas.bounding_box()
-    assert box is not None
-    page.mouse.move(box["x"] + 40, box["y"] + 12)
-    page.mouse.down()
-    for x, y in [(90, 12), (130, 12), (95, 90), (70, 160)]:  # top bar, then the diagonal
-        page.mouse.move(box["x"] + x, box["y"] + y, steps=8)
-    page.mouse.up()
-    # The canvas sends its strokes to the app on mouse-up; on a loaded machine they can
-    # arrive after the first click, which then answers "Draw something first.": click again.
+    # The canvas sends its strokes to the app on mouse-up. On a loaded machine a rerun can
+    # remount the canvas before they arrive (the first click then answers "Draw something
+    # first."): draw the 7 again and click again.
     for _ in range(4):
+        canvas = page.locator("canvas.upper-canvas")
+        canvas.wait_for(state="visible")
+        canvas.scroll_into_view_if_needed()
+        box = canvas.bounding_box()
+        assert box is not None
+        page.mouse.move(box["x"] + 40, box["y"] + 12)
+        page.mouse.down()
+        for x, y in [(90, 12), (130, 12), (95, 90), (70, 160)]:  # top bar, then the diagonal
+            page.mouse.move(box["x"] + x, box["y"] + y, steps=8)
+        page.mouse.up()
         page.wait_for_timeout(1500)
         ui.wait_idle()
         page.get_by_role("button", name="Use drawing").click()
@@ -147,7 +149,7 @@ def test_draw_an_input(ui, atlas) -> None:
                                    timeout=20_000)
             break
         except PlaywrightTimeoutError:
-            continue
+            ui.screenshot("browser_draw_retry")
     else:
         pytest.fail("the drawing never reached the app")
     ui.wait_idle()
