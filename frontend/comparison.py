@@ -133,12 +133,26 @@ class BatchRun:
             self.cells.batch_ids.append(info["id"])
         self._collect()
 
+    def resume(self, batch_ids: list[str]) -> None:
+        """Follow batches submitted earlier (by a previous run of the page)."""
+        self.cells.batch_ids = list(batch_ids)
+        self.update([self.api.batch(b) for b in batch_ids])
+
+    @property
+    def batches(self) -> list[dict]:
+        """The last record of every batch (``id``, ``status``, ``progress``, children)."""
+        return list(self._batches.values())
+
+    def update(self, batches: list[dict]) -> None:
+        """Take fresh batch records and fetch the results of newly finished children."""
+        self._batches.update((info["id"], info) for info in batches)
+        self._collect()
+
     def poll(self) -> bool:
         """Refresh the active batches and fetch new results; True while any job is active."""
         active = [b for b, info in self._batches.items() if info["status"] != "finished"]
         with ThreadPoolExecutor(HTTP_THREADS) as pool:
-            self._batches.update(zip(active, pool.map(self.api.batch, active), strict=True))
-        self._collect()
+            self.update(list(pool.map(self.api.batch, active)))
         return any(info["status"] != "finished" for info in self._batches.values())
 
     def cancel(self) -> None:
@@ -177,7 +191,9 @@ class BatchRun:
 
 def run(api: ApiClient, comparison: Plan, on_update: Callable[[Cells], None] | None = None,
         poll_s: float = POLL_SECONDS) -> Cells:
-    """Run the comparison to the end, calling ``on_update`` with the cells after each poll."""
+    """Run the comparison to the end without a UI (tests, scripts), calling ``on_update``
+    with the cells after each poll. The Compare page follows a :class:`BatchRun` through
+    ``components.follow`` instead, like every other page."""
     batch = BatchRun(api, comparison)
     batch.submit()
     while True:

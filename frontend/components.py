@@ -620,10 +620,14 @@ def _current_job(
 
 def follow(items: list[dict], fetch: Callable[[str], dict], *, key: str,
            text: Callable[[list[dict]], str],
-           cancel: Callable[[str], dict] | None = None) -> list[dict]:
+           cancel: Callable[[str], dict] | None = None,
+           on_poll: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Poll jobs or batches (both have ``id``, ``status`` and ``progress``) until none is
     queued or running, with one progress bar (their mean progress) and a Cancel button;
-    returns their last records. Every page waits on the service through this."""
+    returns their last records. ``on_poll`` sees the records after every poll (partial
+    results). Every page waits on the service through this."""
+    if on_poll is not None:
+        on_poll(items)
     if not any(i["status"] in ACTIVE for i in items):
         return items
     bar = st.progress(0.0)
@@ -636,6 +640,8 @@ def follow(items: list[dict], fetch: Callable[[str], dict], *, key: str,
                      text=text(items))
         time.sleep(POLL_SECONDS)
         items = [fetch(i["id"]) if i["status"] in ACTIVE else i for i in items]
+        if on_poll is not None:
+            on_poll(items)
     bar.empty()
     cancel_slot.empty()
     return items

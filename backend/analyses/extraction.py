@@ -69,7 +69,7 @@ def check(summary: dict, params: Params) -> None:
 
 def run(ctx: JobContext, params: Params) -> dict:
     check(ctx.net.summary(), params)
-    lo, hi = (ctx.card.get("input_range") or [-1.0, 1.0])[:2]
+    lo, hi = ctx.input_range
     width = hi - lo
     net = ctx.net
     dim = math.prod(net.input_shape)

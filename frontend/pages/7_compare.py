@@ -106,6 +106,8 @@ clicked = st.button("Compare", type="primary", disabled=not ready,
 if clicked or (query.get("run") == "1" and st.session_state.get("cmp_config") is None):
     st.session_state["cmp_config"] = config
     st.session_state["cmp_started"] = datetime.now(UTC)
+    if clicked:  # a new run, not the batches of the last one (which may have been cancelled)
+        st.session_state.pop("cmp_batches_for", None)
 
 # the URL reopens this comparison
 url = {"models": ",".join(chosen), "mode": "batch" if mode == "Batch" else "one",
@@ -219,17 +221,14 @@ def _render(cells: comparison.Cells, key: str) -> list:
 if mode == "One input" and input_ids[0].startswith("upload:"):
     comparison.share_input(api, anchor["id"], input_ids[0], chosen)
 
-bar = st.progress(0.0, text=f"{todo.total} cells")
-cancel = st.empty()
 board = st.empty()
 state = {"drawn_at": 0.0, "round": 0, "done": -1}
 
 
-def _on_update(cells: comparison.Cells) -> None:
-    """Overall progress every poll; the partial figures at most every few seconds."""
-    st.session_state["cmp_batches"] = list(cells.batch_ids)
-    bar.progress(min(1.0, cells.progress),
-                 text=f"{cells.done} of {cells.total} cells done ({100 * cells.progress:.0f}%)")
+def _on_update(run: comparison.BatchRun, batches: list[dict]) -> None:
+    """New results after every poll; the partial figures at most every few seconds."""
+    run.update(batches)
+    cells = run.cells
     now = datetime.now(UTC).timestamp()
     if cells.done != state["done"] and now - state["drawn_at"] > RERENDER_SECONDS:
         state.update(drawn_at=now, done=cells.done, round=state["round"] + 1)
@@ -238,25 +237,35 @@ def _on_update(cells: comparison.Cells) -> None:
             _render(cells, f"partial{state['round']}")
 
 
+def _follow() -> comparison.Cells:
+    """Submit the comparison's batches once per configuration (a rerun, such as the one a
+    Cancel click makes, follows the same batches) and wait for them on the page."""
+    run = comparison.BatchRun(api, todo)
+    if st.session_state.get("cmp_batches_for") == config:
+        run.resume(st.session_state["cmp_batches"])
+    else:
+        run.submit()
+        st.session_state.update(cmp_batches=list(run.cells.batch_ids), cmp_batches_for=config)
+    batches = ui.follow(
+        run.batches, api.batch, key="cmp", cancel=api.cancel_batch,
+        text=lambda _: f"{run.cells.done} of {run.cells.total} cells done",
+        on_poll=lambda batches: _on_update(run, batches))
+    run.update(batches)
+    return run.cells
+
+
 cached = st.session_state.get("cmp_cells")
 if cached and cached[0] == config:
     cells = cached[1]
 else:
-    if cancel.button("Cancel", icon=":material/stop:", key="cmp_cancel"):
-        st.session_state.pop("cmp_config", None)
-        for batch_id in st.session_state.pop("cmp_batches", []):
-            api.cancel_batch(batch_id)
-        st.query_params.pop("run", None)
-        st.rerun()
     try:
-        cells = comparison.run(api, todo, _on_update)
+        cells = _follow()
     except ApiError as exc:
         st.error(str(exc))
         st.stop()
     if not cells.errors:
         st.session_state["cmp_cells"] = (config, cells)
-cancel.empty()
-bar.progress(1.0, text=f"{cells.done} of {cells.total} cells done")
+st.caption(f"{cells.done} of {cells.total} cells done")
 if cells.errors:
     st.warning(f"{len(cells.errors)} of {cells.total} cells failed; first: "
                + "; ".join(f"{analysis} on {input_id}: {err}"

@@ -20,6 +20,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -244,7 +245,11 @@ def _tightened(
     return lo.reshape(shape), hi.reshape(shape)
 
 
-Encoder = Callable[..., np.ndarray]
+Interval = tuple[np.ndarray, np.ndarray]
+# (program, layer, its input shape, the inputs' variables, their bounds, the output's bounds,
+#  the layer's fixed phases, margin, the inputs' scales, the output's scale) -> output variables
+Encoder = Callable[[Program, Any, tuple[int, ...], list[np.ndarray], list[Interval], Interval,
+                    tuple[list[int], list[int]] | None, float, list[float], float], np.ndarray]
 _ENCODERS: KindTable[Encoder] = KindTable("no MILP encoding for")
 
 

@@ -20,6 +20,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,8 +33,8 @@ from app.analyses.patterns.verify import (
     InputDomain,
     Method,
     Verdict,
-    _confirm,
     check_property,
+    confirm_counterexample,
 )
 from app.errors import InvalidInputError
 from app.layers import Add, AffineLayer, KindTable, MaxPool2d, ReLU
@@ -212,7 +213,8 @@ def _check_affine(net, net64, x64, a, b, m, c, domain, phases, target, lowest) -
                            "input lies in the polytope (numerical trouble)")
         distance = -res.fun + const / size
         if distance > 0:
-            found = _confirm(net, net64, res.x, phases, target, lowest, domain, toward=x64)
+            found = confirm_counterexample(net, net64, res.x, phases, target, lowest, domain,
+                                           toward=x64)
             if found is not None:
                 x, cls = found
                 return Verdict("counterexample", time.perf_counter() - start,
@@ -234,7 +236,11 @@ def _check_affine(net, net64, x64, a, b, m, c, domain, phases, target, lowest) -
                    "network is affine there: one LP per rival)", worst_margin=float(worst))
 
 
-Symbolic = Callable[..., tuple]
+Affine = tuple[np.ndarray, np.ndarray]  # (M, c): a node's values as M @ x + c
+# (layer, its input shape, the inputs' affine maps, the inputs' values at the point) ->
+# (the output's map, the rows (A, b) it adds to the polytope, the ReLU phase or None)
+Symbolic = Callable[[Any, tuple[int, ...], list[Affine], list[np.ndarray]],
+                    tuple[Affine, Affine, Any]]
 _SYMBOLIC: KindTable[Symbolic] = KindTable("no pattern polytope for")
 
 

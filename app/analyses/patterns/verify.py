@@ -181,8 +181,8 @@ def check_property(
             return _infeasible(start, witness)
         bound = _upper_bound(res)  # of the gap over the output scale
         if res.x is not None and res.fun is not None and res.fun > TOLERANCE:
-            found = _confirm(net, net64, enc.inputs(res.x), phases, target, lowest, domain,
-                             toward=witness)
+            found = confirm_counterexample(net, net64, enc.inputs(res.x), phases, target,
+                                           lowest, domain, toward=witness)
             if found is None:
                 found = _repair(net, net64, phases, domain, j, target, lowest, left, witness)
             if found is not None:
@@ -233,7 +233,7 @@ def _check_by_splitting(net, net64, phases, domain, target, lowest, timeout, pro
 
     def confirm(x: np.ndarray, lo: Tensor, hi: Tensor):
         box = InputDomain(lo.reshape(net.input_shape), hi.reshape(net.input_shape))
-        return _confirm(net, net64, x, phases, target, lowest, box)
+        return confirm_counterexample(net, net64, x, phases, target, lowest, box)
 
     status, message, found, worst = split_check(
         net, net64, phases, domain.lo, domain.hi, target, lowest, timeout, leaf_check, confirm,
@@ -265,7 +265,8 @@ def _falsify(net, net64, phases, domain, target, lowest, known=None, samples: in
     y = outs[-1].reshape(xs.shape[0], -1)
     ok = premise & ((y.argmin(1) if lowest else y.argmax(1)) != target)
     for k in torch.nonzero(ok).reshape(-1)[:5].tolist():
-        found = _confirm(net, net64, xs[k].reshape(-1).numpy(), phases, target, lowest, domain)
+        found = confirm_counterexample(net, net64, xs[k].reshape(-1).numpy(), phases, target,
+                                       lowest, domain)
         if found is not None:
             return found, witness
     return None, witness
@@ -297,12 +298,13 @@ def _repair(net, net64, phases, domain, rival, target, lowest, left, witness=Non
     res = enc.program.solve(_objective(enc, rival, target, lowest), max(0.5, left))
     if res.x is None or res.fun is None or res.fun <= MARGIN:
         return None
-    return _confirm(net, net64, enc.inputs(res.x), phases, target, lowest, domain,
-                    toward=witness)
+    return confirm_counterexample(net, net64, enc.inputs(res.x), phases, target, lowest,
+                                  domain, toward=witness)
 
 
-def _confirm(net, net64, x_flat, phases, target, lowest, domain,
-             toward: Tensor | None = None) -> tuple[Tensor, int] | None:
+def confirm_counterexample(net: Network, net64: Network, x_flat: np.ndarray | Tensor,
+                           phases: Phases, target: int, lowest: bool, domain: InputDomain,
+                           toward: Tensor | None = None) -> tuple[Tensor, int] | None:
     """``(x, class)``: ``x`` projected into the domain, in float64, when forward passes (float64
     and the model's dtype) confirm that it satisfies the premise and changes the decision.
 
