@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from app.bounds import analyze, float64, fold_last_layer
+from app.errors import InvalidInputError
 from app.layers import AffineLayer, ReLU
 from app.network import INPUT, Network
 from app.progress import ProgressFn, report
@@ -87,7 +88,9 @@ def chain(net: Network, lo: Tensor, hi: Tensor, spec: Tensor, offset: Tensor,
             if isinstance(layer, ReLU):
                 prev = net.inputs[i][0]
                 if prev == INPUT:
-                    raise ValueError("a ReLU on the input itself is not a chain of affine maps")
+                    raise InvalidInputError(
+                        "branch and bound: a ReLU on the input itself is not a chain of "
+                        "affine maps and ReLUs")
                 weights.append(w)
                 biases.append(b)
                 lower.append(alpha.bounds(prev)[0][0].reshape(-1).clone())
