@@ -76,6 +76,7 @@ JOBS: dict[str, tuple[str, str, str | None, dict]] = {
                                       "thumbnails": 2}),
     "patterns_verify": (FC, "patterns_verify", None, {"layer": 1, "on": [0], "target": 0,
                                                       "timeout": 5}),
+    "patterns_coverage": (FC, "patterns_coverage", None, {"n_inputs": 200, "coverage": 10}),
     "extraction": (FC, "extraction", None, {"budget": 20_000, "max_hidden_layers": 1}),
 }
 

@@ -5,6 +5,13 @@
   pattern polytope's radius.
 * ``patterns_verify``: verify one rule. ``POST /api/patterns/verify`` fans many rules out as
   one batch of these (one Dask task per rule, progress and cancel per rule).
+* ``patterns_coverage``: one model's proven coverage of held-out inputs and its distilled
+  rule list's fidelity, without an input (the Compare page's per-model cell).
+
+A rule refuted on its domain comes with what can still be proven about the inputs it covers:
+the rule restricted by more literals (:func:`refine_rule`) and the input properties of a few
+covered inputs (the polytope of each one's pattern up to the rule's layer, Prophecy's form),
+each with its verdict and its extent in input space.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from pydantic import BaseModel, Field
 
 from app.analyses.patterns import (
     InputDomain,
+    MinedRules,
     Rule,
     distill,
     input_property,
@@ -26,7 +34,7 @@ from app.analyses.patterns import (
     rules_firing,
     verify_rule,
 )
-from app.analyses.patterns.rules import relu_node
+from app.analyses.patterns.rules import decisions, relu_node
 from app.errors import InvalidInputError
 from backend.analyses.base import Analysis, JobContext, jsonable, register
 
@@ -54,23 +62,13 @@ class Params(BaseModel):
                         "to find a restriction that is proven (0: do not refine)")
     coverage: int = Field(40, ge=0, le=1000, description="held-out inputs whose input "
                           "property is decided for the proven coverage (0: skip)")
+    properties: int = Field(3, ge=0, le=10, description="covered inputs whose input property "
+                            "is decided for each refuted rule (0: none)")
 
 
 def run(ctx: JobContext, params: Params) -> dict:
-    if params.layer == 0:
-        raise InvalidInputError("layer counts ReLU layers from 1 (or from the end with -1)")
-    # labels are not used: the rules explain the network's own decisions
-    xs = (ctx.load_dataset(params.dataset_id)[0] if params.dataset_id
-          else ctx.gallery(params.n_inputs)[0])
-    if len(xs) < 10:
-        source = "the dataset" if params.dataset_id else "this model's gallery"
-        raise InvalidInputError(f"mining needs at least 10 inputs; {source} has {len(xs)}")
-    xs = xs.to(ctx.net.dtype)
+    xs, mined = _mine(ctx, params)
     lo, hi = ctx.input_range
-    ctx.progress(0.02, "mining rules")
-    mined = mine_rules(ctx.net, xs, layer=params.layer, target=params.target,
-                       min_support=params.min_support, min_precision=params.min_precision,
-                       max_depth=params.max_depth, lowest=params.lowest)
     held = xs[mined.heldout]
     rows = []
     todo = mined.rules[: params.verify]
@@ -79,7 +77,8 @@ def run(ctx: JobContext, params: Params) -> dict:
         covered = held[rule.fires(ctx.net, held)]
         row = rule.to_dict() | {"status": "not verified", "seconds": None, "message": "",
                                 "counterexample": None, "counterexample_class": None,
-                                "covered": covered[: params.thumbnails]}
+                                "covered": covered[: params.thumbnails], "refined": None,
+                                "properties": None}
         if k < len(todo):
             ctx.progress(0.05 + 0.8 * k / len(todo), f"verifying rule {k + 1} of {len(todo)}")
             if params.domain == "box" or not len(covered):
@@ -91,7 +90,7 @@ def run(ctx: JobContext, params: Params) -> dict:
             verdicts.append(verdict)
             row |= {"status": verdict.status, "seconds": verdict.seconds,
                     "message": verdict.message, "counterexample": verdict.counterexample,
-                    "counterexample_class": verdict.counterexample_class, "refined": None}
+                    "counterexample_class": verdict.counterexample_class}
             if verdict.status == "counterexample" and params.refine:
                 ref = refine_rule(ctx.net, rule, domain, held, max_steps=params.refine,
                                   timeout=params.timeout, method=params.method, first=verdict)
@@ -102,28 +101,15 @@ def run(ctx: JobContext, params: Params) -> dict:
                                   "outcome": ref.outcome, "support": ref.support,
                                   "message": ref.verdict.message,
                                   "literals_added": len(ref.steps) - 1}
+            if verdict.status == "counterexample" and params.properties:
+                row["properties"] = _covered_properties(ctx, rule, held, params)
         rows.append(row)
     ctx.progress(0.8, "distilling rule lists")
-    tradeoff = []
-    for literals in ("threshold", "pattern"):
-        for size in (10, 30, 100, None):
-            listed = distill(ctx.net, xs, layer=params.layer, literals=literals, max_depth=None,
-                             max_rules=size, augment=10, input_range=(lo, hi),
-                             lowest=params.lowest)
-            tradeoff.append({"literals": literals, "max_rules": size,
-                             "rules": len(listed.rules), "fidelity": listed.fidelity})
-            if literals == "threshold" and size == 100:
-                rule_list = listed
+    tradeoff, rule_list = _tradeoff(ctx, xs, params.layer, params.lowest)
     coverage = None
     if params.coverage:
         ctx.progress(0.86, "proven coverage of held-out inputs")
-        on_box = params.domain == "box"  # rules proven on the box cover what they fire on
-        cov = proven_coverage(
-            ctx.net, held[: params.coverage], InputDomain.box(ctx.net, lo, hi),
-            layer=params.layer, lowest=params.lowest, eps=None if on_box else params.eps,
-            rules=todo if on_box else [], verdicts=verdicts if on_box else [],
-            timeout=min(params.timeout, 5.0))
-        coverage = cov.to_dict() | {"domain": params.domain}
+        coverage = _coverage(ctx, held, params, todo, verdicts)
     current = None
     if ctx.x is not None:
         ctx.progress(0.92, "explaining the current input")
@@ -146,6 +132,143 @@ def run(ctx: JobContext, params: Params) -> dict:
         "rules": rows, "fidelity": rule_list.fidelity, "rule_list_size": len(rule_list.rules),
         "rule_list_literals": "threshold", "rule_list_tradeoff": tradeoff,
         "proven_coverage": coverage, "current": current,
+    })
+
+
+def _mine(ctx: JobContext, params) -> tuple[torch.Tensor, MinedRules]:
+    """The inputs (gallery or uploaded dataset) and the rules mined from them; the held-out
+    split depends only on how many inputs there are, so every job on them shares it."""
+    if params.layer == 0:
+        raise InvalidInputError("layer counts ReLU layers from 1 (or from the end with -1)")
+    # labels are not used: the rules explain the network's own decisions
+    xs = (ctx.load_dataset(params.dataset_id)[0] if params.dataset_id
+          else ctx.gallery(params.n_inputs)[0])
+    if len(xs) < 10:
+        source = "the dataset" if params.dataset_id else "this model's gallery"
+        raise InvalidInputError(f"mining needs at least 10 inputs; {source} has {len(xs)}")
+    xs = xs.to(ctx.net.dtype)
+    ctx.progress(0.02, "mining rules")
+    mined = mine_rules(ctx.net, xs, layer=params.layer, target=params.target,
+                       min_support=params.min_support, min_precision=params.min_precision,
+                       max_depth=params.max_depth, lowest=params.lowest)
+    return xs, mined
+
+
+def _tradeoff(ctx: JobContext, xs: torch.Tensor, layer: int, lowest: bool):
+    """Rule lists of several sizes with threshold and on/off literals: ``(rows, the list of
+    at most 100 threshold rules)``, each row its size and fidelity on held-out inputs."""
+    lo, hi = ctx.input_range
+    rows, chosen = [], None
+    for literals in ("threshold", "pattern"):
+        for size in (10, 30, 100, None):
+            listed = distill(ctx.net, xs, layer=layer, literals=literals, max_depth=None,
+                             max_rules=size, augment=10, input_range=(lo, hi), lowest=lowest)
+            rows.append({"literals": literals, "max_rules": size,
+                         "rules": len(listed.rules), "fidelity": listed.fidelity})
+            if literals == "threshold" and size == 100:
+                chosen = listed
+    return rows, chosen
+
+
+def _coverage(ctx: JobContext, held: torch.Tensor, params, rules: list, verdicts: list) -> dict:
+    """Proven coverage of the first ``params.coverage`` held-out inputs: on the box, rules
+    proven there cover the inputs they fire on and conclude; otherwise each input's property
+    (its pattern polytope at ``params.layer``) is decided on the box or on its eps-ball."""
+    lo, hi = ctx.input_range
+    on_box = params.domain == "box"
+    cov = proven_coverage(
+        ctx.net, held[: params.coverage], InputDomain.box(ctx.net, lo, hi),
+        layer=params.layer, lowest=params.lowest, eps=None if on_box else params.eps,
+        rules=rules if on_box else [], verdicts=verdicts if on_box else [],
+        timeout=min(params.timeout, 5.0))
+    return cov.to_dict() | {"domain": params.domain, "per_input": cov.statuses}
+
+
+def _covered_properties(ctx: JobContext, rule: Rule, held: torch.Tensor, params) -> list[dict]:
+    """Input properties of the first ``params.properties`` held-out inputs a refuted rule
+    covers (it fires on them and the network decides its class): the polytope of each one's
+    pattern up to the rule's layer, decided on the rule's domain (the box, or the input's own
+    eps-ball), and where the box fails, on the eps-ball too; with its extent in input space."""
+    lo, hi = ctx.input_range
+    net = ctx.net
+    fires = rule.fires(net, held)
+    decided = decisions(net.with_dtype(torch.float64), held.to(torch.float64), rule.lowest)
+    chosen = held[fires & torch.from_numpy(decided == rule.target)][: params.properties]
+    seconds = min(params.timeout, 5.0)
+    out = []
+    for x in chosen:
+        ball = InputDomain.linf_ball(net, x, params.eps, clip=(lo, hi))
+        domain = InputDomain.box(net, lo, hi) if params.domain == "box" else ball
+        poly = input_property(net, x, domain, layer=rule.layer, target=rule.target,
+                              lowest=rule.lowest, count_facets=False, timeout=seconds,
+                              method=params.method)
+        v = poly.verdict
+        item = {"input": x, "domain": params.domain, "status": v.status, "message": v.message,
+                "seconds": v.seconds, "counterexample": v.counterexample,
+                "counterexample_class": v.counterexample_class,
+                "num_constraints": poly.num_constraints, "radius_linf": poly.radius_linf,
+                "radius_l2": poly.radius_l2, "chebyshev_linf": poly.chebyshev_linf[0],
+                "chebyshev_l2": poly.chebyshev_l2[0], "ball": None}
+        if params.domain == "box" and v.status != "proven":
+            inner = input_property(net, x, ball, layer=rule.layer, target=rule.target,
+                                   lowest=rule.lowest, count_facets=False, timeout=seconds,
+                                   method=params.method)
+            item["ball"] = {"eps": params.eps, "status": inner.verdict.status,
+                            "message": inner.verdict.message,
+                            "chebyshev_linf": inner.chebyshev_linf[0]}
+        out.append(item)
+    return out
+
+
+class CoverageParams(BaseModel):
+    """The ``patterns`` job's settings that its proven coverage and rule list depend on."""
+
+    layer: int = Field(-1, ge=-8, le=8, description="ReLU layer (1 = first, -1 = last; not 0)")
+    lowest: bool = Field(False, description="the decision is the lowest score (ACAS Xu)")
+    n_inputs: int = Field(600, ge=20, le=5000, description="gallery inputs (held-out split)")
+    dataset_id: str | None = Field(
+        None, pattern=r"^dataset:[0-9a-f]{64}$",
+        description="use this uploaded dataset (all of it) instead of the gallery")
+    target: int | None = Field(None, ge=0, le=999, description="class the rules are mined for")
+    min_support: int = Field(5, ge=1, le=1000)
+    min_precision: float = Field(0.9, ge=0.5, le=1.0)
+    max_depth: int = Field(8, ge=1, le=20, description="decision-tree depth")
+    domain: Literal["ball", "box"] = Field(
+        "ball", description="ball: each input's eps-ball; box: the input range, where rules "
+                            "proven on it cover the inputs they fire on")
+    eps: float = Field(0.05, gt=0.0, le=1.0, description="L-inf radius of the balls")
+    verify: int = Field(5, ge=0, le=50, description="box: rules verified on it first")
+    timeout: float = Field(20.0, ge=1.0, le=300.0, description="seconds per rule (each "
+                           "input property gets at most 5)")
+    method: Literal["auto", "milp", "split"] = "auto"
+    coverage: int = Field(40, ge=1, le=1000, description="held-out inputs checked")
+
+
+def run_coverage(ctx: JobContext, params: CoverageParams) -> dict:
+    """The ``patterns`` job's proven coverage and rule-list fidelity alone, same numbers for
+    the same settings (the same held-out inputs, rules and verdicts)."""
+    xs, mined = _mine(ctx, params)
+    held = xs[mined.heldout]
+    lo, hi = ctx.input_range
+    rules = mined.rules[: params.verify] if params.domain == "box" else []
+    verdicts = []
+    for k, rule in enumerate(rules):
+        ctx.progress(0.05 + 0.5 * k / len(rules), f"verifying rule {k + 1} of {len(rules)}")
+        verdicts.append(verify_rule(ctx.net, rule, InputDomain.box(ctx.net, lo, hi),
+                                    timeout=params.timeout, method=params.method,
+                                    known=held[rule.fires(ctx.net, held)]))
+    ctx.progress(0.55, "distilling rule lists")
+    tradeoff, rule_list = _tradeoff(ctx, xs, params.layer, params.lowest)
+    ctx.progress(0.6, "proven coverage of held-out inputs")
+    coverage = _coverage(ctx, held, params, rules, verdicts)
+    return jsonable({
+        "layer": mined.layer, "num_inputs": len(xs), "num_heldout": int(len(mined.heldout)),
+        "source": params.dataset_id or "gallery", "heldout": mined.heldout[: params.coverage],
+        "domain": params.domain, "eps": params.eps,
+        "rules_proven": sum(v.status == "proven" for v in verdicts),
+        "rules_verified": len(verdicts), "proven_coverage": coverage,
+        "fidelity": rule_list.fidelity, "rule_list_size": len(rule_list.rules),
+        "rule_list_tradeoff": tradeoff,
     })
 
 
@@ -203,4 +326,12 @@ register(Analysis(
                 "over the gallery), verify each rule with a MILP (proven / counterexample / "
                 "unknown), and explain the input by the rules that fire on it.",
     params=Params, run=run,
+))
+
+register(Analysis(
+    name="patterns_coverage", title="Proven coverage",
+    description="The share of held-out inputs whose decision a proven pattern rule or their "
+                "own input property (the polytope of their activation pattern) implies, and "
+                "how faithful a distilled rule list is: one number per model.",
+    params=CoverageParams, run=run_coverage, needs_input=False,
 ))

@@ -45,6 +45,46 @@ def reverify(result: dict, rule: dict, index: int) -> None:
                 st.caption(f"counterexample: class {verdict['counterexample_class']} wins")
 
 
+def refuted(result: dict, rule: dict) -> None:
+    """What a refuted rule still offers: its counterexample, the rule restricted by more
+    literals, and the input properties of the inputs it covers, each with its own verdict."""
+    where = ("the input box" if result["domain"] == "box" else
+             f"the eps {result['eps']:g} ball around the first input it covers")
+    st.markdown(f"**Counterexample** on {where}: an input whose pattern satisfies the rule "
+                f"gets class {rule['counterexample_class']} instead of {rule['target']} "
+                "(confirmed by a forward pass; the last thumbnail below).")
+    st.markdown("**What can be proven instead**")
+    refined = rule.get("refined")
+    if refined:
+        outcome = {
+            "proven": "**proven**",
+            "no support": "not found: every literal that excludes the counterexample drops "
+                          "all the inputs the rule covers",
+            "counterexample": f"still refuted after {refined['literals_added']} literals "
+                              "(the step limit)",
+            "unknown": f"unknown ({refined['message']})",
+        }.get(refined["outcome"], refined["outcome"])
+        st.markdown(f"The rule restricted by {refined['literals_added']} more literals: "
+                    f"`{refined['text']}`: {outcome}; it fires on {refined['support']} "
+                    "held-out inputs it covered.")
+    rows = figures.properties_table(rule)
+    if rows:
+        proven = sum(p["status"] == "proven" or (p["ball"] or {}).get("status") == "proven"
+                     for p in rule["properties"])
+        st.markdown(f"Input properties of {len(rows)} inputs the rule covers (the polytope of "
+                    f"each one's pattern up to L{rule['layer']}): {proven} proven to imply "
+                    f"class {rule['target']}.")
+        st.dataframe(rows, hide_index=True)
+        st.caption("Each property says: every input of the domain with this input's on/off "
+                   "pattern up to the layer gets the rule's class; where the whole box "
+                   "refutes it, the polytope within the input's eps-ball is checked too. Its "
+                   "extent: the largest L-inf ball around the input inside the polytope, and "
+                   "the largest L-inf and L2 balls anywhere inside it (within the domain).")
+    elif not refined:
+        st.caption("The job neither refined this rule nor checked input properties "
+                   "(both set to 0).")
+
+
 def _rule_spec(rule: dict, ball: bool) -> dict | None:
     """The rule as ``POST /api/patterns/verify`` takes it; None if a ball has no centre."""
     spec = {k: rule[k] for k in ("layer", "on", "off", "target", "lowest")}
@@ -156,12 +196,24 @@ if result:
     rules = result["rules"]
     proven = sum(r["status"] == "proven" for r in rules)
     st.subheader(f"{len(rules)} rules at L{result['layer']}, {proven} proven")
-    m = st.columns(3)
+    m = st.columns(4)
     m[0].metric("Held-out inputs", result["num_heldout"])
     m[1].metric("Neurons in the layer", result["num_neurons"])
     m[2].metric("Rule-list fidelity", f"{result['fidelity']:.1%}",
                 help=f"a distilled list of {result['rule_list_size']} rules agrees with the "
                      "network on this share of held-out inputs")
+    coverage = result.get("proven_coverage")
+    if coverage:
+        m[3].metric("Proven coverage", f"{coverage['fraction']:.1%}",
+                    help="the share of held-out inputs whose decision a proven rule or their "
+                         "own input property implies (Geng et al., ICML 2023)")
+        st.caption(figures.coverage_summary(coverage))
+    with st.expander("Rule-list size vs fidelity"):
+        ui.show_figure(figures.tradeoff(result), "pattern_rule_list_tradeoff")
+        st.caption("Decision trees over the layer's pre-activations (threshold literals) or "
+                   "its on/off pattern, cut to at most 10, 30 or 100 leaves or left whole; "
+                   "fidelity is measured on the held-out inputs. The circled list is the one "
+                   "reported above.")
     if rules:
         try:
             verdicts = verify_all(selection.model_id, result,
@@ -185,6 +237,8 @@ if result:
         rule = rules[chosen]
         st.markdown(f"**{rule['text']}** — {rule['status']}"
                     + (f" ({rule['message']})" if rule["message"] else ""))
+        if rule["status"] == "counterexample":
+            refuted(result, rule)
         reverify(result, rule, chosen)
         ui.show_figure(figures.rule_neurons(result, chosen), "pattern_rule_neurons")
         ui.show_figure(figures.covered_inputs(result, chosen), "pattern_rule_inputs")
