@@ -23,6 +23,7 @@ from frontend.client import ApiClient
 
 POLL_SECONDS = 0.5
 HTTP_THREADS = 8
+BISECTED = ("interval", "deepz", "crown")  # largest-eps bars always shown, beside the chosen one
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class CompareParams:
 
     eps: float = 0.05  # proof features: L-inf radius proven
     method: str = "crown"  # bound method of the proofs and of the certified-accuracy curve
+    time_limit_s: float = 10.0  # per input and method: branch and bound, the eps bisection
     eps_max: float = 0.5  # largest certified eps: bisection range ...
     tol: float = 1e-3  # ... and tolerance
     length: float = 0.3  # linear regions: L-inf length of the FGSM and random segments
@@ -57,15 +59,28 @@ class CompareParams:
 # analysis name -> the parameters its job gets: those its own page sends
 CELLS: dict[str, Callable[[CompareParams], dict]] = {
     "predict": lambda p: {},
-    "proof_features": lambda p: {"eps": p.eps, "method": p.method},
-    "proof_eps": lambda p: {"eps_max": p.eps_max, "tol": p.tol},
+    "proof_features": lambda p: {"eps": p.eps, "method": p.method,
+                                 "time_limit_s": p.time_limit_s},
+    "proof_eps": lambda p: {"eps_max": p.eps_max, "tol": p.tol,
+                            "methods": list(dict.fromkeys([*BISECTED, p.method])),
+                            "time_limit_s": p.time_limit_s},
     "linear_regions_line": lambda p: {"mode": "direction", "direction": "fgsm",
                                       "length": p.length,
                                       "random_directions": p.random_directions},
     "saliency": lambda p: {"top_k": p.top_k, "threshold": p.threshold},
 }
 
-Cell = tuple[str, str, str]  # (model_id, input_id, analysis)
+# analysis name -> the parameters of a per-model cell: one job per model, no input
+MODEL_CELLS: dict[str, Callable[[CompareParams], dict]] = {
+    "patterns_coverage": lambda p: {"eps": p.eps},  # proven coverage on eps-balls
+}
+
+Cell = tuple[str, str | None, str]  # (model_id, input_id, analysis); no input: a model cell
+
+
+def cell_params(analysis: str, params: CompareParams) -> dict:
+    """The parameters the cells of ``analysis`` get (what its own page sends)."""
+    return (MODEL_CELLS if analysis in MODEL_CELLS else CELLS)[analysis](params)
 
 
 @dataclass(frozen=True)
@@ -79,18 +94,24 @@ class Plan:
 
     @property
     def total(self) -> int:
-        return len(self.model_ids) * len(self.input_ids) * len(self.analyses)
+        return sum(len(self.model_ids) * len(self.inputs_of(a)) for a in self.analyses)
+
+    def inputs_of(self, analysis: str) -> tuple[str | None, ...]:
+        """The inputs ``analysis`` runs on: every input, or none for a per-model cell."""
+        return (None,) if analysis in MODEL_CELLS else self.input_ids
 
     def cells(self) -> list[Cell]:
-        return [(m, i, a) for a in self.analyses for m in self.model_ids for i in self.input_ids]
+        return [(m, i, a) for a in self.analyses for m in self.model_ids
+                for i in self.inputs_of(a)]
 
 
 def plan(model_ids: Iterable[str], input_ids: Iterable[str], params: CompareParams,
          available: Iterable[str] | None = None) -> Plan:
-    """The comparison of every model on every input, by every cell analysis the service has."""
-    offered = set(CELLS if available is None else available)
+    """The comparison of every model on every input, by every cell analysis the service has
+    (and the per-model ones, once per model)."""
+    offered = set([*CELLS, *MODEL_CELLS] if available is None else available)
     return Plan(tuple(dict.fromkeys(model_ids)), tuple(dict.fromkeys(input_ids)), params,
-                tuple(a for a in CELLS if a in offered))
+                tuple(a for a in [*CELLS, *MODEL_CELLS] if a in offered))
 
 
 @dataclass
@@ -127,8 +148,9 @@ class BatchRun:
     def submit(self) -> None:
         p = self.plan
         for analysis in p.analyses:
-            info = self.api.submit_batch(analysis, list(p.model_ids), list(p.input_ids),
-                                         CELLS[analysis](p.params))
+            info = self.api.submit_batch(analysis, list(p.model_ids),
+                                         list(p.inputs_of(analysis)),
+                                         cell_params(analysis, p.params))
             self._batches[info["id"]] = info
             self.cells.batch_ids.append(info["id"])
         self._collect()
@@ -240,6 +262,9 @@ class ModelSummary:
     fgsm_density: list[float]  # linear pieces per unit length along FGSM, per input
     random_density: list[float]  # ... and along random directions (mean of the directions)
     sparsity: list[float]  # SMT mask size / feature groups, per input
+    # the model's proven coverage of held-out gallery inputs (``patterns_coverage``), if run
+    proven_coverage: dict | None = None
+    rule_list_fidelity: float | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -248,7 +273,8 @@ class ModelSummary:
 def summarize(cells: Cells, model_ids: list[str], input_ids: list[str],
               params: CompareParams, grid_points: int = 51) -> list[ModelSummary]:
     """Per model: accuracy, certified accuracy vs eps, proof-feature counts, region density
-    along FGSM and random directions, saliency sparsity.
+    along FGSM and random directions, saliency sparsity; the proven coverage of held-out
+    gallery inputs and the rule-list fidelity from the model's ``patterns_coverage`` cell.
 
     Certified accuracy at eps counts inputs predicted correctly whose largest certified eps
     (``params.method``, by bisection) is at least eps; an input without a known label counts
@@ -262,6 +288,7 @@ def summarize(cells: Cells, model_ids: list[str], input_ids: list[str],
             return [(i, r) for i, r in found if r is not None]
 
         predictions = dict(column("predict"))
+        coverage = cells.get(model_id, None, "patterns_coverage")
         correct = [p["correct"] for p in predictions.values()]
         largest = [r["largest_eps"][params.method] if predictions[i]["correct"] is not False
                    else -1.0 for i, r in column("proof_eps") if i in predictions]
@@ -280,5 +307,7 @@ def summarize(cells: Cells, model_ids: list[str], input_ids: list[str],
             random_density=[r["random_density"] for r in lines],
             sparsity=[r["mask_size"] / r["num_groups"] for _, r in column("saliency")
                       if r["mask_size"] is not None and r["num_groups"]],
+            proven_coverage=coverage["proven_coverage"] if coverage else None,
+            rule_list_fidelity=coverage["fidelity"] if coverage else None,
         ))
     return out

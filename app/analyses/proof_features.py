@@ -18,6 +18,7 @@ features. Following the paper's code (uiuc-focal-lab/Profit, ``sparsification_ut
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,6 +68,7 @@ class ProofFeatures:
     pruned_margin: float  # margin lower bound with only the kept features
     sufficient: bool  # re-verified: the property holds with only the kept features
     gradient_maps: np.ndarray  # [len(kept), *input_shape]
+    note: str = ""  # what the features are of, where that is not the certificate's own proof
 
     @property
     def num_features(self) -> int:
@@ -113,8 +115,16 @@ def _proven_by_bab(net: Network, lo: Tensor, hi: Tensor, label: int, time_limit:
 
 def proof_features(net: Network, x: Tensor, label: int, eps: float, method: str = "crown",
                    domain: Domain = (0.0, 1.0),
-                   progress: ProgressFn | None = None) -> ProofFeatures:
-    """Extract, prioritise and prune the proof features of the eps-ball at ``x``."""
+                   progress: ProgressFn | None = None, time_limit: float = 60.0) -> ProofFeatures:
+    """Extract, prioritise and prune the proof features of the eps-ball at ``x``.
+
+    ``method="bab"``: ProFIt's features belong to one bound proof of the whole ball, and a
+    branch-and-bound proof is many (one per leaf). So the features are alpha-CROWN's, and
+    where alpha-CROWN alone cannot prove the ball, branch and bound (at most ``time_limit``
+    seconds) decides the certificate and ``note`` says that no features explain that proof.
+    """
+    if method == "bab":
+        return _bab_proof_features(net, x, label, eps, domain, progress, time_limit)
     x = _as_batch(net, x)
     last = net.layers[-1]
     if not isinstance(last, AffineLayer):
@@ -167,25 +177,64 @@ def proof_features(net: Network, x: Tensor, label: int, eps: float, method: str 
 
 def largest_certified_eps(net: Network, x: Tensor, label: int, method: str = "crown",
                           eps_max: float = 0.5, tol: float = 1e-3, domain: Domain = (0.0, 1.0),
-                          progress: ProgressFn | None = None) -> float:
-    """Largest eps certified by ``method``, by bisection on ``[0, eps_max]`` to ``tol``."""
+                          progress: ProgressFn | None = None,
+                          time_limit: float = math.inf) -> float:
+    """Largest eps certified by ``method``, by bisection on ``[0, eps_max]`` to ``tol``.
+
+    Past ``time_limit`` seconds the bisection stops: the eps returned is still certified,
+    only possibly smaller than ``method`` could reach (each branch-and-bound call gets the
+    time left, and its "unknown" counts as not certified).
+    """
     check_eps(eps_max)
     if not (math.isfinite(tol) and tol > 0):
         raise InvalidInputError(f"tol must be a finite number > 0, got {tol}")
-    if not certify(net, x, label, 0.0, method, domain).certified:
+    if not time_limit > 0:
+        raise InvalidInputError(f"time_limit must be > 0, got {time_limit}")
+    deadline = time.monotonic() + time_limit
+
+    def proven(eps: float) -> bool:
+        left = deadline - time.monotonic()
+        return left > 0 and certify(net, x, label, eps, method, domain,
+                                    time_limit=min(left, 60.0)).certified
+
+    if not proven(0.0):
         return 0.0
     good, bad = 0.0, eps_max
-    if certify(net, x, label, eps_max, method, domain).certified:
+    if proven(eps_max):
         return eps_max
     steps = max(1, math.ceil(math.log2(eps_max / tol)))
     for step in range(steps):
         mid = (good + bad) / 2
-        if certify(net, x, label, mid, method, domain).certified:
+        if proven(mid):
             good = mid
         else:
             bad = mid
         report(progress, (step + 1) / steps, f"{method}: certified up to {good:.4f}")
+        if time.monotonic() > deadline:
+            break
     return good
+
+
+def _bab_proof_features(net: Network, x: Tensor, label: int, eps: float, domain: Domain,
+                        progress: ProgressFn | None, time_limit: float) -> ProofFeatures:
+    """alpha-CROWN's proof features, and the certificate of branch and bound."""
+    result = proof_features(net, x, label, eps, "alpha-crown", domain, progress)
+    if result.certificate.certified:
+        result.note = ("alpha-CROWN proves this ball without splitting: the features are "
+                       "those of its proof")
+        return result
+    report(progress, 0.9, "alpha-CROWN cannot prove the ball alone: branch and bound")
+    cert = certify(net, x, label, eps, "bab", domain, time_limit=time_limit)
+    result.certificate = cert
+    if cert.certified:
+        result.note = (
+            "proven by branch and bound, which splits ReLUs into many sub-proofs; proof "
+            "features belong to a single bound proof of the whole ball, so none explain this "
+            "one. The bounds shown are alpha-CROWN's, which alone do not prove it")
+    else:
+        result.note = (f"neither alpha-CROWN nor branch and bound (within {time_limit:g} s) "
+                       "proves this ball: unknown, no proof to explain")
+    return result
 
 
 # -- helpers ---------------------------------------------------------------------------------

@@ -16,18 +16,26 @@ from app.errors import InvalidInputError
 from app.properties import read_vnnlib, verify
 from backend.analyses.base import Analysis, JobContext, jsonable, register
 
-Method = Literal["interval", "deepz", "crown", "alpha-crown"]
+Method = Literal["interval", "deepz", "crown", "alpha-crown", "bab"]
 
 
 class Params(BaseModel):
     eps: float = Field(0.05, gt=0.0, le=1.0, description="L-inf radius of the ball")
-    method: Method = Field("crown", description="bound propagator")
+    method: Method = Field("crown", description="bound propagator, or branch and bound "
+                                                "(features from alpha-CROWN; see the note)")
     max_maps: int = Field(16, ge=1, le=64, description="gradient maps returned (top priority)")
+    time_limit_s: float = Field(60.0, gt=0.0, le=600.0,
+                                description="branch and bound's time limit (seconds)")
 
 
 class EpsParams(BaseModel):
     eps_max: float = Field(0.5, gt=0.0, le=1.0)
     tol: float = Field(1e-3, ge=1e-5, le=0.1)
+    methods: list[Method] = Field(list(QUICK_METHODS), min_length=1, max_length=5,
+                                  description="bound methods to bisect with")
+    time_limit_s: float = Field(30.0, gt=0.0, le=600.0,
+                                description="per method: the bisection stops there, keeping "
+                                            "the largest eps certified so far")
 
 
 class CompareParams(BaseModel):
@@ -53,7 +61,7 @@ def _target(ctx: JobContext) -> tuple[torch.Tensor, int]:
 def run(ctx: JobContext, params: Params) -> dict:
     x, predicted = _target(ctx)
     result = proof_features(ctx.net, x, predicted, params.eps, params.method, ctx.input_range,
-                            progress=ctx.progress)
+                            progress=ctx.progress, time_limit=params.time_limit_s)
     cert = result.certificate
     kept = result.kept[: params.max_maps]
     return jsonable({
@@ -64,19 +72,21 @@ def run(ctx: JobContext, params: Params) -> dict:
         "pruned_margin": result.pruned_margin, "feature_node": result.feature_node,
         "lower": result.lower, "upper": result.upper, "priority": result.priority,
         "input_shape": list(ctx.net.input_shape), "map_features": kept,
-        "gradient_maps": result.gradient_maps[: len(kept)],
+        "gradient_maps": result.gradient_maps[: len(kept)], "note": result.note,
     })
 
 
 def run_eps(ctx: JobContext, params: EpsParams) -> dict:
     x, predicted = _target(ctx)
     found = {}
-    for k, method in enumerate(QUICK_METHODS):
+    methods = list(dict.fromkeys(params.methods))
+    for k, method in enumerate(methods):
         def step(frac: float, msg: str, k: int = k) -> None:
-            ctx.progress((k + frac) / len(QUICK_METHODS), msg)
+            ctx.progress((k + frac) / len(methods), msg)
 
         found[method] = largest_certified_eps(ctx.net, x, predicted, method, params.eps_max,
-                                              params.tol, ctx.input_range, progress=step)
+                                              params.tol, ctx.input_range, progress=step,
+                                              time_limit=params.time_limit_s)
     return jsonable({"predicted": predicted, "label": ctx.label, "eps_max": params.eps_max,
                      "tol": params.tol, "largest_eps": found})
 
@@ -118,13 +128,14 @@ def run_property(ctx: JobContext, params: PropertyParams) -> dict:
 register(Analysis(
     name="proof_features", title="Proof features",
     description="Certify the eps-ball around the input with a bound propagator (interval, "
-                "DeepZ, CROWN, alpha-CROWN), prune the proof to its few sufficient penultimate-layer "
+                "DeepZ, CROWN, alpha-CROWN) or branch and bound, prune the proof to its few sufficient penultimate-layer "
                 "features (ProFIt) and show what each kept feature looks at.",
     params=Params, run=run,
 ))
 register(Analysis(
     name="proof_eps", title="Largest certified eps",
-    description="The largest L-inf radius each bound method certifies, by bisection.",
+    description="The largest L-inf radius each bound method (or branch and bound) certifies, "
+                "by bisection within a time limit per method.",
     params=EpsParams, run=run_eps,
 ))
 register(Analysis(

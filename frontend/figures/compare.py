@@ -100,6 +100,8 @@ def proof_maps(labels: list[str], proofs: list[dict | None],
 def _proof_summary(proof: dict) -> str:
     if not proof["certified"]:
         return f"not certified at eps {proof['eps']:g}"
+    if proof["method"] == "bab" and not proof["sufficient"]:
+        return "proven by branch and bound: no single-proof features"
     return f"{proof['num_kept']} of {proof['num_features']} features kept"
 
 
@@ -226,6 +228,38 @@ def sparsity(labels: list[str], summaries: list[dict]) -> go.Figure:
     fig.update_layout(title="Saliency sparsity: fraction of the input the SMT mask keeps",
                       yaxis_title="mask size / feature groups", yaxis_tickformat=".0%",
                       height=360, margin={"t": 40, "b": 10})
+    return fig
+
+
+def proven_coverage(labels: list[str], results: list[dict | None]) -> go.Figure:
+    """Per model (``patterns_coverage`` results): the share of held-out inputs whose decision
+    a proven input property implies, split into proven / refuted / unknown."""
+    fig = go.Figure()
+    parts = (("proven", "#2ca02c", "proven: covered"),
+             ("counterexample", "#d62728", "refuted: a counterexample in the region"),
+             ("unknown", "#9aa5b1", "unknown: no answer in time"))
+    for status, color, name in parts:
+        ys, text = [], []
+        for result in results:
+            cov = result["proven_coverage"] if result else None
+            if cov is None:
+                ys.append(None)
+                text.append("")
+                continue
+            n = cov["covered"] if status == "proven" else cov["statuses"].get(status, 0)
+            ys.append(n / cov["checked"] if cov["checked"] else 0.0)
+            text.append(f"{n}/{cov['checked']}")
+        fig.add_trace(go.Bar(name=name, x=labels, y=ys, text=text, marker_color=color,
+                             textposition="inside",
+                             hovertemplate="%{x}<br>%{text} inputs: %{y:.1%}<extra></extra>"))
+    first = next((r for r in results if r), None)
+    cov = first["proven_coverage"] if first else None
+    where = ("" if cov is None else f" at L{cov['layer']}, " + (
+        f"eps {cov['eps']:g} balls" if cov["eps"] is not None else "whole input box"))
+    fig.update_layout(title=f"Proven coverage of held-out inputs (input properties{where})",
+                      yaxis_title="share of held-out inputs", yaxis_tickformat=".0%",
+                      yaxis_range=[0, 1.02], barmode="stack", height=360,
+                      margin={"t": 40, "b": 10}, legend={"orientation": "h", "y": -0.2})
     return fig
 
 

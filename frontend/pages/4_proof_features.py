@@ -20,7 +20,10 @@ st.caption(
 selection = ui.sidebar()
 left, right = st.columns(2)
 eps = left.slider("eps (L-inf radius)", 0.005, 0.3, 0.05, step=0.005, format="%.3f")
-method = right.radio("Bound method", ["crown", "deepz", "interval"], horizontal=True)
+methods, default_method = ui.choices("proof_features", "method")
+method = right.radio("Bound method", methods, index=default_method, horizontal=True,
+                     help="bab: branch and bound over ReLU splits (complete where it finishes "
+                          "within the time limit); its features are alpha-CROWN's")
 params = {"eps": eps, "method": method}
 
 result = ui.run_job("proof_features", params, key="proof_features")
@@ -34,11 +37,13 @@ if result:
                    help="features with nonzero priority / all penultimate neurons")
     cols[2].metric("Kept after pruning", result["num_kept"])
     cols[3].metric("Kept set re-verified", "yes" if result["sufficient"] else "no")
-    if result["certified"]:
+    if result.get("note"):
+        st.info(result["note"])
+    if result["certified"] and result["num_kept"]:
         ui.show_figure(figures.gradient_grid(result, title="Gradient maps of the kept features"),
                        "proof_gradient_maps")
         ui.show_figure(figures.feature_intervals(result), "proof_feature_intervals")
-    else:
+    elif not result["certified"]:
         st.info("The bound method cannot prove this ball, so there is no proof to explain. "
                 "Try a smaller eps or another method.")
 

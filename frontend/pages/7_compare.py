@@ -26,7 +26,9 @@ st.caption(
     "The same analyses on several models at once: how standard, adversarial (PGD) and "
     "certified (IBP) training change what a network predicts, what its robustness proofs "
     "rest on and how far they reach. Each cell is the job the analysis' own page runs, so the "
-    "numbers are the same; finished cells are reused."
+    "numbers are the same; finished cells are reused. Once per model, the proven coverage: "
+    "the share of held-out gallery inputs whose decision the polytope of their activation "
+    "pattern, within their eps-ball, is proven to imply (as on the Pattern rules page)."
 )
 
 selection = ui.sidebar()
@@ -56,7 +58,7 @@ chosen = st.multiselect(
     format_func=lambda mid: figures.model_label(models[mid]), max_selections=MAX_MODELS,
 )
 
-left, middle, right = st.columns([1.2, 1, 1])
+left, middle, right, last = st.columns([1.2, 1, 1, 1])
 modes = ["One input", "Batch"]
 mode = left.radio("Inputs", modes, horizontal=True, key="cmp_mode",
                   index=1 if query.get("mode") == "batch" else 0)
@@ -66,8 +68,15 @@ eps = middle.number_input("Proof eps (L-inf)", 0.005, 0.3, params.eps, step=0.00
 tol = right.select_slider("Bisection tolerance", [1e-3, 3e-3, 1e-2, 3e-2],
                           value=min([1e-3, 3e-3, 1e-2, 3e-2], key=lambda t: abs(t - params.tol)),
                           key="cmp_tol")
-params = comparison.CompareParams(eps=float(eps), method=params.method,
-                                  eps_max=params.eps_max, tol=float(tol))
+bound_methods, _ = ui.choices("proof_features", "method")
+method = last.selectbox(
+    "Proof method", bound_methods, key="cmp_method",
+    index=bound_methods.index(params.method) if params.method in bound_methods else 0,
+    help=f"Proofs and the certified-accuracy curve. bab (branch and bound) gets "
+         f"{params.time_limit_s:g} s per input, and so does each method's eps bisection; a "
+         f"proof not found by then counts as not certified.")
+params = comparison.CompareParams(eps=float(eps), method=method, eps_max=params.eps_max,
+                                  tol=float(tol), time_limit_s=params.time_limit_s)
 
 if mode == "One input":
     input_ids = [selection.input_id] if selection.input_id else []
@@ -132,9 +141,29 @@ labels = [figures.model_label(models[m]) for m in chosen]
 def _figures(cells: comparison.Cells) -> list:
     if mode == "One input":
         columns = [cells.results.get((m, input_ids[0]), {}) for m in chosen]
-        return figures.one_input_figures(labels, columns)
-    summaries = [s.to_json() for s in comparison.summarize(cells, chosen, input_ids, params)]
-    return figures.batch_figures(labels, summaries, params.method, params.eps)
+        drawn = figures.one_input_figures(labels, columns)
+    else:
+        summaries = [s.to_json() for s in comparison.summarize(cells, chosen, input_ids, params)]
+        drawn = figures.batch_figures(labels, summaries, params.method, params.eps)
+    if "patterns_coverage" in todo.analyses:  # per model, whatever the inputs
+        drawn.append(("compare_proven_coverage", figures.proven_coverage(
+            labels, [cells.get(m, None, "patterns_coverage") for m in chosen])))
+    return drawn
+
+
+def _coverage_note(result: dict | None) -> tuple[str, str] | None:
+    """``(value, note)`` of a model's proven coverage card, None while pending."""
+    if not result:
+        return None
+    cov = result["proven_coverage"]
+    return (f"{cov['fraction']:.0%}",
+            f"{cov['covered']} of {cov['checked']} held-out inputs; rule list "
+            f"{result['fidelity']:.0%} faithful")
+
+
+def by_splitting(proof: dict) -> bool:
+    """A branch-and-bound proof that alpha-CROWN alone could not give (no features)."""
+    return proof["method"] == "bab" and proof["certified"] and not proof["sufficient"]
 
 
 def _one_input_cards(cells: comparison.Cells) -> list[dict]:
@@ -152,8 +181,10 @@ def _one_input_cards(cells: comparison.Cells) -> list[dict]:
                                   f"margin {figures.margin(prediction):.2f}")
         if proof:
             card[f"Proof features kept ({params.method}, eps {params.eps:g})"] = (
-                f"{proof['num_kept']} / {proof['num_features']}" if proof["certified"]
-                else "not certified", None)
+                "not certified" if not proof["certified"]
+                else "proven by splitting" if by_splitting(proof)
+                else f"{proof['num_kept']} / {proof['num_features']}",
+                "no single-proof features" if by_splitting(proof) else None)
         if found:
             card[f"Largest certified eps ({params.method})"] = (
                 f"{found['largest_eps'][params.method]:.3f}", None)
@@ -163,6 +194,9 @@ def _one_input_cards(cells: comparison.Cells) -> list[dict]:
             card["Region density FGSM / random"] = (
                 f"{line['linearity']['fgsm_density']:.1f} / "
                 f"{line['linearity']['random_density']:.1f}", None)
+        coverage = _coverage_note(cells.get(mid, None, "patterns_coverage"))
+        if coverage:
+            card[f"Proven coverage (eps {params.eps:g} balls)"] = coverage
         cards.append(card)
     return cards
 
@@ -195,7 +229,12 @@ def _batch_rows(cells: comparison.Cells) -> list[dict]:
                      "median features kept": _median(s.kept_counts),
                      "mean density FGSM": _mean(s.fgsm_density),
                      "mean density random": _mean(s.random_density),
-                     "median sparsity": _median(s.sparsity)})
+                     "median sparsity": _median(s.sparsity),
+                     f"proven coverage (eps {params.eps:g})":
+                         None if s.proven_coverage is None
+                         else round(s.proven_coverage["fraction"], 3),
+                     "rule-list fidelity": None if s.rule_list_fidelity is None
+                     else round(s.rule_list_fidelity, 3)})
     return rows
 
 
