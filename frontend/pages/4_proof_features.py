@@ -115,8 +115,8 @@ else:
                           format_func=lambda p: f"{p.parent.name}/{p.name}")
     text = picked.read_text() if picked else None
 v_left, v_right = st.columns(2)
-v_method = v_left.selectbox("Method", ["bab", "alpha-crown", "crown", "deepz", "interval"],
-                            key="vnn_method")
+v_methods, v_default = ui.choices("verify_property", "method")
+v_method = v_left.selectbox("Method", v_methods, index=v_default, key="vnn_method")
 v_limit = v_right.number_input("Time limit (s)", 1.0, 600.0, 60.0, step=10.0, key="vnn_limit")
 if text is None:
     st.info("Upload or pick a .vnnlib file; its inputs and outputs must match the model's.")
