@@ -90,8 +90,11 @@ def _same(served, local, path: str = "") -> None:
 def test_batch_cells_equal_single_analyses(batch, models, tmp_path: Path) -> None:
     todo, cells, updates = batch
     input_ids = todo.input_ids
+    per_input = [a for a in todo.analyses if a in comparison.CELLS]
+    per_model = [a for a in todo.analyses if a in comparison.MODEL_CELLS]
+    assert per_model == ["patterns_coverage"]
     assert not cells.errors
-    assert cells.done == cells.total == len(models) * N_INPUTS * len(todo.analyses)
+    assert cells.done == cells.total == len(models) * (N_INPUTS * len(per_input) + len(per_model))
     assert len(cells.batch_ids) == len(todo.analyses)  # one fan-out batch per analysis
     assert updates[-1] == (cells.total, 1.0)
     assert any(0 < done < cells.total for done, _ in updates), "no partial results seen"
@@ -103,12 +106,23 @@ def test_batch_cells_equal_single_analyses(batch, models, tmp_path: Path) -> Non
         card = json.loads(path.with_suffix(".json").read_text())
         session = ort.InferenceSession(str(path.with_suffix(".onnx")),
                                        providers=["CPUExecutionProvider"])
+        ctx = JobContext(net=net, x=None, label=None, card=card, artifacts=tmp_path,
+                         progress=lambda f, m: None, model_id=model["id"],
+                         _gallery=lambda n: (torch.as_tensor(gallery["x"][:n]),
+                                             torch.as_tensor(gallery["y"][:n])))
+        for analysis in per_model:  # one cell per model, no input; run times differ
+            spec = REGISTRY[analysis]
+            local = jsonable(spec.run(ctx, spec.params.model_validate(
+                comparison.cell_params(analysis, PARAMS))))
+            served = cells.get(model["id"], None, analysis)
+            local["proven_coverage"]["seconds"] = served["proven_coverage"]["seconds"]
+            _same(served, local, f"{model['name']}/{analysis}")
         for k, input_id in enumerate(input_ids):
             x, label = gallery["x"][k], int(gallery["y"][k])
             ctx = JobContext(net=net, x=torch.as_tensor(x, dtype=net.dtype), label=label,
                              card=card, artifacts=tmp_path, progress=lambda f, m: None,
                              model_id=model["id"], input_id=input_id)
-            for analysis in todo.analyses:
+            for analysis in per_input:
                 spec = REGISTRY[analysis]
                 params = spec.params.model_validate(comparison.CELLS[analysis](PARAMS))
                 local = jsonable(spec.run(ctx, params))
@@ -131,6 +145,9 @@ def test_aggregates_agree_with_direct_proofs(batch, models) -> None:
         logits = session.run(None, {session.get_inputs()[0].name: gallery["x"][:N_INPUTS]})[0]
         accuracy = float(np.mean(logits.argmax(1) == gallery["y"][:N_INPUTS]))
         assert summary.inputs == N_INPUTS and summary.accuracy == pytest.approx(accuracy)
+        coverage = cells.get(model["id"], None, "patterns_coverage")
+        assert summary.proven_coverage == coverage["proven_coverage"]
+        assert summary.rule_list_fidelity == coverage["fidelity"]
         assert summary.certified_accuracy[0] == pytest.approx(accuracy)  # eps 0: correct only
         assert all(a >= b for a, b in zip(summary.certified_accuracy,
                                           summary.certified_accuracy[1:], strict=False))

@@ -42,10 +42,21 @@ def test_compare_one_input_and_report(ui, atlas, browser, tmp_path: Path) -> Non
     values = sorted(int(shown.nth(k).get_by_test_id("stMetricValue").inner_text())
                     for k in range(len(MODELS)))
     assert values == sorted(expected)
-    page.locator(".js-plotly-plot").nth(4).wait_for()
+    # proven coverage, once per model: the values of the patterns_coverage batch's cells
+    with atlas.api() as api:
+        batch = next(b for b in api.get("/batches").json()
+                     if b["analysis"] == "patterns_coverage")
+        items = api.get(f"/batches/{batch['id']}/result").json()["items"]
+    assert len(items) == len(MODELS) and all(i["input_id"] is None for i in items)
+    fractions = [i["result"]["proven_coverage"]["fraction"] for i in items]
+    covered = page.get_by_test_id("stMetric").filter(has_text="Proven coverage")
+    assert covered.count() == len(MODELS)
+    assert sorted(covered.nth(k).get_by_test_id("stMetricValue").inner_text()
+                  for k in range(len(MODELS))) == sorted(f"{f:.0%}" for f in fractions)
+    page.locator(".js-plotly-plot").nth(5).wait_for()
     drawn = page.locator(".js-plotly-plot").count()
     ui.screenshot("compare_one_input")
-    assert drawn == 5
+    assert drawn == 6
     query = ui.query_params()
     assert query["run"] == "1" and len(query["models"].split(",")) == len(MODELS)
     ui.screenshot("compare_one_input")
@@ -64,7 +75,8 @@ def test_compare_one_input_and_report(ui, atlas, browser, tmp_path: Path) -> Non
         names = viewer.locator("section[data-figure]").evaluate_all(
             "els => els.map(e => e.dataset.figure)")
         assert names == ["compare_prediction", "compare_proof_features", "compare_largest_eps",
-                         "compare_saliency", "compare_region_density"]
+                         "compare_saliency", "compare_region_density",
+                         "compare_proven_coverage"]
         assert re.search(r"digits_fc_ibp", viewer.content())
         viewer.screenshot(path=str(ARTIFACTS / "compare_report.png"), full_page=True)
     finally:
