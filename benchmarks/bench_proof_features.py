@@ -14,19 +14,42 @@ at most ``--vnn-limit`` seconds per instance) on the instances that the competit
 tools agree on (``results_csv``: some tool proved it and none found a counterexample, or the
 reverse); ``--acas-max`` (known-safe ACAS Xu) and ``--vnn-max`` (each benchmark and outcome)
 take evenly spread subsets to stay short.
-``crown_speed_vs_auto_lirpa`` (issue 18, item 3) is not measured here yet.
+
+``crown_speed_vs_auto_lirpa=<r>`` (issue 18, item 3): auto_LiRPA 0.3's time divided by ours
+for CROWN bounds (lower and upper bounds of all 10 logits, one box per image, one thread,
+after one untimed warm-up) on the two shared CIFAR ConvSmall nets, measured in the same run:
+``--lirpa-images`` ERAN test images at each radius of ``--lirpa-eps`` (in 1/255 units), the
+median time per box per net; ``r`` is the smaller of the two nets' ratios (each is printed,
+with the largest gap between the two tools' bounds). auto_LiRPA runs in its own environment,
+a benchmark dependency only (never the product's), driven by ``benchmarks/lirpa_reference.py``
+as a subprocess; build it once with pyenv's Python 3.10:
+
+    ~/.pyenv/versions/3.10.13/bin/python -m venv .venv-lirpa
+    .venv-lirpa/bin/pip install "torch==1.12.1" "numpy<2" onnx==1.14.1 tqdm packaging \
+        appdirs pyyaml
+    .venv-lirpa/bin/pip install --no-deps auto_LiRPA==0.3
+
+(``--no-deps``: its declared test and lint requirements such as torchvision and pylint are not
+needed to compute bounds). ``LIRPA_PYTHON`` names another interpreter; without one the
+number reads ``crown_speed_vs_auto_lirpa=skipped``, as it does with ``--no-lirpa`` or
+without ``../shared/data``.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.bench_proof_features [--samples 50]
         [--shared 20] [--methods interval,deepz,crown] [--all-shared]
         [--vnn-limit 60] [--acas-max 139] [--vnn-max N] [--no-vnn]
-        [--vnn-benchmarks mnistfc,acasxu]
+        [--vnn-benchmarks mnistfc,acasxu] [--no-lirpa] [--lirpa-images 20]
+        [--lirpa-eps 0.5,2,8]
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
+import os
 import statistics
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,12 +58,14 @@ import torch
 
 from app import load_network
 from app.analyses.proof_features import certify, proof_features
-from app.bounds import QUICK_METHODS
+from app.bounds import QUICK_METHODS, analyze, input_box
 from app.properties import read_vnnlib, verify
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 SAMPLE_MODELS = ROOT / "sample_models"
+LIRPA_PYTHON = Path(os.environ.get("LIRPA_PYTHON", ROOT / ".venv-lirpa" / "bin" / "python"))
+CONV_SMALL = ("convSmallRELU__Point", "convSmall_pgd_cifar")
 
 
 def sample_cases(n: int) -> list[tuple[str, str, np.ndarray, np.ndarray, float]]:
@@ -122,6 +147,60 @@ def vnn_counts(limit: float, acas_max: int, most: int,
             "acasxu_safe_proven": f"{acas[0]}/{acas[1]}"}
 
 
+def _our_crown_seconds(net, lo: torch.Tensor, hi: torch.Tensor) -> tuple[list[float], list]:
+    """Seconds per box for CROWN bounds of the logits (after one untimed warm-up), bounds."""
+    last = len(net.layers) - 1
+    analyze(net, lo[:1], hi[:1], "crown").bounds(last)
+    seconds, found = [], []
+    for k in range(lo.shape[0]):
+        start = time.perf_counter()
+        bounds = analyze(net, lo[k:k + 1], hi[k:k + 1], "crown").bounds(last)
+        seconds.append(time.perf_counter() - start)
+        found.append(bounds)
+    return seconds, found
+
+
+def crown_speed(images: int, eps_255: list[float]) -> str:
+    """auto_LiRPA's median seconds per CROWN box over ours, the smaller of the two ConvSmall
+    nets (``skipped`` without the reference environment or the shared data)."""
+    if not LIRPA_PYTHON.exists() or not SHARED.exists():
+        print(f"crown speed: skipped ({LIRPA_PYTHON} or {SHARED} missing)")
+        return "skipped"
+    cifar = np.loadtxt(SHARED / "eran" / "cifar10_test.csv", delimiter=",", max_rows=images,
+                       ndmin=2)
+    x = torch.tensor(cifar[:, 1:] / 255.0, dtype=torch.float32).reshape(-1, 32, 32, 3)
+    x = x.permute(0, 3, 1, 2).contiguous()
+    boxes = [input_box(x, e / 255) for e in eps_255]
+    lo, hi = torch.cat([b[0] for b in boxes]), torch.cat([b[1] for b in boxes])
+    ratios = []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with tempfile.TemporaryDirectory() as tmp:
+        box_file = Path(tmp) / "boxes.npz"
+        np.savez(box_file, lo=lo.numpy(), hi=hi.numpy())
+        for name in CONV_SMALL:
+            path = SHARED / "profit_nets" / f"{name}.onnx"
+            net = load_network(str(path))
+            ours, found = _our_crown_seconds(net, lo, hi)
+            run = subprocess.run([str(LIRPA_PYTHON), str(ROOT / "benchmarks" / "lirpa_reference.py"),
+                                  str(path), str(box_file)], capture_output=True, text=True,
+                                 env=env, check=False)
+            if run.returncode != 0:
+                print(f"crown speed: auto_LiRPA failed on {name}: {run.stderr[-2000:]}")
+                return "skipped"
+            ref = json.loads(run.stdout.strip().splitlines()[-1])
+            ref_lo, ref_hi = torch.tensor(ref["lower"]), torch.tensor(ref["upper"])
+            our_lo = torch.cat([b[0] for b in found]).double()
+            our_hi = torch.cat([b[1] for b in found]).double()
+            looser = max(float((ref_lo - our_lo).max()), float((our_hi - ref_hi).max()))
+            ratio = statistics.median(ref["seconds"]) / statistics.median(ours)
+            ratios.append(ratio)
+            print(f"crown speed {name:22s} boxes={lo.shape[0]} eps={eps_255}/255 "
+                  f"ours_median_s={statistics.median(ours):.4f} "
+                  f"auto_lirpa_median_s={statistics.median(ref['seconds']):.4f} "
+                  f"ratio={ratio:.2f} ours_looser_by_at_most={looser:.2e}", flush=True)
+    return f"{min(ratios):.2f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=50)
@@ -135,6 +214,11 @@ def main() -> None:
     parser.add_argument("--no-vnn", action="store_true")
     parser.add_argument("--vnn-benchmarks", default="mnistfc,acasxu",
                         help="which VNN-COMP benchmarks to run (a subset: the others read 0/0)")
+    parser.add_argument("--no-lirpa", action="store_true",
+                        help="leave out the CROWN speed comparison with auto_LiRPA")
+    parser.add_argument("--lirpa-images", type=int, default=20)
+    parser.add_argument("--lirpa-eps", default="0.5,2,8",
+                        help="radii of the CROWN speed boxes, in 1/255 units")
     args = parser.parse_args()
     torch.set_num_threads(1)
     methods = args.methods.split(",")
@@ -170,6 +254,8 @@ def main() -> None:
     kept_fraction = statistics.mean(kept_fracs) if kept_fracs else float("nan")
     vnn = {} if args.no_vnn or not SHARED.exists() else vnn_counts(
         args.vnn_limit, args.acas_max, args.vnn_max, tuple(args.vnn_benchmarks.split(",")))
+    vnn["crown_speed_vs_auto_lirpa"] = "skipped" if args.no_lirpa else crown_speed(
+        args.lirpa_images, [float(e) for e in args.lirpa_eps.split(",")])
     extra = "".join(f" {k}={v}" for k, v in vnn.items())
     median_proof = statistics.median(proofs) if proofs else float("nan")
     print(f"RESULT median_proof_s={median_proof:.4f} "

@@ -11,14 +11,26 @@ bounds (so CROWN is never looser than IBP on any node).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from app.bounds.base import BoundAnalysis, box_lower, has_values, maxpool_choice
-from app.layers import Add, AffineLayer, KindTable, MaxPool2d, ReLU
+from app.layers import (
+    Add,
+    AffineLayer,
+    Conv2d,
+    ElementwiseAffine,
+    Flatten,
+    KindTable,
+    MaxPool2d,
+    ReLU,
+    Reshape,
+)
 from app.network import INPUT, Network
 
 Bounds = tuple[Tensor, Tensor]
@@ -33,7 +45,9 @@ class CrownAnalysis(BoundAnalysis):
 
     Bounds that only feed a relaxation are back-substituted for the neurons the interval
     bounds leave unstable: a stable ReLU is relaxed exactly whatever its bounds, so the
-    relaxation is the same as with full CROWN bounds, at a fraction of the cost.
+    relaxation is the same as with full CROWN bounds, at a fraction of the cost. The
+    neurons of a convolution's output are back-substituted as windows (``_unit_rows_local``,
+    auto_LiRPA's patches mode): the same numbers, without full-size coefficient maps.
     """
 
     def __init__(self, net: Network, lo: Tensor, hi: Tensor) -> None:
@@ -100,7 +114,10 @@ class CrownAnalysis(BoundAnalysis):
         else:
             rows = torch.arange(flat_lo.shape[1], device=dev)
         lo, hi = flat_lo.clone(), flat_hi.clone()
-        if rows.numel():
+        both = self._unit_rows_local(node, rows) if rows.numel() else None
+        if both is not None:
+            lo[:, rows], hi[:, rows] = both[:, : rows.numel()], -both[:, rows.numel():]
+        elif rows.numel():
             n = flat_lo.shape[1]
             eye = torch.zeros(rows.numel(), n, dtype=ibp_lo.dtype, device=dev)
             eye[torch.arange(rows.numel(), device=dev), rows] = 1
@@ -108,6 +125,74 @@ class CrownAnalysis(BoundAnalysis):
             both = self._backward(node, spec.expand(b, *spec.shape[1:]))
             lo[:, rows], hi[:, rows] = both[:, : rows.numel()], -both[:, rows.numel():]
         return lo.reshape(ibp_lo.shape), hi.reshape(ibp_hi.shape)
+
+    def _unit_rows_local(self, node: int, rows: Tensor) -> Tensor | None:
+        """``_backward`` of the rows ``[e_k; -e_k]`` (``k`` in ``rows``) of a convolution's
+        output by windows (auto_LiRPA's patches mode); None where that does not apply.
+
+        A unit of a convolution's output depends on a window of each earlier feature map
+        only, so its coefficients are kept as a window ``[B, R, C, ph, pw]`` at a per-row
+        offset and moved back through convolutions (a transposed convolution of the window),
+        ReLUs and elementwise affine layers. Once a window would cover its whole map, or at
+        any other layer kind, they are written into full maps and the dense walk takes over.
+        """
+        net = self.net
+        while isinstance(net.layers[node], (Flatten, Reshape)) and len(net.inputs[node]) == 1:
+            node = net.inputs[node][0]  # same flat units, seen on the map before the reshape
+        if (node == INPUT or not has_values(self.lo) or not isinstance(net.layers[node], Conv2d)
+                or not self._local(node)):
+            return None
+        c, h, w = self.shape(node)
+        r, b = rows.numel(), self.lo.shape[0]
+        chan, pos = rows.repeat(2) // (h * w), rows.repeat(2) % (h * w)
+        spots, inv = torch.unique(pos, return_inverse=True)
+        where = _Windows(spots // w, spots % w, inv)
+        a = self.lo.new_zeros(1, 2 * r, c, 1, 1)
+        a[0, torch.arange(2 * r, device=a.device), chan, 0, 0] = torch.cat(
+            [a.new_ones(r), -a.new_ones(r)])
+        const = a.new_zeros(1, 2 * r)
+        i, clean = node, True  # clean: zero wherever a window leaves its map
+        while i != INPUT:
+            layer, j = net.layers[i], net.inputs[i][0]
+            in_shape = self.shape(j)
+            win = tuple(a.shape[-2:])
+            if isinstance(layer, Conv2d) and self._local(i):
+                size = tuple((n - 1) * s + d * (k - 1) + 1 for n, s, d, k in zip(
+                    win, layer.stride, layer.dilation, layer.weight.shape[2:], strict=True))
+                if size[0] * size[1] < in_shape[1] * in_shape[2]:
+                    if not clean:
+                        a = where.crop(a, self.shape(i)[1:])
+                    const = const + (a.sum((-2, -1)) * layer.bias.to(a)).sum(-1)
+                    a = _conv_back(layer, a, size)
+                    where, i, clean = where.through(layer), j, False
+                    continue
+            elif isinstance(layer, ReLU) and self._local(i):
+                lines = where.gather(torch.cat(relu_lines(*self._relax[j]), 1), win)
+                lo_s, up_s, up_c = lines.chunk(3, dim=2)
+                pos_a, neg_a = a.clamp(min=0), a.clamp(max=0)
+                const = const + (neg_a * up_c).flatten(2).sum(-1)
+                a = pos_a * lo_s + neg_a * up_s
+                i, clean = j, True
+                continue
+            elif isinstance(layer, ElementwiseAffine) and self._local(i):
+                full = a.new_zeros(1, *in_shape)
+                maps = torch.cat([full + layer.scale.to(a), full + layer.bias_map(in_shape).to(a)])
+                scale, shift = where.gather(maps, win).unbind(0)
+                const = const + (a * shift).flatten(2).sum(-1)
+                a, i, clean = a * scale, j, True
+                continue
+            dense = where.place(a, self.shape(i))
+            return const + self._backward(i, dense.expand(b, *dense.shape[1:]))
+        box = where.gather(torch.cat([(self.hi + self.lo) / 2, (self.hi - self.lo) / 2], 1),
+                           tuple(a.shape[-2:]))
+        mid, rad = box.chunk(2, dim=2)
+        out = const + (a * mid).flatten(2).sum(-1) - (a.abs() * rad).flatten(2).sum(-1)
+        return out.expand(b, -1)
+
+    def _local(self, node: int) -> bool:
+        """Whether windows can pass node ``node``: one input, both it and the node 3-D maps."""
+        ins = self.net.inputs[node]
+        return len(ins) == 1 and len(self.shape(node)) == 3 and len(self.shape(ins[0])) == 3
 
     def _backward(self, node: int, spec: Tensor, relax: dict[int, Bounds] | None = None,
                   slopes: dict[int, Tensor] | None = None) -> Tensor:
@@ -167,19 +252,109 @@ def relu_backward(a: Tensor, lo: Tensor, hi: Tensor,
     ``[0, 1]`` is sound; ``lower_slope`` (per spec row) or CROWN's adaptive choice (1 when
     the positive side is larger, else 0).
     """
-    unstable = (lo < 0) & (hi > 0)
-    safe = torch.where(unstable, hi - lo, torch.ones_like(hi))
-    active = (lo >= 0).to(a.dtype)
-    up_slope = torch.where(unstable, hi / safe, active)
-    up_const = torch.where(unstable, -up_slope * lo, torch.zeros_like(lo))
     if lower_slope is None:
-        lo_slope = torch.where(unstable, (hi > -lo).to(a.dtype), active).unsqueeze(1)
+        lo_slope, up_slope, up_const = relu_lines(lo, hi)
+        lo_slope = lo_slope.unsqueeze(1)
     else:
+        _, up_slope, up_const = relu_lines(lo, hi)
+        unstable, active = (lo < 0) & (hi > 0), (lo >= 0).to(a.dtype)
         lo_slope = torch.where(unstable.unsqueeze(1), lower_slope, active.unsqueeze(1))
     pos, neg = a.clamp(min=0), a.clamp(max=0)
     a_in = pos * lo_slope + neg * up_slope.unsqueeze(1)
     const = (neg * up_const.unsqueeze(1)).flatten(2).sum(-1)
     return [a_in], const
+
+
+def relu_lines(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """CROWN's lines of ReLUs with input bounds ``[lo, hi]``: ``(lower slope, upper slope,
+    upper constant)``, each shaped like ``lo``. Upper line: the chord of unstable neurons;
+    lower line ``y >= s x`` with ``s`` 1 when the positive side is larger, else 0."""
+    unstable = (lo < 0) & (hi > 0)
+    safe = torch.where(unstable, hi - lo, torch.ones_like(hi))
+    active = (lo >= 0).to(lo.dtype)
+    up_slope = torch.where(unstable, hi / safe, active)
+    up_const = torch.where(unstable, -up_slope * lo, torch.zeros_like(lo))
+    lo_slope = torch.where(unstable, (hi > -lo).to(lo.dtype), active)
+    return lo_slope, up_slope, up_const
+
+
+class _Windows:
+    """Where each row's window lies on the current feature map: the top-left corner
+    (``oy``, ``ox`` ``[U]``) of each distinct spot, and each row's spot (``inv`` ``[R]``)."""
+
+    def __init__(self, oy: Tensor, ox: Tensor, inv: Tensor) -> None:
+        self.oy, self.ox, self.inv = oy, ox, inv
+
+    def through(self, conv: Conv2d) -> _Windows:
+        """The corners on the convolution's input map."""
+        return _Windows(self.oy * conv.stride[0] - conv.padding[0],
+                        self.ox * conv.stride[1] - conv.padding[1], self.inv)
+
+    def _grid(self, win: tuple[int, ...], h: int, w: int
+              ) -> tuple[tuple[int, ...], Tensor, Tensor]:
+        """Zero padding ``(left, right, top, bottom)`` that puts every window inside the map,
+        and the rows ``[U, ph, 1]`` and columns ``[U, 1, pw]`` of each window there."""
+        pad = (max(0, -int(self.ox.min())), max(0, int(self.ox.max()) + win[1] - w),
+               max(0, -int(self.oy.min())), max(0, int(self.oy.max()) + win[0] - h))
+        ys = (self.oy + pad[2])[:, None] + torch.arange(win[0], device=self.oy.device)
+        xs = (self.ox + pad[0])[:, None] + torch.arange(win[1], device=self.ox.device)
+        return pad, ys[:, :, None], xs[:, None, :]
+
+    def gather(self, maps: Tensor, win: tuple[int, ...]) -> Tensor:
+        """Each row's window ``[B, R, C, ph, pw]`` of ``maps`` ``[B, C, H, W]``; zero where
+        the window leaves the map."""
+        pad, ys, xs = self._grid(win, *maps.shape[-2:])
+        spots = F.pad(maps, pad)[:, :, ys, xs]  # [B, C, U, ph, pw]
+        return spots.index_select(2, self.inv).transpose(1, 2)
+
+    def crop(self, a: Tensor, hw: tuple[int, ...]) -> Tensor:
+        """Windows ``a`` ``[B, R, C, ph, pw]`` with their entries outside the map zeroed."""
+        ys = self.oy[:, None] + torch.arange(a.shape[-2], device=a.device)
+        xs = self.ox[:, None] + torch.arange(a.shape[-1], device=a.device)
+        inside = ((ys >= 0) & (ys < hw[0]))[:, :, None] & ((xs >= 0) & (xs < hw[1]))[:, None, :]
+        return a * inside.index_select(0, self.inv)[:, None].to(a.dtype)
+
+    def place(self, a: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """Windows ``a`` ``[B, R, C, ph, pw]`` written into full maps ``[B, R, *shape]`` (the
+        entries outside the map dropped: they fall on a convolution's zero padding)."""
+        c, h, w = shape
+        bb, r = a.shape[:2]
+        pad, ys, xs = self._grid(tuple(a.shape[-2:]), h, w)
+        out = a.new_zeros(bb, r, c, h + pad[2] + pad[3], w + pad[0] + pad[1])
+        rows = torch.arange(r, device=a.device)[:, None, None]
+        out[:, rows, :, ys[self.inv], xs[self.inv]] = a.permute(1, 3, 4, 0, 2)
+        return out[..., pad[2]:pad[2] + h, pad[0]:pad[0] + w]
+
+
+# Transposed convolutions of a window as one dense matrix while it has at most this many
+# entries (a matrix product is several times faster than a transposed convolution of a few
+# thousand small windows on a CPU); built once per layer, window size, dtype and device.
+WINDOW_MATRIX_ENTRIES = 1 << 22
+_WINDOW_MATRICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _conv_back(conv: Conv2d, a: Tensor, size: tuple[int, ...]) -> Tensor:
+    """``A^T`` of the convolution on windows ``a`` ``[B, R, O, ph, pw]`` of its output: the
+    windows ``[B, R, C, *size]`` of its input that they read."""
+    lead, (o, ph, pw) = a.shape[:2], a.shape[2:]
+    c = conv.weight.shape[1] * conv.groups
+    weight = conv.weight
+    tracked = torch.is_grad_enabled() and (a.requires_grad or weight.requires_grad)
+    if o * ph * pw * c * size[0] * size[1] > WINDOW_MATRIX_ENTRIES or tracked:
+        flat = F.conv_transpose2d(a.reshape(-1, o, ph, pw), conv.weight.to(a), None,
+                                  conv.stride, 0, 0, conv.groups, conv.dilation)
+        return flat.reshape(*lead, c, *size)
+    known = _WINDOW_MATRICES.get(conv)
+    if known is None or known[0] is not weight or known[1] != weight._version:
+        known = (weight, weight._version, {})
+        _WINDOW_MATRICES[conv] = known
+    key = (ph, pw, a.dtype, a.device)
+    if key not in known[2]:
+        with torch.no_grad():
+            eye = torch.eye(o * ph * pw, dtype=a.dtype, device=a.device).reshape(-1, o, ph, pw)
+            known[2][key] = F.conv_transpose2d(eye, weight.to(a), None, conv.stride, 0, 0,
+                                               conv.groups, conv.dilation).reshape(o * ph * pw, -1)
+    return (a.reshape(-1, o * ph * pw) @ known[2][key]).reshape(*lead, c, *size)
 
 
 def _maxpool(layer: MaxPool2d, a: Tensor, in_shapes: list, in_bounds: list[Bounds],
