@@ -38,6 +38,12 @@ from app.analyses.patterns.rules import decisions, relu_node
 from app.errors import InvalidInputError
 from backend.analyses.base import Analysis, JobContext, jsonable, register
 
+# distilled rule lists: noisy copies per training input, noise as a share of the input range.
+# Mean held-out fidelity of the 100-rule threshold list over four random splits of the
+# 360-digit gallery, six sample models: 0.88-0.94 with 10 copies at 0.15, 0.92-0.96 here
+AUGMENT = 60
+NOISE = 0.25
+
 
 class Params(BaseModel):
     layer: int = Field(-1, ge=-8, le=8, description="ReLU layer (1 = first, -1 = last; not 0)")
@@ -156,13 +162,17 @@ def _mine(ctx: JobContext, params) -> tuple[torch.Tensor, MinedRules]:
 
 def _tradeoff(ctx: JobContext, xs: torch.Tensor, layer: int, lowest: bool):
     """Rule lists of several sizes with threshold and on/off literals: ``(rows, the list of
-    at most 100 threshold rules)``, each row its size and fidelity on held-out inputs."""
+    at most 100 threshold rules)``, each row its size and fidelity on held-out inputs.
+
+    The trees learn from the training inputs and :data:`AUGMENT` noisy copies of each
+    (labelled by the network): a gallery alone is too small for a faithful tree."""
     lo, hi = ctx.input_range
     rows, chosen = [], None
     for literals in ("threshold", "pattern"):
         for size in (10, 30, 100, None):
             listed = distill(ctx.net, xs, layer=layer, literals=literals, max_depth=None,
-                             max_rules=size, augment=10, input_range=(lo, hi), lowest=lowest)
+                             max_rules=size, augment=AUGMENT, noise=NOISE,
+                             input_range=(lo, hi), lowest=lowest)
             rows.append({"literals": literals, "max_rules": size,
                          "rules": len(listed.rules), "fidelity": listed.fidelity})
             if literals == "threshold" and size == 100:
