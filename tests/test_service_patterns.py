@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import SAMPLE_MODELS
-from tests.service import Server, module_server
+from tests.service import Server, mlp_onnx, module_server
 from tests.test_service_analyses import OnnxOracle
 
 FC = "digits_fc_ibp"
@@ -267,3 +267,14 @@ def test_proven_coverage_job_matches_the_pattern_job(server, model_id) -> None:
                                                 "model_id": model_id,
                                                 "params": {"coverage": 0}})
     assert bad.status_code == 422
+
+
+def test_proven_coverage_of_a_model_without_a_gallery_says_why(server, tmp_path) -> None:
+    """The Compare page runs ``patterns_coverage`` on every model; a card-less upload has no
+    held-out inputs, so the job finishes with no numbers and the reason, instead of failing."""
+    path = mlp_onnx(tmp_path / "bare.onnx", seed=5)
+    r = server.client.post("/api/models", files={"file": ("bare.onnx", path.read_bytes())})
+    assert r.status_code in (200, 201), r.text
+    result = _job(server, "patterns_coverage", r.json()["id"], {})
+    assert result["proven_coverage"] is None and result["fidelity"] is None
+    assert "no gallery" in result["reason"]

@@ -256,7 +256,13 @@ class CoverageParams(BaseModel):
 
 def run_coverage(ctx: JobContext, params: CoverageParams) -> dict:
     """The ``patterns`` job's proven coverage and rule-list fidelity alone, same numbers for
-    the same settings (the same held-out inputs, rules and verdicts)."""
+    the same settings (the same held-out inputs, rules and verdicts). A model without a
+    gallery (and no dataset named) gets no numbers, and says why, rather than failing: the
+    Compare page runs this on every model it compares."""
+    if params.dataset_id is None and len(ctx.gallery(10)[0]) < 10:
+        return {"proven_coverage": None, "fidelity": None, "rule_list_size": None,
+                "reason": "this model has no gallery of held-out inputs (its card names no "
+                          "dataset with one): proven coverage not measured"}
     xs, mined = _mine(ctx, params)
     held = xs[mined.heldout]
     lo, hi = ctx.input_range

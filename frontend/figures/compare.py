@@ -252,8 +252,7 @@ def proven_coverage(labels: list[str], results: list[dict | None]) -> go.Figure:
         fig.add_trace(go.Bar(name=name, x=labels, y=ys, text=text, marker_color=color,
                              textposition="inside",
                              hovertemplate="%{x}<br>%{text} inputs: %{y:.1%}<extra></extra>"))
-    first = next((r for r in results if r), None)
-    cov = first["proven_coverage"] if first else None
+    cov = next((r["proven_coverage"] for r in results if r and r["proven_coverage"]), None)
     where = ("" if cov is None else f" at L{cov['layer']}, " + (
         f"eps {cov['eps']:g} balls" if cov["eps"] is not None else "whole input box"))
     fig.update_layout(title=f"Proven coverage of held-out inputs (input properties{where})",

@@ -156,6 +156,8 @@ def _coverage_note(result: dict | None) -> tuple[str, str] | None:
     if not result:
         return None
     cov = result["proven_coverage"]
+    if cov is None:
+        return "not measured", result.get("reason")
     return (f"{cov['fraction']:.0%}",
             f"{cov['covered']} of {cov['checked']} held-out inputs; rule list "
             f"{result['fidelity']:.0%} faithful")
