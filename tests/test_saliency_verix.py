@@ -1,7 +1,8 @@
 """Verified explanations (VeriX) against independent oracles: z3 over exact rationals of the
-torch module's weights for soundness and irreducibility on small nets, the torch forward pass
-for every returned counterexample, and a separate PGD on the complement of the explanation
-on the digits sample models and the shared MNIST network."""
+torch module's weights for soundness and irreducibility on small nets and for both complete
+checks (MILP, ReLU-split branch and bound), the torch forward pass for every returned
+counterexample, and a separate PGD on the complement of the explanation on the digits sample
+models and the shared MNIST network."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import z3
 from torch import nn
 
 from app import load_network
-from app.analyses.saliency import robust_milp
+from app.analyses.saliency import robust_milp, verix
 from app.analyses.saliency.verix import UNPROVEN, WITNESSED, attack_batch, verified_explanation
 from app.errors import InvalidInputError
 from tests.conftest import SAMPLE_MODELS, shared_path
@@ -130,6 +131,39 @@ def test_complete_check_agrees_with_z3(seed: int) -> None:
             with torch.no_grad():
                 assert int(model(out.point[None]).argmax()) != target
     assert verdicts == {robust_milp.ROBUST, robust_milp.COUNTEREXAMPLE}
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_branch_and_bound_check_agrees_with_z3(seed: int) -> None:
+    """The ReLU-split branch and bound behind the search (no attack first), on one- and
+    two-hidden-layer nets and boxes of every size: ``robust`` only where z3 finds no other
+    class, a counterexample only where the forward pass confirms it."""
+    verdicts = set()
+    for model, n in ((_small(30 + seed), 5), (_wider(40 + seed), 7)):
+        net = load_network(model, input_shape=(n,)).with_dtype(torch.float64)
+        pts = torch.from_numpy(np.random.default_rng(seed).uniform(0.2, 0.8, (4000, n)))
+        with torch.no_grad():
+            top = model(pts).sort(1).values
+        x = pts[int(np.argsort((top[:, -1] - top[:, -2]).numpy())[1000])].numpy()
+        with torch.no_grad():
+            target = int(model(torch.from_numpy(x)[None]).argmax())
+        dense = verix._Dense.of(net)
+        for eps in (0.005, 0.02, 0.05, 0.1, 0.3):
+            lo, hi = np.clip(x - eps, 0, 1), np.clip(x + eps, 0, 1)
+            verdict, point = verix._bab(net, dense, torch.from_numpy(lo), torch.from_numpy(hi),
+                                        target, time.monotonic() + 30)
+            verdicts.add(verdict)
+            other = _exists_other_class(model, lo, hi, target)
+            if verdict == robust_milp.ROBUST:
+                assert not other
+            elif verdict == robust_milp.COUNTEREXAMPLE:
+                p = point.numpy()
+                assert np.all(p >= lo) and np.all(p <= hi)
+                with torch.no_grad():
+                    assert int(model(point[None]).argmax()) != target
+            else:  # unknown: only where no exact verdict is at hand either way
+                assert verdict == robust_milp.UNKNOWN
+    assert {robust_milp.ROBUST, robust_milp.COUNTEREXAMPLE} <= verdicts
 
 
 def _pgd_on_complement(net, x: torch.Tensor, res, steps: int = 60, restarts: int = 16) -> bool:
@@ -279,3 +313,23 @@ def test_batched_attack_returns_points_of_another_class_inside_each_box() -> Non
     robust = [k for k in range(len(widths)) if not _exists_other_class(model, lo[k], hi[k],
                                                                        target)]
     assert all(points[k] is None for k in robust)
+
+
+@pytest.mark.slow
+def test_mnist_kept_features_are_witnessed_by_sweeps() -> None:
+    """mnist-net_256x2 at eps 0.05 with a generous budget: once the free set is tight, the
+    sweeps from counterexamples witness kept features; every witness is checked by the torch
+    forward pass, and PGD on the complement never flips the explanation."""
+    path = shared_path("vnncomp2021", "mnistfc", "mnist-net_256x2.onnx")
+    row = np.loadtxt(shared_path("eran", "mnist_test.csv"), delimiter=",", skiprows=1,
+                     max_rows=1)
+    net = load_network(str(path)).with_dtype(torch.float64)
+    x = torch.from_numpy(row[1:] / 255.0).reshape(784, 1)
+    res = verified_explanation(net, x, 0.05, timeout_s=90, check_timeout_s=4)
+    assert res.target == int(row[0])
+    assert set(res.kept) == set(np.flatnonzero(res.explanation.reshape(-1)))
+    assert sorted(res.freed + list(res.kept)) == list(range(784))
+    assert all((v == UNPROVEN) == (i not in res.counterexamples) for i, v in res.kept.items())
+    assert len(res.counterexamples) > 0
+    assert not _pgd_on_complement(net, x, res)
+    _check_counterexamples(net, x.numpy(), res)

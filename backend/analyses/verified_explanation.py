@@ -17,7 +17,8 @@ class Params(BaseModel):
     timeout_s: float = Field(60.0, gt=0.0, le=600.0,
                              description="after this, untried features are kept (still sound)")
     check_timeout_s: float = Field(5.0, gt=0.0, le=120.0,
-                                   description="time limit of each complete (MILP) check")
+                                   description="time limit of each complete check (branch "
+                                               "and bound, MILP)")
 
 
 def run(ctx: JobContext, params: Params) -> dict:
@@ -57,8 +58,9 @@ register(Analysis(
     name="verified_explanation",
     title="Verified explanation (VeriX)",
     description="The features that, fixed at the input's values, provably keep the predicted "
-                "class for every perturbation of at most eps elsewhere (CROWN bounds, then a "
-                "MILP); a kept feature comes with a counterexample when one was found, "
+                "class for every perturbation of at most eps elsewhere (CROWN bounds, then "
+                "ReLU-split branch and bound and a MILP); a kept feature comes with a "
+                "counterexample when one was found, "
                 "otherwise it is marked sound but not proven irreducible.",
     params=Params,
     run=run,

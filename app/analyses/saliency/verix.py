@@ -3,22 +3,32 @@ input features such that *every* input equal to ``x`` on ``E`` and within ``eps`
 elsewhere (inside the input range) keeps the predicted class.
 
 Features are tried least sensitive first (sensitivity: how far the class margin drops when
-that feature alone moves to either end of its interval). A feature is freed only when the box
-"current free set plus it" is proven robust; otherwise it stays in ``E``. The search, cheapest
+that feature alone moves to either end of its interval). A feature is freed only when a box
+containing "current free set plus it" is proven robust; it is kept with a witness when the
+box "current free set plus it" holds an input of another class. The search, cheapest
 evidence first:
 
 1. Bounds: the longest prefix of the order that the engine's float-safe CROWN bounds
    (:func:`app.bounds.property_lower_bounds`) prove, found by doubling then bisection.
-2. Complete checks on groups (VeriX+'s binary search): a MILP (HiGHS, :mod:`.robust_milp`,
-   sequential affine/ReLU networks) on the next group of undecided features, each call
-   stopped at ``check_timeout_s``; a proof frees the group and doubles the next one, anything
-   else halves it. A group of one is decided by PGD (random starts and the known
-   counterexamples projected onto its box), then CROWN, then the MILP.
-3. Counterexamples are reused: every counterexample found is projected onto each undecided
-   feature's box "free set plus that feature"; where the forward pass gives another class,
-   the feature is kept with that witness without any solver.
-4. At ``timeout_s`` the untried features get one batched PGD search for witnesses; the rest
-   are kept as "sound, not proven irreducible".
+2. Complete checks on groups in order (VeriX+'s binary search): the next group of undecided
+   features is first attacked (PGD from the known counterexamples and random starts), then
+   decided by ReLU-split branch and bound (:mod:`app.properties.relu_bab`: alpha-CROWN root
+   bounds, batched beta-CROWN sub-domains, over CROWN's intermediate bounds of the box); a
+   proof frees the group and doubles the next one, a failure halves it. A group of one is
+   decided by the check itself (for a single feature the MILP of :mod:`.robust_milp` backs
+   the branch and bound in the second pass).
+3. Sweeps: every counterexample found is projected onto the free set's box, a point near
+   the decision boundary; from there each undecided feature is moved to the end of its
+   interval the margin's gradient points to and attacked briefly inside the box "free set
+   plus that feature". Every feature where the forward pass gives another class is kept
+   with that witness, many at once. When a small group fails, the most sensitive undecided
+   feature (the likeliest to break the free set) is checked as well, for such a
+   counterexample.
+4. Two passes: the first gives each check part of ``check_timeout_s`` and puts a feature it
+   cannot decide aside; the second tries those again against the larger free set with the
+   whole ``check_timeout_s``. At ``timeout_s`` the untried features get sweeps from the known
+   counterexamples and one batched PGD search; the rest are kept as "sound, not proven
+   irreducible".
 
 * Soundness: the free set only ever grows by proven steps, so the final one is proven.
 * Irreducibility: a kept feature comes with a counterexample (forward pass checked: another
@@ -26,6 +36,10 @@ evidence first:
   final free set's box plus that feature. Where no witness was found (time limit, an
   unsupported layer, or a complete check that could not decide), the feature is kept and
   marked "sound, not proven irreducible".
+* Order: groups are freed in the sensitivity order and a witness stays valid as the free set
+  grows, so without deferred features the result is sequential VeriX's; a deferred feature
+  is decided against a larger free set than sequential VeriX would use (still sound, and
+  irreducible where witnessed).
 """
 
 from __future__ import annotations
@@ -38,14 +52,26 @@ import torch
 from torch import Tensor
 
 from app.analyses.saliency import robust_milp
-from app.bounds import property_lower_bounds
+from app.bounds import analyze, property_lower_bounds
 from app.errors import InvalidInputError
+from app.layers import ReLU
 from app.network import Network
 from app.progress import ProgressFn, report
+from app.properties import relu_bab
+from app.properties.vnnlib import Case
 
 WITNESSED = "counterexample"
 UNPROVEN = "sound, not proven irreducible"
-MAX_GROUP = 64  # features one MILP may try to free together
+MAX_GROUP = 64  # features one complete check may try to free together
+QUICK_SHARE = 0.5  # of check_timeout_s for each check of the first pass
+FALSIFY_STARTS = 4  # random starts of the falsifier before each complete check
+PROBE_LAST = 4  # most sensitive undecided features attacked whenever the free set grows
+PROBE_GROUP = 4  # a group this small failed by a counterexample: probe the most sensitive
+START_GROUP = 4  # group size after the bounds' prefix and after each single feature
+BAB_SHARE = 0.5  # of a single feature's check time for branch and bound (the rest: MILP)
+LEARN_STEPS, LEARN_STEP = 10, 0.05  # sweep attack: steps, first step (of a box's width)
+SWEEP_ATTACK = 96  # boxes a sweep attacks (those whose start is nearest the boundary)
+DESCEND_DECAY = 0.85  # step factor per descent step
 ATTACK_STEPS, ATTACK_RESTARTS = 40, 8
 POOL = 8  # most recent counterexamples projected onto undecided features' boxes
 FINAL_SHARE = 0.1  # of timeout_s kept for the last batched witness search
@@ -132,11 +158,15 @@ class _Search:
         self.kept: dict[int, str] = {}
         self.examples: dict[int, Tensor] = {}
         self.pool: list[Tensor] = []
+        self.deferred: set[int] = set()  # features the quick pass could not decide
         self.milp = robust_milp.supported(net)
-        self.checks = {"bound_checks": 0, "milp_robust_groups": 0, "milp_failed_groups": 0,
+        self.bab = relu_bab.supports(net) and x.device.type == "cpu"
+        self.dense = _Dense.of(net) if self.bab else None
+        self.checks = {"bound_checks": 0, "robust_groups": 0, "failed_groups": 0,
+                       "complete_robust": 0, "complete_counterexamples": 0,
                        "attack_counterexamples": 0, "reused_counterexamples": 0,
-                       "bound_robust": 0, "milp_robust": 0, "milp_counterexamples": 0,
-                       "undecided": 0, "unchecked": 0}
+                       "attack_falsified": 0, "sweep_counterexamples": 0,
+                       "probe_counterexamples": 0, "undecided": 0, "unchecked": 0}
 
     def undecided(self) -> Tensor:
         """Undecided feature ids in the search order."""
@@ -178,80 +208,173 @@ class _Search:
                             self.target)[0])
 
     def complete(self, deadline: float, check_timeout_s: float) -> None:
-        """VeriX+ groups: a MILP frees the next ``group`` undecided features or halves it."""
-        group = 2
-        while (rest := self.undecided()).numel() and time.monotonic() < deadline:
-            report(self.progress, 1 - rest.numel() / self.n,
-                   f"{len(self.freed)} freed, {len(self.kept)} kept, {rest.numel()} to decide")
-            until = min(deadline, time.monotonic() + check_timeout_s)
-            if self.milp and group > 1 and rest.numel() > 1:
+        """VeriX+ groups: a complete check frees the next ``group`` undecided features (the
+        group doubles) or gives a counterexample, which witnesses every undecided feature it
+        can (:meth:`_learn`); the group then halves unless that kept one of its own features.
+        A group of one is decided by the check itself: freed, or kept with the check's
+        counterexample. Two passes: the first gives each check ``QUICK_SHARE`` of
+        ``check_timeout_s`` and puts a feature it cannot decide aside; the second tries those
+        again (against the larger free set) with the whole ``check_timeout_s`` and the MILP,
+        and keeps what it cannot decide as "sound, not proven irreducible"."""
+        for quick in (True, False):
+            limit = check_timeout_s * (QUICK_SHARE if quick else 1.0)
+            group, probe = START_GROUP, True
+            while time.monotonic() < deadline:
+                rest = self.undecided()
+                if quick and self.deferred:
+                    rest = rest[~torch.isin(rest, torch.tensor(sorted(self.deferred),
+                                                             device=rest.device))]
+                if not rest.numel():
+                    break
+                report(self.progress, 1 - rest.numel() / self.n, f"{len(self.freed)} freed, "
+                       f"{len(self.kept)} kept, {rest.numel()} to decide")
                 several = rest[:group]
-                box_lo, box_hi = (t[0] for t in _box(self.x, self.lo, self.hi,
-                                                     self._with(several)[None]))
-                outcome = robust_milp.check(self.net, box_lo, box_hi, self.target, until)
-                if outcome.verdict == robust_milp.ROBUST:
-                    self.checks["milp_robust_groups"] += 1
+                single = several.numel() == 1
+                until = min(deadline, time.monotonic() + limit)
+                verdict, point = self._check(self._with(several), until, single, milp=not quick)
+                if verdict == robust_milp.ROBUST:
+                    self.checks["robust_groups" if not single else "complete_robust"] += 1
                     self._free(several)
                     group = min(MAX_GROUP, 2 * group)
+                    probe = True
+                    self._probe_attack()
                     continue
-                self.checks["milp_failed_groups"] += 1
-                if outcome.point is not None:
-                    self._learn(outcome.point)
-                group //= 2
-                continue
-            self._single(int(rest[0]), until)
-            group = 2
+                if single:
+                    i = int(several[0])
+                    if verdict == robust_milp.COUNTEREXAMPLE:
+                        self._keep(i, point, "complete_counterexamples")
+                        self._learn(point)
+                    elif quick:
+                        self.deferred.add(i)
+                    else:
+                        self.kept[i] = UNPROVEN
+                        self.checks["undecided"] += 1
+                    group = START_GROUP
+                    continue
+                self.checks["failed_groups"] += 1
+                hit = self._learn(point) if point is not None else set()
+                if (probe and point is not None and several.numel() <= PROBE_GROUP
+                        and rest.numel() > group):
+                    # the free set may now be tight: the most sensitive undecided feature
+                    # (the last in the order) is the likeliest to have a counterexample,
+                    # whose sweep then witnesses many features at once
+                    probe = False
+                    last = rest[-1:]
+                    until = min(deadline, time.monotonic() + limit)
+                    verdict, point = self._check(self._with(last), until, True, milp=False)
+                    if verdict == robust_milp.COUNTEREXAMPLE:
+                        self._keep(int(last[0]), point, "probe_counterexamples")
+                        hit |= self._learn(point)
+                if not hit.intersection(several.tolist()):
+                    group = max(1, group // 2)
 
-    def _single(self, i: int, deadline: float) -> None:
-        """Decide the box "free plus ``i``": attack, CROWN, then the MILP where supported."""
-        mask = self._with(torch.tensor([i], device=self.free.device))
-        box_lo, box_hi = (t[0] for t in _box(self.x, self.lo, self.hi, mask[None]))
-        starts = [torch.minimum(torch.maximum(p, box_lo), box_hi) for p in self.pool]
-        point = attack(self.net, box_lo, box_hi, self.target, starts=starts)
-        if point is not None:
-            self._keep(i, point, "attack_counterexamples")
-            self._learn(point)
-            return
-        if self._proven(torch.tensor([i], device=self.free.device)):
-            self.checks["bound_robust"] += 1
-            self._free(torch.tensor([i], device=self.free.device))
-            return
-        if not self.milp:
-            self.kept[i] = UNPROVEN
-            self.checks["undecided"] += 1
-            return
-        outcome = robust_milp.check(self.net, box_lo, box_hi, self.target, deadline)
-        if outcome.verdict == robust_milp.ROBUST:
-            self.checks["milp_robust"] += 1
-            self._free(torch.tensor([i], device=self.free.device))
-        elif outcome.verdict == robust_milp.COUNTEREXAMPLE:
-            self._keep(i, outcome.point, "milp_counterexamples")
-            self._learn(outcome.point)
-        else:
-            self.kept[i] = UNPROVEN
-            self.checks["undecided"] += 1
-
-    def _learn(self, point: Tensor) -> None:
-        """Remember a counterexample and keep, with a witness, every undecided feature whose
-        box "free plus it" holds the point's projection of another class."""
-        self.pool = (self.pool + [point])[-POOL:]
-        rest = self.undecided()
+    def _probe_attack(self) -> None:
+        """After the free set grew: attack the boxes "free plus one of the ``PROBE_LAST`` most
+        sensitive undecided features" (random starts and the known counterexamples); the
+        first counterexample found is kept as a witness and swept from."""
+        rest = self.undecided()[-PROBE_LAST:]
         if not rest.numel():
             return
+        starts = [torch.stack(self.pool)] if self.pool else []
+        gen = torch.Generator(device="cpu").manual_seed(len(self.freed))
+        for r in range(rest.numel()):
+            box_lo, box_hi = (t[0] for t in _box(self.x, self.lo, self.hi,
+                                                 self._with(rest[r: r + 1])[None]))
+            noise = torch.rand((2, *self.x.shape), generator=gen, dtype=self.x.dtype,
+                               device="cpu")
+            z = torch.cat(starts + [box_lo + (box_hi - box_lo) * noise.to(self.x.device)])
+            found = _descend(self.net, box_lo.expand_as(z), box_hi.expand_as(z), z, self.target)
+            point = next((p for p in found if p is not None), None)
+            if point is not None:
+                self._keep(int(rest[r]), point, "probe_counterexamples")
+                self._learn(point)
+                return
+
+    def _check(self, mask: Tensor, deadline: float, single: bool,
+               milp: bool = True) -> tuple[str, Tensor | None]:
+        """The box "free set ``mask``": ReLU-split branch and bound (alpha-CROWN root bounds,
+        then beta-CROWN sub-domains), then, for a single feature still undecided, the MILP;
+        ``(verdict, point)`` with a forward-checked point for COUNTEREXAMPLE (and possibly for
+        UNKNOWN: an input of another class in the box found on the way)."""
+        box_lo, box_hi = (t[0] for t in _box(self.x, self.lo, self.hi, mask[None]))
+        # a cheap falsifier first: descend from the known counterexamples and random starts
+        gen = torch.Generator(device="cpu").manual_seed(len(self.freed) + len(self.kept))
+        noise = torch.rand((FALSIFY_STARTS, *self.x.shape), generator=gen, dtype=self.x.dtype,
+                           device="cpu")
+        starts = torch.cat(([torch.stack(self.pool)] if self.pool else [])
+                           + [box_lo + (box_hi - box_lo) * noise.to(self.x.device)])
+        found = _descend(self.net, box_lo.expand_as(starts), box_hi.expand_as(starts), starts,
+                         self.target)
+        point = next((p for p in found if p is not None), None)
+        if point is not None:
+            self.checks["attack_falsified"] += 1
+            return robust_milp.COUNTEREXAMPLE, point
+        verdict, point = robust_milp.UNKNOWN, None
+        if self.bab:
+            use_milp = milp and single and self.milp
+            share = deadline if not use_milp else \
+                time.monotonic() + BAB_SHARE * (deadline - time.monotonic())
+            with torch.device("cpu"):  # relu_bab allocates on the default device
+                verdict, point = _bab(self.net, self.dense, box_lo, box_hi, self.target,
+                                      share)
+        if verdict == robust_milp.UNKNOWN and self.milp and (single and milp or not self.bab):
+            outcome = robust_milp.check(self.net, box_lo, box_hi, self.target, deadline)
+            verdict, point = outcome.verdict, outcome.point
+        return verdict, point
+
+    def _learn(self, point: Tensor) -> set[int]:
+        """Remember a counterexample ``point`` and sweep the undecided features with it: its
+        projection ``z`` onto the box of the free set (a point near the decision boundary)
+        with one feature moved to the end of its interval the margin's gradient at ``z``
+        points to, then a short attack from there; every undecided feature whose box "free
+        plus it" so holds an input of another class (forward pass) is kept with that witness.
+        Returns the features so kept."""
+        self.pool = (self.pool + [point])[-POOL:]
+        return self._sweep(point)
+
+    def _sweep(self, point: Tensor) -> set[int]:
+        rest = self.undecided()
+        hit: set[int] = set()
+        if not rest.numel():
+            return hit
+        z = torch.where(self.free.reshape(self.x.shape), point, self.x).requires_grad_(True)
+        grad = torch.autograd.grad(_margin(self.net, z[None], self.target).sum(), z)[0]
+        z = z.detach()
+        rows = torch.arange(rest.numel(), device=rest.device)
         masks = self.free.repeat(rest.numel(), 1)
-        masks[torch.arange(rest.numel(), device=masks.device), rest] = True
+        masks[rows, rest] = True
         box_lo, box_hi = _box(self.x, self.lo, self.hi, masks)
-        for p in self.pool:
-            proj = torch.minimum(torch.maximum(p, box_lo), box_hi)
-            with torch.no_grad():
-                wrong = self.net(proj).argmax(1) != self.target
-            for r in torch.nonzero(wrong).reshape(-1).tolist():
-                if int(rest[r]) not in self.kept:
-                    self._keep(int(rest[r]), proj[r], "reused_counterexamples")
+        starts = z.expand_as(box_lo).clone()
+        ends = torch.where(grad.reshape(-1)[rest] > 0, self.lo.reshape(-1)[rest],
+                           self.hi.reshape(-1)[rest])
+        starts.reshape(rest.numel(), -1)[rows, rest] = ends
+        with torch.no_grad():
+            margin = _margin(self.net, starts, self.target)
+        # the attack only from the SWEEP_ATTACK starts nearest the boundary (the others are
+        # checked as they are)
+        near = margin.argsort()[:SWEEP_ATTACK]
+        points = [None] * rest.numel()
+        for r, p in zip(near.tolist(), _descend(self.net, box_lo[near], box_hi[near],
+                                                starts[near], self.target, LEARN_STEPS,
+                                                first_step=LEARN_STEP), strict=True):
+            points[r] = p
+        for r in torch.nonzero(margin < 0).reshape(-1).tolist():
+            if points[r] is None and int(self.net(starts[r][None]).argmax()) != self.target:
+                points[r] = starts[r]
+        for r, p in enumerate(points):
+            if p is not None:
+                self._keep(int(rest[r]), p, "sweep_counterexamples")
+                hit.add(int(rest[r]))
+        return hit
 
     def finish(self, deadline: float) -> None:
-        """Untried features: batched attacks for witnesses until ``deadline``, the rest kept
-        unproven."""
+        """Untried features: sweeps from the known counterexamples (newest first, projected
+        onto the final free set's box), then batched attacks for witnesses until ``deadline``;
+        the rest are kept unproven."""
+        for point in reversed(list(self.pool)):
+            if time.monotonic() >= deadline or not self.undecided().numel():
+                break
+            self._sweep(point)
         rest = self.undecided().tolist()
         for chunk in range(0, len(rest), FINAL_CHUNK):
             if time.monotonic() >= deadline:
@@ -305,6 +428,95 @@ def _proven(net: Network, x: Tensor, lo: Tensor, hi: Tensor, masks: Tensor,
     box_lo, box_hi = _box(x, lo, hi, masks)
     labels = torch.full((masks.shape[0],), target, dtype=torch.long, device=x.device)
     return (property_lower_bounds(net, box_lo, box_hi, labels, "crown") > 0).all(1)
+
+
+@dataclass
+class _Dense:
+    """A chain of affine layers and ReLUs as dense float64 maps (``relu_bab.Chain`` without
+    its bounds) and the nodes feeding each ReLU."""
+
+    weights: list[Tensor]
+    biases: list[Tensor]
+    pre_relu: list[int]
+
+    @classmethod
+    def of(cls, net: Network) -> _Dense:
+        weights, biases, pre = [], [], []
+        cpu = {"dtype": torch.float64, "device": "cpu"}
+        w = torch.eye(int(np.prod(net.input_shape)), **cpu)
+        b = torch.zeros(w.shape[0], **cpu)
+        shape = net.input_shape
+        for i, layer in enumerate(net.layers):
+            if isinstance(layer, ReLU):
+                weights.append(w)
+                biases.append(b)
+                pre.append(i - 1)
+                w = torch.eye(w.shape[0], **cpu)
+                b = torch.zeros(w.shape[0], **cpu)
+            else:
+                a, c = (t.detach().to(torch.float64).cpu() for t in layer.matrix(shape))
+                w, b = a @ w, a @ b + c.reshape(-1)
+            shape = net.shapes[i]
+        return cls(weights + [w], biases + [b], pre)
+
+
+def _bab(net: Network, dense: _Dense, lo: Tensor, hi: Tensor, target: int,
+         deadline: float) -> tuple[str, Tensor | None]:
+    """Is every input in ``[lo, hi]`` classified ``target``? ReLU-split branch and bound
+    (:mod:`app.properties.relu_bab`: alpha-CROWN root bounds, batched beta-CROWN
+    sub-domains) on one case per rival class; a counterexample only once the forward pass
+    classifies it otherwise."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        return robust_milp.UNKNOWN, None
+    n_out = net.num_outputs
+    rows = np.zeros((n_out - 1, 1, n_out))
+    for k, j in enumerate(j for j in range(n_out) if j != target):
+        rows[k, 0, target], rows[k, 0, j] = 1.0, -1.0
+    flat_lo, flat_hi = lo.reshape(-1).numpy(), hi.reshape(-1).numpy()
+    cases = [Case(flat_lo, flat_hi, r, np.zeros(1)) for r in rows]
+    with torch.no_grad():  # CROWN's bounds of each ReLU's input (computed on demand)
+        crown = analyze(net, lo[None], hi[None], "crown")
+        lower, upper = zip(*((b[0].reshape(-1), c[0].reshape(-1))
+                             for b, c in (crown.bounds(k) for k in dense.pre_relu)), strict=True)
+    ch = relu_bab.Chain(dense.weights, dense.biases, list(lower), list(upper))
+
+    def other_class(_k: int, point: Tensor) -> bool:
+        with torch.no_grad():
+            return int(net(point.reshape(1, *lo.shape)).argmax()) != target
+
+    res = relu_bab.refute(net, cases, ch, deadline, None, other_class)
+    if res.status == "refuted":
+        return robust_milp.ROBUST, None
+    if res.status == "counterexample" and other_class(0, res.point):
+        return robust_milp.COUNTEREXAMPLE, res.point.reshape(lo.shape).clone()
+    return robust_milp.UNKNOWN, None
+
+
+def _descend(net: Network, lo: Tensor, hi: Tensor, start: Tensor, target: int,
+             steps: int = LEARN_STEPS, first_step: float = 0.5) -> list[Tensor | None]:
+    """Signed-gradient descent on the class margin from one start per box ``[B, *shape]``
+    (steps of ``first_step`` times the box's width, shrinking); per box a point inside it
+    of another class (forward pass) or ``None``. Boxes done leave the batch."""
+    z, step = torch.minimum(torch.maximum(start, lo), hi).detach().clone(), (hi - lo) * first_step
+    best = z.detach().clone()
+    with torch.no_grad():
+        found = net(z).argmax(1) != target
+    for _ in range(steps):
+        todo = torch.nonzero(~found).reshape(-1)
+        if not todo.numel():
+            break
+        part = z[todo].detach().requires_grad_(True)
+        grad = torch.autograd.grad(_margin(net, part, target).sum(), part)[0]
+        part = torch.minimum(torch.maximum(part.detach() - step[todo] * grad.sign(), lo[todo]),
+                             hi[todo])
+        z[todo] = part
+        step = step * DESCEND_DECAY
+        with torch.no_grad():
+            wrong = net(part).argmax(1) != target
+        best[todo[wrong]] = part[wrong]
+        found[todo[wrong]] = True
+    return [best[k] if bool(found[k]) else None for k in range(lo.shape[0])]
 
 
 def attack(net: Network, lo: Tensor, hi: Tensor, target: int, seed: int = 0,
