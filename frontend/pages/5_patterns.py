@@ -182,6 +182,10 @@ method = c8.radio("Verifier", ["auto", "milp", "split"], horizontal=True,
                        "box with CROWN, MILP on small pieces; auto: split for few inputs")
 params = {"layer": int(layer), "domain": domain, "eps": float(eps), "verify": verify,
           "timeout": float(timeout), "min_precision": float(min_precision), "method": method}
+if st.checkbox("The lowest score decides (ACAS Xu)", key="pattern_lowest",
+               help="for networks whose decision is the output with the lowest score, such as "
+                    "ACAS Xu's advisories; rules, proofs and coverage then explain that one"):
+    params["lowest"] = True
 if target_text.strip():
     if target_text.strip().isdigit():
         params["target"] = int(target_text)
