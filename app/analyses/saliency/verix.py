@@ -5,30 +5,33 @@ elsewhere (inside the input range) keeps the predicted class.
 Features are tried least sensitive first (sensitivity: how far the class margin drops when
 that feature alone moves to either end of its interval). A feature is freed only when a box
 containing "current free set plus it" is proven robust; it is kept with a witness when the
-box "current free set plus it" holds an input of another class. The search, cheapest
+box "current free set plus it" holds an input of another class (the ``order`` field is
+the sensitivity order, ``freed`` the order of proofs). The search, cheapest
 evidence first:
 
 1. Bounds: the longest prefix of the order that the engine's float-safe CROWN bounds
    (:func:`app.bounds.property_lower_bounds`) prove, found by doubling then bisection.
 2. Complete checks on groups in order (VeriX+'s binary search): the next group of undecided
    features is first attacked (PGD from the known counterexamples and random starts), then
-   decided by ReLU-split branch and bound (:mod:`app.properties.relu_bab`: alpha-CROWN root
-   bounds, batched beta-CROWN sub-domains, over CROWN's intermediate bounds of the box); a
-   proof frees the group and doubles the next one, a failure halves it. A group of one is
-   decided by the check itself (for a single feature the MILP of :mod:`.robust_milp` backs
-   the branch and bound in the second pass).
+   bounded by float-safe CROWN per rival class, and the rivals CROWN leaves open go to
+   ReLU-split branch and bound (:mod:`app.properties.relu_bab`: alpha-CROWN root bounds,
+   batched beta-CROWN sub-domains, over CROWN's bounds of each ReLU's input); a proof frees
+   the group and doubles the next one, a failure halves it. A group of one is decided by the
+   check itself (in the second pass the MILP of :mod:`.robust_milp` backs the branch and
+   bound).
 3. Sweeps: every counterexample found is projected onto the free set's box, a point near
    the decision boundary; from there each undecided feature is moved to the end of its
    interval the margin's gradient points to and attacked briefly inside the box "free set
    plus that feature". Every feature where the forward pass gives another class is kept
-   with that witness, many at once. When a small group fails, the most sensitive undecided
-   feature (the likeliest to break the free set) is checked as well, for such a
+   with that witness, many at once. Whenever the free set grows, the most sensitive
+   undecided features (the likeliest to break it) are attacked, and when a small group
+   fails by a counterexample the most sensitive one is checked completely, for such a
    counterexample.
-4. Two passes: the first gives each check part of ``check_timeout_s`` and puts a feature it
-   cannot decide aside; the second tries those again against the larger free set with the
-   whole ``check_timeout_s``. At ``timeout_s`` the untried features get sweeps from the known
-   counterexamples and one batched PGD search; the rest are kept as "sound, not proven
-   irreducible".
+4. Two passes: the first gives each check part of ``check_timeout_s`` (more after checks that
+   ran out of time) and puts a feature it cannot decide aside; the second tries those again,
+   against the larger free set, with the whole ``check_timeout_s``. At ``timeout_s`` the
+   untried features get sweeps from the known counterexamples and one batched PGD search;
+   the rest are kept as "sound, not proven irreducible".
 
 * Soundness: the free set only ever grows by proven steps, so the final one is proven.
 * Irreducibility: a kept feature comes with a counterexample (forward pass checked: another
@@ -52,7 +55,7 @@ import torch
 from torch import Tensor
 
 from app.analyses.saliency import robust_milp
-from app.bounds import analyze, property_lower_bounds
+from app.bounds import analyze, float_safe, fold_last_layer, property_lower_bounds
 from app.errors import InvalidInputError
 from app.layers import ReLU
 from app.network import Network
@@ -63,7 +66,8 @@ from app.properties.vnnlib import Case
 WITNESSED = "counterexample"
 UNPROVEN = "sound, not proven irreducible"
 MAX_GROUP = 64  # features one complete check may try to free together
-QUICK_SHARE = 0.5  # of check_timeout_s for each check of the first pass
+QUICK_SHARE = 0.5  # of check_timeout_s for each check of the first pass at first
+QUICK_GROWTH = 1.25  # that limit's factor after each check of that pass that ran out of time
 FALSIFY_STARTS = 4  # random starts of the falsifier before each complete check
 PROBE_LAST = 4  # most sensitive undecided features attacked whenever the free set grows
 PROBE_GROUP = 4  # a group this small failed by a counterexample: probe the most sensitive
@@ -213,7 +217,8 @@ class _Search:
         can (:meth:`_learn`); the group then halves unless that kept one of its own features.
         A group of one is decided by the check itself: freed, or kept with the check's
         counterexample. Two passes: the first gives each check ``QUICK_SHARE`` of
-        ``check_timeout_s`` and puts a feature it cannot decide aside; the second tries those
+        ``check_timeout_s`` (longer after each check that ran out of time, up to all of it)
+        and puts a feature it cannot decide aside; the second tries those
         again (against the larger free set) with the whole ``check_timeout_s`` and the MILP,
         and keeps what it cannot decide as "sound, not proven irreducible"."""
         for quick in (True, False):
@@ -239,6 +244,9 @@ class _Search:
                     probe = True
                     self._probe_attack()
                     continue
+                if verdict == robust_milp.UNKNOWN and quick:
+                    # checks running out of time: a slow (or busy) machine, longer ones
+                    limit = min(check_timeout_s, limit * QUICK_GROWTH)
                 if single:
                     i = int(several[0])
                     if verdict == robust_milp.COUNTEREXAMPLE:
@@ -462,23 +470,33 @@ class _Dense:
 
 def _bab(net: Network, dense: _Dense, lo: Tensor, hi: Tensor, target: int,
          deadline: float) -> tuple[str, Tensor | None]:
-    """Is every input in ``[lo, hi]`` classified ``target``? ReLU-split branch and bound
-    (:mod:`app.properties.relu_bab`: alpha-CROWN root bounds, batched beta-CROWN
-    sub-domains) on one case per rival class; a counterexample only once the forward pass
+    """Is every input in ``[lo, hi]`` classified ``target``? Float-safe CROWN bounds first,
+    then ReLU-split branch and bound (:mod:`app.properties.relu_bab`: alpha-CROWN root bounds,
+    batched beta-CROWN sub-domains, over CROWN's bounds of each ReLU's input) on one case per
+    rival class CROWN does not exclude; a counterexample only once the forward pass
     classifies it otherwise."""
     left = deadline - time.monotonic()
     if left <= 0:
         return robust_milp.UNKNOWN, None
     n_out = net.num_outputs
-    rows = np.zeros((n_out - 1, 1, n_out))
-    for k, j in enumerate(j for j in range(n_out) if j != target):
-        rows[k, 0, target], rows[k, 0, j] = 1.0, -1.0
-    flat_lo, flat_hi = lo.reshape(-1).numpy(), hi.reshape(-1).numpy()
-    cases = [Case(flat_lo, flat_hi, r, np.zeros(1)) for r in rows]
+    rivals = [j for j in range(n_out) if j != target]
+    spec = torch.zeros((1, n_out - 1, n_out), dtype=torch.float64)
+    spec[0, :, target] = 1.0
+    spec[0, torch.arange(n_out - 1), rivals] = -1.0
+    offset = spec.new_zeros((1, n_out - 1))
     with torch.no_grad():  # CROWN's bounds of each ReLU's input (computed on demand)
         crown = analyze(net, lo[None], hi[None], "crown")
         lower, upper = zip(*((b[0].reshape(-1), c[0].reshape(-1))
                              for b, c in (crown.bounds(k) for k in dense.pre_relu)), strict=True)
+        # bounds first: rivals CROWN already excludes (float-safe) need no branching
+        node, folded, bias = fold_last_layer(net, spec)
+        safe = float_safe(net, lo[None], hi[None], spec, offset, "crown",
+                          crown.lower(node, folded, bias))[0]
+    open_ = torch.nonzero(safe <= 0).reshape(-1).tolist()
+    if not open_:
+        return robust_milp.ROBUST, None
+    flat_lo, flat_hi = lo.reshape(-1).numpy(), hi.reshape(-1).numpy()
+    cases = [Case(flat_lo, flat_hi, spec[0, k: k + 1].numpy(), np.zeros(1)) for k in open_]
     ch = relu_bab.Chain(dense.weights, dense.biases, list(lower), list(upper))
 
     def other_class(_k: int, point: Tensor) -> bool:
