@@ -7,7 +7,8 @@ Conv, Relu, Flatten, Gemm, MatMul: what the shared CIFAR ConvSmall nets use), th
 ``BoundedModule.compute_bounds(method="CROWN")`` (lower and upper bounds of every output,
 auto_LiRPA's defaults: patches mode for convolutions, sparse intermediate bounds) on one
 L-infinity box per image, one thread, after one untimed warm-up call. Prints one JSON object:
-``{"seconds": [...], "lower": [[...]], "upper": [[...]]}``.
+``{"seconds": [...], "cpu_seconds": [...], "lower": [[...]], "upper": [[...]]}`` (wall-clock
+and process CPU seconds per box).
 
     .venv-lirpa/bin/python benchmarks/lirpa_reference.py NET.onnx BOXES.npz
 """
@@ -102,19 +103,20 @@ def main() -> None:
     lo, hi = torch.tensor(boxes["lo"]).float(), torch.tensor(boxes["hi"]).float()
     model = torch_model(net_path)
     bounded = BoundedModule(model, torch.zeros(1, *lo.shape[1:]), device="cpu")
-    seconds, lowers, uppers = [], [], []
+    seconds, cpu, lowers, uppers = [], [], [], []
     for i in range(-1, lo.shape[0]):  # i = -1: the untimed warm-up on the first box
         k = max(i, 0)
         x = BoundedTensor((lo[k:k + 1] + hi[k:k + 1]) / 2,
                           PerturbationLpNorm(norm=np.inf, x_L=lo[k:k + 1], x_U=hi[k:k + 1]))
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         with torch.no_grad():
             lb, ub = bounded.compute_bounds(x=(x,), method="CROWN")
         if i >= 0:
             seconds.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
             lowers.append(lb[0].tolist())
             uppers.append(ub[0].tolist())
-    print(json.dumps({"seconds": seconds, "lower": lowers, "upper": uppers}))
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "lower": lowers, "upper": uppers}))
 
 
 if __name__ == "__main__":

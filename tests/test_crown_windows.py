@@ -106,3 +106,25 @@ def test_windowed_bounds_contain_sampled_outputs(name: str) -> None:
             slack = 1e-4 * (1 + out.abs().amax())
             assert (out >= node_lo[b] - slack).all()
             assert (out <= node_hi[b] + slack).all()
+
+
+@pytest.mark.parametrize("stride,padding,dilation,groups,kernel,size", [
+    (2, 0, 1, 1, 4, 32),  # ConvSmall: the phase-split path, no trailing inputs
+    (2, 1, 1, 2, 4, 15),  # phase-split with padding, groups and a trailing input row
+    (3, 2, 1, 1, 3, 11),  # phase-split, stride equal to the kernel
+    (2, 1, 1, 1, 3, 9),   # stride does not divide the kernel: plain transposed convolution
+    (1, 2, 2, 1, 3, 8),   # dilated
+])
+def test_conv_transpose_is_the_adjoint(stride: int, padding: int, dilation: int, groups: int,
+                                       kernel: int, size: int) -> None:
+    torch.manual_seed(6)
+    conv = Conv2d(torch.randn(4, 4 // groups, kernel, kernel, dtype=torch.float64),
+                  torch.zeros(4, dtype=torch.float64), stride=(stride, stride),
+                  padding=(padding, padding), dilation=(dilation, dilation), groups=groups)
+    x = torch.randn(1, 4, size, size, dtype=torch.float64, requires_grad=True)
+    out = conv.linear(x)
+    y = torch.randn(3, *out.shape[1:], dtype=torch.float64)
+    got = conv.transpose(y, (4, size, size))
+    for k in range(3):  # autograd's vector-Jacobian product is A^T y
+        (want,) = torch.autograd.grad(out, x, y[k:k + 1], retain_graph=True)
+        torch.testing.assert_close(got[k], want[0], rtol=1e-12, atol=1e-12)

@@ -30,6 +30,7 @@ from app.layers import (
     MaxPool2d,
     ReLU,
     Reshape,
+    transposed_conv,
 )
 from app.network import INPUT, Network
 
@@ -169,9 +170,9 @@ class CrownAnalysis(BoundAnalysis):
             elif isinstance(layer, ReLU) and self._local(i):
                 lines = where.gather(torch.cat(relu_lines(*self._relax[j]), 1), win)
                 lo_s, up_s, up_c = lines.chunk(3, dim=2)
-                pos_a, neg_a = a.clamp(min=0), a.clamp(max=0)
+                neg_a = a.clamp(max=0)
                 const = const + (neg_a * up_c).flatten(2).sum(-1)
-                a = pos_a * lo_s + neg_a * up_s
+                a = torch.mul(a.clamp(min=0), lo_s).addcmul_(neg_a, up_s)
                 i, clean = j, True
                 continue
             elif isinstance(layer, ElementwiseAffine) and self._local(i):
@@ -235,7 +236,10 @@ def _affine(layer: AffineLayer, a: Tensor, in_shapes: list, _b: list,
             out_shape: tuple[int, ...]) -> tuple[list[Tensor], Tensor]:
     b, m = a.shape[:2]
     a_in = layer.transpose(a.reshape(b * m, *out_shape), in_shapes[0])
-    const = (a * layer.bias_map(out_shape).to(a)).flatten(2).sum(-1)
+    if isinstance(layer, Conv2d):  # one bias per channel: no full-size temporary
+        const = (a.sum((-2, -1)) * layer.bias.to(a)).sum(-1)
+    else:
+        const = (a * layer.bias_map(out_shape).to(a)).flatten(2).sum(-1)
     return [a_in.reshape(b, m, *in_shapes[0])], const
 
 
@@ -259,9 +263,10 @@ def relu_backward(a: Tensor, lo: Tensor, hi: Tensor,
         _, up_slope, up_const = relu_lines(lo, hi)
         unstable, active = (lo < 0) & (hi > 0), (lo >= 0).to(a.dtype)
         lo_slope = torch.where(unstable.unsqueeze(1), lower_slope, active.unsqueeze(1))
-    pos, neg = a.clamp(min=0), a.clamp(max=0)
-    a_in = pos * lo_slope + neg * up_slope.unsqueeze(1)
+    neg = a.clamp(max=0)
     const = (neg * up_const.unsqueeze(1)).flatten(2).sum(-1)
+    # in place on fresh results: fewer full-size temporaries (allocation is much of the cost)
+    a_in = torch.mul(a.clamp(min=0), lo_slope).addcmul_(neg, up_slope.unsqueeze(1))
     return [a_in], const
 
 
@@ -341,8 +346,8 @@ def _conv_back(conv: Conv2d, a: Tensor, size: tuple[int, ...]) -> Tensor:
     weight = conv.weight
     tracked = torch.is_grad_enabled() and (a.requires_grad or weight.requires_grad)
     if o * ph * pw * c * size[0] * size[1] > WINDOW_MATRIX_ENTRIES or tracked:
-        flat = F.conv_transpose2d(a.reshape(-1, o, ph, pw), conv.weight.to(a), None,
-                                  conv.stride, 0, 0, conv.groups, conv.dilation)
+        flat = transposed_conv(a.reshape(-1, o, ph, pw), weight.to(a), conv.stride,
+                               conv.dilation, conv.groups)
         return flat.reshape(*lead, c, *size)
     known = _WINDOW_MATRICES.get(conv)
     if known is None or known[0] is not weight or known[1] != weight._version:
@@ -352,8 +357,8 @@ def _conv_back(conv: Conv2d, a: Tensor, size: tuple[int, ...]) -> Tensor:
     if key not in known[2]:
         with torch.no_grad():
             eye = torch.eye(o * ph * pw, dtype=a.dtype, device=a.device).reshape(-1, o, ph, pw)
-            known[2][key] = F.conv_transpose2d(eye, weight.to(a), None, conv.stride, 0, 0,
-                                               conv.groups, conv.dilation).reshape(o * ph * pw, -1)
+            known[2][key] = transposed_conv(eye, weight.to(a), conv.stride, conv.dilation,
+                                            conv.groups).reshape(o * ph * pw, -1)
     return (a.reshape(-1, o * ph * pw) @ known[2][key]).reshape(*lead, c, *size)
 
 
