@@ -24,9 +24,7 @@ evidence first:
    interval the margin's gradient points to and attacked briefly inside the box "free set
    plus that feature". Every feature where the forward pass gives another class is kept
    with that witness, many at once. Whenever the free set grows, the most sensitive
-   undecided features (the likeliest to break it) are attacked, and when a small group
-   fails by a counterexample the most sensitive one is checked completely, for such a
-   counterexample.
+   undecided features (the likeliest to break it) are attacked for such a counterexample.
 4. Two passes: the first gives each check part of ``check_timeout_s`` (more after checks that
    ran out of time) and puts a feature it cannot decide aside; the second tries those again,
    against the larger free set, with the whole ``check_timeout_s``. At ``timeout_s`` the
@@ -70,11 +68,11 @@ QUICK_SHARE = 0.5  # of check_timeout_s for each check of the first pass at firs
 QUICK_GROWTH = 1.25  # that limit's factor after each check of that pass that ran out of time
 FALSIFY_STARTS = 4  # random starts of the falsifier before each complete check
 PROBE_LAST = 4  # most sensitive undecided features attacked whenever the free set grows
-PROBE_GROUP = 4  # a group this small failed by a counterexample: probe the most sensitive
 START_GROUP = 4  # group size after the bounds' prefix and after each single feature
 BAB_SHARE = 0.5  # of a single feature's check time for branch and bound (the rest: MILP)
 LEARN_STEPS, LEARN_STEP = 10, 0.05  # sweep attack: steps, first step (of a box's width)
 SWEEP_ATTACK = 96  # boxes a sweep attacks (those whose start is nearest the boundary)
+SWEEP_NEAR = 0.1  # ... whose start's margin is below this share of x's
 DESCEND_DECAY = 0.85  # step factor per descent step
 ATTACK_STEPS, ATTACK_RESTARTS = 40, 8
 POOL = 8  # most recent counterexamples projected onto undecided features' boxes
@@ -156,6 +154,8 @@ class _Search:
         self.net, self.x, self.lo, self.hi, self.target = net, x, lo, hi, target
         self.progress = progress
         self.order = _sensitivity_order(net, x, lo, hi, target)
+        with torch.no_grad():
+            self.margin = float(_margin(net, x[None], target)[0])
         self.n = self.order.numel()
         self.free = torch.zeros(self.n, dtype=torch.bool, device=x.device)
         self.freed: list[int] = []
@@ -223,7 +223,7 @@ class _Search:
         and keeps what it cannot decide as "sound, not proven irreducible"."""
         for quick in (True, False):
             limit = check_timeout_s * (QUICK_SHARE if quick else 1.0)
-            group, probe = START_GROUP, True
+            group = START_GROUP
             while time.monotonic() < deadline:
                 rest = self.undecided()
                 if quick and self.deferred:
@@ -241,7 +241,6 @@ class _Search:
                     self.checks["robust_groups" if not single else "complete_robust"] += 1
                     self._free(several)
                     group = min(MAX_GROUP, 2 * group)
-                    probe = True
                     self._probe_attack()
                     continue
                 if verdict == robust_milp.UNKNOWN and quick:
@@ -261,18 +260,6 @@ class _Search:
                     continue
                 self.checks["failed_groups"] += 1
                 hit = self._learn(point) if point is not None else set()
-                if (probe and point is not None and several.numel() <= PROBE_GROUP
-                        and rest.numel() > group):
-                    # the free set may now be tight: the most sensitive undecided feature
-                    # (the last in the order) is the likeliest to have a counterexample,
-                    # whose sweep then witnesses many features at once
-                    probe = False
-                    last = rest[-1:]
-                    until = min(deadline, time.monotonic() + limit)
-                    verdict, point = self._check(self._with(last), until, True, milp=False)
-                    if verdict == robust_milp.COUNTEREXAMPLE:
-                        self._keep(int(last[0]), point, "probe_counterexamples")
-                        hit |= self._learn(point)
                 if not hit.intersection(several.tolist()):
                     group = max(1, group // 2)
 
@@ -322,9 +309,14 @@ class _Search:
             use_milp = milp and single and self.milp
             share = deadline if not use_milp else \
                 time.monotonic() + BAB_SHARE * (deadline - time.monotonic())
-            with torch.device("cpu"):  # relu_bab allocates on the default device
+            if torch.get_default_device().type == "cpu":
                 verdict, point = _bab(self.net, self.dense, box_lo, box_hi, self.target,
                                       share)
+            else:  # relu_bab allocates on the default device (a device mode slows every
+                # torch call, so it is entered only where needed)
+                with torch.device("cpu"):
+                    verdict, point = _bab(self.net, self.dense, box_lo, box_hi,
+                                          self.target, share)
         if verdict == robust_milp.UNKNOWN and self.milp and (single and milp or not self.bab):
             outcome = robust_milp.check(self.net, box_lo, box_hi, self.target, deadline)
             verdict, point = outcome.verdict, outcome.point
@@ -358,14 +350,16 @@ class _Search:
         starts.reshape(rest.numel(), -1)[rows, rest] = ends
         with torch.no_grad():
             margin = _margin(self.net, starts, self.target)
-        # the attack only from the SWEEP_ATTACK starts nearest the boundary (the others are
-        # checked as they are)
+        # the attack only from the SWEEP_ATTACK starts nearest the boundary, and only where
+        # their margin is below SWEEP_NEAR times x's (the others are checked as they are)
         near = margin.argsort()[:SWEEP_ATTACK]
+        near = near[margin[near] < SWEEP_NEAR * self.margin]
         points = [None] * rest.numel()
-        for r, p in zip(near.tolist(), _descend(self.net, box_lo[near], box_hi[near],
-                                                starts[near], self.target, LEARN_STEPS,
-                                                first_step=LEARN_STEP), strict=True):
-            points[r] = p
+        if near.numel():
+            for r, p in zip(near.tolist(), _descend(self.net, box_lo[near], box_hi[near],
+                                                    starts[near], self.target, LEARN_STEPS,
+                                                    first_step=LEARN_STEP), strict=True):
+                points[r] = p
         for r in torch.nonzero(margin < 0).reshape(-1).tolist():
             if points[r] is None and int(self.net(starts[r][None]).argmax()) != self.target:
                 points[r] = starts[r]
