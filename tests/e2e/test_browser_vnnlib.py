@@ -42,16 +42,21 @@ def test_vnnlib_panel_verdicts(ui, atlas) -> None:
     out = logits(x[None])[0]
     target, n_out = int(out.argmax()), out.size
     uploader = page.get_by_test_id("stFileUploader").filter(has_text="VNN-LIB file")
+    last_job = None
     for eps, expect in ((0.001, "proven"), (0.5, "counterexample")):
         text = _property(x, target, n_out, eps)
         uploader.locator("input[type='file']").set_input_files(
             {"name": f"ball_{eps}.vnnlib", "mimeType": "text/plain", "buffer": text.encode()})
+        uploader.get_by_text(f"ball_{eps}.vnnlib").wait_for()  # the page has the new file
         ui.wait_idle()
         ui.click_run("verify_property")
+        page.wait_for_function(  # a new job, not the last file's
+            "last => new URLSearchParams(location.search).get('job.verify_property') !== last",
+            arg=last_job, timeout=60_000)
         verdict = page.locator("[data-testid='stMetric']").filter(has_text="Verdict")
         verdict.filter(has_text=expect).wait_for(timeout=120_000)
         ui.wait_idle()
-        job_id = ui.query_params()["job.verify_property"]
+        job_id = last_job = ui.query_params()["job.verify_property"]
         with atlas.api() as api:
             result = api.get(f"/jobs/{job_id}/result").json()
         assert result["status"] == expect
