@@ -15,8 +15,9 @@ the 2-hidden runs the attack reports complete; the line above it counts the part
 than 1e-6, relative to the largest output, on 10^5 uniform points). Besides the torch-seeded
 nets: single-output He-normal nets (100-20-1, 784-32-1 at the default budget of 200k and,
 with ``--large``, 784-128-1 within 2^21.5 queries) and 3-8-6-1 / 5-10-8-1 nets whose
-second-layer neuron 0 is active on about 0.02% of the box (these may end partial, never
-falsely complete), and He-normal 10-10-10-1 / 8-16-16-16-1 nets with bias sigma 0.1 and 1
+second-layer neuron 0 is active on about 0.02% of the box (found where the others misfit the
+box's vertices and followed from cell to cell: complete where every weight is determined,
+never falsely complete), and He-normal 10-10-10-1 / 8-16-16-16-1 nets with bias sigma 0.1 and 1
 under a 60 s time limit (partial with a reason where they are not recovered). Nets are named
 ``sizes@box`` for the domain ``[-box, box]^d``. ``--large`` adds bigger nets; ``--only`` runs
 a subset of the groups (the RESULT line then covers only those: inf / 0 for a group left out).

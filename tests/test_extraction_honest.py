@@ -145,3 +145,48 @@ def test_first_layer_neuron_active_on_a_sliver_of_the_box_is_found() -> None:
     result = extract(lambda x: forward(layers, x), 12, seed=2)
     claims_are_true(layers, result)
     assert result.complete, result.notes
+
+
+def matched(true_w: np.ndarray, true_b: np.ndarray, w: np.ndarray, b: np.ndarray,
+            tol: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """For each true row (bias last) the recovered row it is a positive multiple of, and the
+    multiple (true = scale * recovered); ``None`` unless every true row has its own partner."""
+    t = np.hstack([true_w, true_b[:, None]])
+    f = np.hstack([w, b[:, None]])
+    perm, scale = np.full(len(t), -1), np.zeros(len(t))
+    for i, row in enumerate(t):
+        s = f @ row / np.einsum("ij,ij->i", f, f)
+        errs = np.linalg.norm(row - s[:, None] * f, axis=1) / np.linalg.norm(row)
+        errs[s <= 0] = np.inf
+        k = int(np.argmin(errs))
+        if errs[k] > tol or k in perm:
+            return None
+        perm[i], scale[i] = k, s[k]
+    return perm, scale
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rarely_active_second_layer_neuron_is_recovered(seed: int) -> None:
+    """The second-layer neuron active on ~0.02% of the box is found (where the network of the
+    others misfits the box's vertices, or from a critical point of it) and its boundary
+    followed from cell to cell of the first layer, out of the box where units take states
+    they never take on it inside: every weight against the true ones, layer by layer (rows
+    of the next layer mapped through the permutation and scales found for this one)."""
+    layers = rare_neuron_net(seed)
+    result = extract(lambda x: forward(layers, x), 3, budget=200_000, seed=seed)
+    assert result.complete, result.notes
+    assert relative_error(layers, result, 3) <= 1e-6
+    found = [(lin.weight.detach().numpy(), lin.bias.detach().numpy())
+             for lin in result.network.layers if hasattr(lin, "weight")]
+    assert [len(b) for _, b in found] == [len(b) for _, b in layers]
+    perm, scale = np.arange(3), np.ones(3)  # the inputs
+    for depth, ((tw, tb), (w, b)) in enumerate(zip(layers, found, strict=True)):
+        # recovered row k in the true previous layer's units: column perm[i] / scale[i]
+        w_true_units = w[:, perm] / scale
+        if depth == len(layers) - 1:  # the output layer: no freedom left
+            assert np.abs(w_true_units - tw).max() <= 1e-5 * np.abs(tw).max()
+            assert np.abs(b - tb).max() <= 1e-5 * np.abs(tw).max()
+            break
+        match = matched(tw, tb, w_true_units, b, tol=1e-6)
+        assert match is not None, depth
+        perm, scale = match

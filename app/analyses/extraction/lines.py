@@ -50,8 +50,13 @@ class Hyperplane:
         return x @ self.normal + self.offset
 
 
-def kinks_on_line(f: Oracle, a: np.ndarray, b: np.ndarray, n_init: int = 32) -> list[Kink]:
-    """Every kink of ``f`` on the segment ``a -> b`` that bisection and the two-line test find."""
+def kinks_on_line(f: Oracle, a: np.ndarray, b: np.ndarray, n_init: int = 32,
+                  max_queries: int | None = None, atol: float = 0.0) -> list[Kink]:
+    """Every kink of ``f`` on the segment ``a -> b`` that bisection and the two-line test find.
+
+    With ``max_queries`` the line is given up (no kinks) once it has cost that many; ``atol``
+    is a floor on the linearity tolerance (where the outputs on the line are all near zero).
+    """
     length = float(np.linalg.norm(b - a))
     if not np.isfinite(length) or length == 0:
         return []
@@ -62,10 +67,14 @@ def kinks_on_line(f: Oracle, a: np.ndarray, b: np.ndarray, n_init: int = 32) -> 
 
     ts = np.linspace(0.0, length, n_init + 1)
     values = f(at(ts))
-    tol = LINEAR_RTOL * (np.abs(values).max() + 1e-300)
+    tol = max(LINEAR_RTOL * (np.abs(values).max() + 1e-300), atol)
+    spent = len(ts)
     segments = [(ts[i], ts[i + 1], values[i], values[i + 1]) for i in range(n_init)]
     found: list[tuple[tuple, float]] = []
     while segments:
+        spent += 2 * len(segments)
+        if max_queries is not None and spent > max_queries:
+            return []
         eps = np.array([SLOPE_STEP * (r - lo) for lo, r, _, _ in segments])
         lo_t = np.array([s[0] for s in segments])
         hi_t = np.array([s[1] for s in segments])
@@ -84,6 +93,7 @@ def kinks_on_line(f: Oracle, a: np.ndarray, b: np.ndarray, n_init: int = 32) -> 
             elif r - lo > 1e-12 * length:
                 split.append(seg)
         if candidates:
+            spent += len(candidates)
             at_star = f(at(np.array([c[1] for c in candidates])))
             for (seg, t_star, s_l, s_r), f_star in zip(candidates, at_star, strict=True):
                 lo, r, f_lo, f_r = seg
@@ -95,6 +105,7 @@ def kinks_on_line(f: Oracle, a: np.ndarray, b: np.ndarray, n_init: int = 32) -> 
                     split.append(seg)
         segments = []
         if split:
+            spent += len(split)
             mids = np.array([(s[0] + s[1]) / 2 for s in split])
             f_mid = f(at(mids))
             for (lo, r, f_lo, f_r), m, fm in zip(split, mids, f_mid, strict=True):

@@ -18,7 +18,12 @@
    partial result: the second layer's equations in sign-free form (:mod:`.second_layer`),
    which also give the first layer's signs. Boundary pieces off the first-layer planes do not
    by themselves mean a deeper layer (two close planes can fake one): when one ReLU layer fits
-   the outputs exactly on fresh queries, that is the answer.
+   the outputs exactly on fresh queries, that is the answer. Second-layer neurons the
+   grouping missed (one active on a sliver of the box: found where the network of the others
+   misfits the box's vertices, or from a critical point no unit explains) or left
+   undetermined are followed from cell to cell of the first layer (:mod:`.trace`), out of
+   the box where units take states they never take on the boundary inside it. A peeled
+   result that misfits the box's vertices gets the second-layer equations too.
 6. A final check (:mod:`.verify`) prunes negligible units and alone may call the result
    complete. The search stops at the query budget or the time limit with a partial result.
 """
@@ -40,8 +45,21 @@ from app.analyses.extraction.lines import (
 )
 from app.analyses.extraction.oracle import Budget, BudgetExhausted, Oracle
 from app.analyses.extraction.refine import cell_centre, remeasure
-from app.analyses.extraction.second_layer import assemble, critical_points, group_neurons
-from app.analyses.extraction.verify import VALID_RTOL, check, unchecked
+from app.analyses.extraction.second_layer import (
+    assemble,
+    critical_points,
+    group_neurons,
+    traced_neuron,
+)
+from app.analyses.extraction.trace import trace
+from app.analyses.extraction.verify import (
+    EXPLAIN_RTOL,
+    VALID_RTOL,
+    check,
+    distances,
+    kinked,
+    unchecked,
+)
 from app.errors import InvalidInputError
 from app.layers import Layer, Linear, ReLU
 from app.network import Network
@@ -56,6 +74,13 @@ MAX_DEEP_CHECKED = 200  # deeper boundary points checked beside by the one-layer
 VERIFY_RESERVE = 10_000  # queries kept back for the final check (at most a tenth of the budget)
 PROBE_ROUNDS = 3  # rounds of short lines near rare neurons and undetermined weights
 EXPANSIVE_ROUNDS = 8  # rounds of lines collecting critical points behind an expansive layer
+EXPANSIVE_SHARE = 0.5  # of the budget left, for those lines and probes (the rest: following)
+TRACE_ROUNDS = 3  # rounds of following the boundaries of second-layer neurons the grouping missed
+TRACE_SEEDS = 6  # boundaries followed per round at most
+TRACE_QUERIES_PER_UNKNOWN = 1000  # a boundary is followed for at most this many queries per
+# unknown of its neuron (n1 + d + 1)
+MAX_SEEDS_TESTED = 60  # unexplained critical points tested for a kink per round
+MAX_ALL_VERTICES_DIM = 10  # up to this input size every vertex of the box is checked
 SEARCH_SHARE = 0.9  # of the time limit for the search; the rest for the output layer and check
 
 
@@ -287,10 +312,33 @@ def _extract_level(level: _Level, run: _Run, layers_left: int) -> list[Layer]:
         run.complete = False
         del run.found[depth:]
         layers = head + [_least_squares_output(inner, run)]
+    if run.complete and level.box is not None and len(layers) == 5 \
+            and run.budget.left >= 0.2 * run.budget.budget and _misfits(level, layers, run):
+        run.notes.append(f"layer {depth + 1}: the peeled layers misfit the outputs at some of "
+                         "the box's vertices or uniform points")
+        run.complete = False
     if (run.complete or run.budget.left < 0.2 * run.budget.budget
             or not _equations_solvable(n1, level.dim)):
         return layers
     return _second_opinion(level, normals, offsets, run, depth, layers, before)
+
+
+def _misfits(level: _Level, layers: list[Layer], run: _Run) -> bool:
+    """Whether ``layers`` misfit the oracle on the box's vertices or uniform points."""
+    x = np.vstack([_vertices(level, run), level.sample(run.rng, VALIDATION_QUERIES)])
+    y = level.oracle(x)
+    with torch.no_grad():
+        ours = Network(layers, (level.dim,))(torch.from_numpy(x)).numpy()
+    return float(np.abs(ours - y).max() / (np.abs(y).max() + 1e-300)) > VALID_RTOL
+
+
+def _vertices(level: _Level, run: _Run) -> np.ndarray:
+    """Every vertex of the box up to ``MAX_ALL_VERTICES_DIM`` inputs, else that many random."""
+    lo, hi = level.box
+    d = level.dim
+    if d <= MAX_ALL_VERTICES_DIM:
+        return lo + (hi - lo) * ((np.arange(2**d)[:, None] >> np.arange(d)) & 1)
+    return level.vertices(run.rng, 2**MAX_ALL_VERTICES_DIM)
 
 
 def _one_layer_suffices(level: _Level, normals: np.ndarray, offsets: np.ndarray,
@@ -472,7 +520,7 @@ def _expansive(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Ru
     planes = list(level.deep)
     pts = critical_points(planes)
     neurons: list = []
-    stop_at = run.budget.used + 0.8 * run.budget.left
+    stop_at = run.budget.used + EXPANSIVE_SHARE * run.budget.left
     stable = 0
     for _ in range(EXPANSIVE_ROUNDS):
         before = len(neurons)
@@ -508,6 +556,12 @@ def _expansive(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Ru
                 break
     except BudgetExhausted as exc:
         run.notes.append(f"layer {depth + 1}: {exc} while probing")
+    if neurons and level.box is not None:
+        try:
+            _recover_missed(level, normals, offsets, run, planes, neurons, depth)
+        except BudgetExhausted as exc:
+            run.notes.append(f"layer {depth + 1}: {exc} while following boundaries")
+        pts = critical_points(planes)
     level.deep = planes
     if not neurons:
         run.notes.append(f"layer {depth + 1}: no neuron recovered behind the expansive layer "
@@ -517,7 +571,7 @@ def _expansive(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Ru
     run.budget.phase = "output layer"
     run.budget.finishing()
     n1 = len(offsets)
-    x = level.sample(run.rng, 4 * (n1 + len(neurons)) + 64)
+    x = _fit_queries(level, run, pts, neurons, n1)
     net = assemble(pts, neurons, normals, offsets, x, level.oracle(x), run.budget.deadline)
     run.found.append(len(net.b2))
     run.budget.neurons = sum(run.found)
@@ -556,6 +610,196 @@ def _expansive(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Ru
         if i < 2:
             layers.append(ReLU())
     return layers
+
+
+def _fit_queries(level: _Level, run: _Run, pts, neurons: list, n1: int,
+                 per_neuron: int = 4) -> np.ndarray:
+    """Where the output layer is fitted: uniform points, and beside some critical points of
+    each second-layer neuron on both sides (one rarely active is active on few uniform ones,
+    and its outgoing weights would come out as zero)."""
+    x = level.sample(run.rng, 4 * (n1 + len(neurons)) + 64)
+    if not level.anywhere or not neurons:
+        return x
+    step = 0.02 * level.scale(run.rng)
+    aimed = []
+    for n in neurons:
+        m = n.members[run.rng.permutation(len(n.members))[:per_neuron]]
+        unit = pts.g[m] / np.linalg.norm(pts.g[m], axis=1, keepdims=True)
+        aimed += [pts.x[m] + step * unit, pts.x[m] - step * unit]
+    return np.vstack([x, *aimed])
+
+
+def _recover_missed(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Run,
+                    planes: list[Hyperplane], neurons: list, depth: int) -> None:
+    """Second-layer neurons the grouping missed or left undetermined, by following their
+    boundaries from cell to cell (:mod:`.trace`).
+
+    A neuron whose points leave weight directions undetermined is followed from one of its
+    points into the cells it lacks. Where the network assembled from the neurons found so far
+    misfits the oracle (checked on the box's vertices, where a neuron active on a sliver of
+    the box is active, and on uniform points), lines from misfit points to the nearest fitting
+    ones cross a missed neuron's boundary; those kinks, and critical points no recovered unit
+    explains, are followed until the neuron's equations are determined. ``planes`` and
+    ``neurons`` change in place.
+    """
+    lo, hi = level.box
+    scale = float(np.linalg.norm(hi - lo))
+    tol = 1e-6 * level.scale(run.rng)
+    n1, d = normals.shape
+
+    keep = 3 * VALIDATION_QUERIES + 2**min(d, MAX_ALL_VERTICES_DIM) + 16 * (n1 + len(neurons))
+
+    def follow(start: Hyperplane, known: np.ndarray | None = None):
+        cap = min((run.budget.left - keep) // 2, TRACE_QUERIES_PER_UNKNOWN * (n1 + d + 1))
+        if cap <= 0:
+            raise BudgetExhausted(f"query budget of {run.budget.budget} nearly spent")
+        return trace(level.oracle, normals, offsets, start, lo, hi, level.anywhere,
+                     run.budget.late, max_cells=4 * n1 + 8, max_queries=cap, known=known)
+
+    followed: set[int] = set()  # neurons followed once already
+    for _ in range(TRACE_ROUNDS):
+        run.budget.phase = f"layer {depth + 1}: following boundaries"
+        pts = critical_points(planes)
+        x = _fit_queries(level, run, pts, neurons, n1)
+        net = assemble(pts, neurons, normals, offsets, x, level.oracle(x), run.budget.deadline)
+        changed = 0
+        for j, n in enumerate(list(neurons)):
+            if not net.deficits[j] or id(n) in followed or run.budget.late():
+                continue
+            followed.add(id(n))
+            k = int(run.rng.integers(len(n.members)))
+            got = follow(_pieces(planes)[n.members[k]], pts.x[n.members])
+            if len(got.planes) < 2:
+                continue
+            planes += got.planes[1:]
+            pts = critical_points(planes)
+            count = len(pts.x)
+            members = np.concatenate([n.members, np.arange(count - len(got.planes) + 1, count)])
+            signs = np.concatenate([n.signs, n.signs[k] * got.signs[1:]])
+            better = traced_neuron(pts, normals, offsets, members, signs)
+            if better is not None and better.rank_deficit <= n.rank_deficit:
+                neurons[j] = better
+                followed.add(id(better))
+                changed += 1
+        if changed:
+            x = _fit_queries(level, run, pts, neurons, n1)
+            net = assemble(pts, neurons, normals, offsets, x, level.oracle(x),
+                           run.budget.deadline)
+        unexplained = _unexplained_pieces(planes, neurons, net, EXPLAIN_RTOL * scale)
+        seeds = _relocated(level, normals, offsets, run, net, tol, EXPLAIN_RTOL * scale,
+                           [unexplained[i] for i in run.rng.permutation(len(unexplained))])
+        if len(seeds) < TRACE_SEEDS:
+            seeds += _misfit_pieces(level, normals, offsets, run, net, tol,
+                                    EXPLAIN_RTOL * scale)
+        added: list = []
+        for seed in seeds[:TRACE_SEEDS]:
+            if run.budget.late():
+                return
+            if any(_explained(n, seed.points[0], normals, offsets, tol) for n in added):
+                continue
+            got = follow(seed)
+            planes += got.planes
+            pts = critical_points(planes)
+            members = np.arange(len(pts.x) - len(got.planes), len(pts.x))
+            neuron = traced_neuron(pts, normals, offsets, members, got.signs)
+            if neuron is None:
+                continue
+            # a neuron found before from too few cells to be determined may be this one
+            neurons[:] = [n for n in neurons if n.rank_deficit <= neuron.rank_deficit or np.mean(
+                [_explained(neuron, p, normals, offsets, tol) for p in pts.x[n.members]]) < 0.5]
+            neurons.append(neuron)
+            added.append(neuron)
+            followed.add(id(neuron))
+        if not added and not changed:
+            return
+
+
+def _pieces(planes: list[Hyperplane]) -> list[Hyperplane]:
+    """One boundary piece per critical point, in the order of :func:`critical_points`."""
+    pieces = []
+    for plane in planes:
+        if plane.jump is None or plane.slope_jump is None:
+            continue
+        pieces += [Hyperplane(plane.normal, float(-plane.normal @ x), [x], plane.jump,
+                              plane.slope_jump, plane.gap) for x in plane.points]
+    return pieces
+
+
+def _explained(n, x: np.ndarray, normals: np.ndarray, offsets: np.ndarray,
+               tol: float) -> bool:
+    """Whether ``x`` lies on the boundary of second-layer neuron ``n`` (signed-free form)."""
+    z = normals @ x + offsets
+    u = n.a @ np.maximum(z, 0.0) + n.e @ x + n.c
+    grad = normals.T @ (n.a * (z > 0)) + n.e
+    return bool(abs(u) <= 10 * tol * np.linalg.norm(grad))
+
+
+def _unexplained_pieces(planes: list[Hyperplane], neurons: list, net, tol: float
+                        ) -> list[Hyperplane]:
+    """Boundary pieces at critical points no neuron claimed and no unit of ``net`` explains."""
+    claimed = set()
+    for n in neurons:
+        claimed.update(int(i) for i in n.members)
+    pieces = [p for i, p in enumerate(_pieces(planes)) if i not in claimed]
+    if not pieces:
+        return []
+    dist = distances(net.dense(), np.stack([p.points[0] for p in pieces]))
+    nearest = np.min([dl.min(axis=1) for dl in dist], axis=0)
+    return [p for p, near in zip(pieces, nearest, strict=True) if not near <= tol]
+
+
+def _relocated(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Run, net,
+               tol: float, explain_tol: float, pieces: list[Hyperplane]) -> list[Hyperplane]:
+    """``pieces`` where the oracle really kinks, re-measured on a short line along their
+    normal, that no unit of ``net`` explains (the search also keeps points measured between two
+    close kinks, which lie on no boundary)."""
+    if not pieces:
+        return []
+    scale = float(np.linalg.norm(level.box[1] - level.box[0]))
+    x = np.stack([p.points[0] for p in pieces])[:MAX_SEEDS_TESTED]
+    real, _ = kinked(level.oracle, x, 1e-5 * scale, run.rng, run.budget.left)
+    if real is None:
+        return []
+    found: list[Hyperplane] = []
+    half = 1e-3 * scale
+    for p, ok in zip(pieces, real, strict=False):
+        if not ok:
+            continue
+        if len(found) >= 2 * TRACE_SEEDS:
+            break
+        x0 = p.points[0]
+        # off-centre: the kink must not fall on the line's first grid of points
+        near = _deep_pieces(level, normals, offsets, tol, x0 - 0.93 * half * p.normal,
+                            x0 + 1.07 * half * p.normal)
+        if near:
+            found.append(min(near, key=lambda q: float(np.linalg.norm(q.points[0] - x0))))
+    if not found:
+        return []
+    dist = distances(net.dense(), np.stack([p.points[0] for p in found]))
+    nearest = np.min([dl.min(axis=1) for dl in dist], axis=0)
+    return [p for p, n in zip(found, nearest, strict=True) if not n <= explain_tol]
+
+
+def _misfit_pieces(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Run, net,
+                   tol: float, explain_tol: float, lines: int = 6) -> list[Hyperplane]:
+    """Boundary pieces no unit of ``net`` explains, on lines from points it misfits."""
+    x = np.vstack([_vertices(level, run), level.sample(run.rng, VALIDATION_QUERIES)])
+    y = level.oracle(x)
+    err = np.abs(net.forward(x) - y).max(axis=1) / (np.abs(y).max() + 1e-300)
+    bad = err > VALID_RTOL
+    if not bad.any() or bad.mean() > 0.25:
+        return []
+    good = x[~bad]
+    pieces: list[Hyperplane] = []
+    for b in x[bad][run.rng.permutation(int(bad.sum()))[:lines]]:
+        near = good[np.argsort(np.linalg.norm(good - b, axis=1))[:1]]
+        found = _deep_pieces(level, normals, offsets, tol, b, near[0])
+        if not found:
+            continue
+        dist = distances(net.dense(), np.stack([p.points[0] for p in found]))
+        nearest = np.min([dl.min(axis=1) for dl in dist], axis=0)
+        pieces += [p for p, n in zip(found, nearest, strict=True) if not n <= explain_tol]
+    return pieces
 
 
 def _promote(level: _Level, planes: list[Hyperplane], run: _Run,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ SAME_OUTPUT_COS = 1 - 1e-6  # jumps of one neuron share their output direction
 SEED_RCOND = 1e-3  # seeds fit without their weak directions, so a wrong triple cannot hide
 LEVERAGE_GAP = 1e-6  # a member with leverage this close to one is unchecked by the others
 OUTLIER_RTOL = 1e-4  # a member the others mispredict by more than this is dropped
+TIGHT_RTOL = 1e-7  # and from a followed boundary, when few are, by more than this
 MAX_MISSES = 25  # seeds in a row that grow into no neuron end a round
 NEAR_CANDIDATES = 24  # while a set has a null space, candidates tried per round
 MIN_CHECKS = 2  # equations of a candidate point that the members' freedom cannot absorb
@@ -199,10 +200,11 @@ def _merged(system: _System, sets: list[tuple[np.ndarray, np.ndarray]]
     return sets
 
 
-def _consistent(system: _System, members: np.ndarray, signs: np.ndarray) -> bool:
+def _consistent(system: _System, members: np.ndarray, signs: np.ndarray,
+                tol: float = FIT_TOL) -> bool:
     _, res = system.fit(torch.from_numpy(members[None]), torch.from_numpy(signs[None]),
                         rcond=None)
-    return float(res[0]) <= FIT_TOL
+    return float(res[0]) <= tol
 
 
 def _output_groups(out: np.ndarray) -> list[np.ndarray]:
@@ -321,8 +323,8 @@ def _added_residual(system: _System, members: np.ndarray, signs: np.ndarray,
     return res.numpy(), strong.sum(1).numpy(), rows.shape[2] - rank
 
 
-def _verified(system: _System, members: np.ndarray,
-              signs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _verified(system: _System, members: np.ndarray, signs: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
     """The members whose equations the other members predict (leave-one-out residual).
 
     A point measured badly (another kink inside its finite-difference probes) can slip in
@@ -331,34 +333,88 @@ def _verified(system: _System, members: np.ndarray,
     until a larger set can.
     """
     while len(members):
-        a = system.rows[torch.from_numpy(members)]  # [m, d + 1, P]
-        rhs = system.rhs[torch.from_numpy(members)] * torch.from_numpy(signs)[:, None]
-        u, sv, vt = torch.linalg.svd(a.reshape(-1, a.shape[-1]), full_matrices=False)
-        rank = int((sv > NULL_RTOL * sv[0]).sum())
-        u, sv, vt = u[:, :rank], sv[:rank], vt[:rank]
-        resid = rhs - a @ (vt.T @ ((u.T @ rhs.reshape(-1)) / sv))
-        hat = (a @ vt.T) / sv**2 @ (vt @ a.transpose(1, 2))  # diagonal blocks of A A^+
-        lev = torch.linalg.eigvalsh(hat).max(1).values
-        alone = lev >= 1 - LEVERAGE_GAP
-        eye = torch.eye(a.shape[1], dtype=a.dtype)
-        safe = torch.where(alone[:, None, None], eye, eye - hat)
-        loo = torch.linalg.solve(safe, resid[..., None])[..., 0]
-        err = torch.linalg.vector_norm(loo, dim=1) / torch.linalg.vector_norm(rhs, dim=1)
+        err, alone = _leave_one_out(system, members, signs)
         keep = ~(alone | (err > OUTLIER_RTOL))
         if bool(keep.all()):
             break
-        keep = keep.numpy()
         members, signs = members[keep], signs[keep]
     return members, signs
 
 
-def _neuron(system: _System, members: np.ndarray, signs: np.ndarray) -> Neuron:
-    theta, _ = system.fit(torch.from_numpy(members[None]), torch.from_numpy(signs[None]))
+def _leave_one_out(system: _System, members: np.ndarray, signs: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Each member's relative leave-one-out residual, and which members pin a direction
+    alone (leverage one: no residual to speak of)."""
+    a = system.rows[torch.from_numpy(members)]  # [m, d + 1, P]
+    rhs = system.rhs[torch.from_numpy(members)] * torch.from_numpy(signs)[:, None]
+    u, sv, vt = torch.linalg.svd(a.reshape(-1, a.shape[-1]), full_matrices=False)
+    rank = int((sv > NULL_RTOL * sv[0]).sum())
+    u, sv, vt = u[:, :rank], sv[:rank], vt[:rank]
+    resid = rhs - a @ (vt.T @ ((u.T @ rhs.reshape(-1)) / sv))
+    hat = (a @ vt.T) / sv**2 @ (vt @ a.transpose(1, 2))  # diagonal blocks of A A^+
+    lev = torch.linalg.eigvalsh(hat).max(1).values
+    alone = lev >= 1 - LEVERAGE_GAP
+    eye = torch.eye(a.shape[1], dtype=a.dtype)
+    safe = torch.where(alone[:, None, None], eye, eye - hat)
+    loo = torch.linalg.solve(safe, resid[..., None])[..., 0]
+    err = torch.linalg.vector_norm(loo, dim=1) / torch.linalg.vector_norm(rhs, dim=1)
+    return err.numpy(), alone.numpy()
+
+
+def _trimmed(system: _System, members: np.ndarray, signs: np.ndarray,
+             share: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    """Drop the worst-predicted member, one at a time, while its leave-one-out residual is
+    above ``TIGHT_RTOL``, the rank stays and at most ``share`` of the members go: most points
+    of a followed boundary are measured to ~1e-10, a few beside another boundary to ~1e-5,
+    and those spoil the fit of the rest."""
+    rank = _rank(system, members)
+    for _ in range(int(share * len(members))):
+        err, alone = _leave_one_out(system, members, signs)
+        err[alone] = 0.0
+        worst = int(np.argmax(err))
+        if err[worst] <= TIGHT_RTOL:
+            break
+        keep = np.arange(len(members)) != worst
+        if _rank(system, members[keep]) < rank:
+            break
+        members, signs = members[keep], signs[keep]
+    return members, signs
+
+
+def _neuron(system: _System, members: np.ndarray, signs: np.ndarray,
+            rcond: float | None = SEED_RCOND) -> Neuron:
+    theta, _ = system.fit(torch.from_numpy(members[None]), torch.from_numpy(signs[None]),
+                          rcond=rcond)
     theta = theta[0].numpy()
     a = system.rows[torch.from_numpy(members)].reshape(-1, theta.shape[0]).numpy()
     deficit = theta.shape[0] - int(np.linalg.matrix_rank(a, tol=1e-9 * np.abs(a).max()))
     n, d = system.n, system.d
     return Neuron(theta[:n], theta[n:n + d], float(theta[-1]), members, signs, deficit)
+
+
+def traced_neuron(pts: Critical, weight: np.ndarray, bias: np.ndarray, members: np.ndarray,
+                  signs: np.ndarray, min_members: int = 4) -> Neuron | None:
+    """The neuron of points found by following one boundary (:mod:`.trace`), signs known.
+
+    Members the others mispredict are dropped (:func:`_verified`); ``None`` unless at least
+    ``min_members`` remain and their equations are jointly consistent to ``OUTLIER_RTOL``
+    (membership was checked cell by cell while following; a neuron with small outgoing
+    weights has jumps measured to fewer digits than the grouping's ``FIT_TOL``).
+    """
+    sub = Critical(pts.x[members], pts.g[members], pts.out[members])
+    system = _System(sub, weight, bias)
+    local, local_signs = _verified(system, np.arange(len(members)), np.asarray(signs, float))
+    if len(local) < min_members or not _consistent(system, local, local_signs, OUTLIER_RTOL):
+        return None
+    local, local_signs = _trimmed(system, local, local_signs)
+    neuron = _neuron(system, local, local_signs, rcond=None)
+    neuron.members = np.asarray(members)[local]
+    return neuron
+
+
+def _rank(system: _System, members: np.ndarray) -> int:
+    a = system.rows[torch.from_numpy(members)].reshape(-1, system.rows.shape[-1]).numpy()
+    return int(np.linalg.matrix_rank(a, tol=1e-9 * np.abs(a).max()))
 
 
 def first_layer_flips(pts: Critical, neurons: list[Neuron], weight: np.ndarray,
@@ -428,13 +484,20 @@ class TwoLayers:
     sign_misfit: float
     stand_ins: int
     undetermined: int
+    deficits: list[int] = field(default_factory=list)  # per second-layer neuron
     searched_signs: int = 0
+
+    def dense(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [(self.w1, self.b1), (self.w2, self.b2), (self.w3, self.b3)]
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        h = np.maximum(x @ self.w1.T + self.b1, 0.0)
+        u = np.maximum(h @ self.w2.T + self.b2, 0.0)
+        return u @ self.w3.T + self.b3
 
     def relative_error(self, x: np.ndarray, y: np.ndarray) -> float:
         """Largest output error on ``x`` relative to the largest output."""
-        h = np.maximum(x @ self.w1.T + self.b1, 0.0)
-        u = np.maximum(h @ self.w2.T + self.b2, 0.0)
-        return float(np.abs(u @ self.w3.T + self.b3 - y).max() / (np.abs(y).max() + 1e-300))
+        return float(np.abs(self.forward(x) - y).max() / (np.abs(y).max() + 1e-300))
 
 
 def assemble(pts: Critical, neurons: list[Neuron], normals: np.ndarray, offsets: np.ndarray,
@@ -494,7 +557,7 @@ def _assemble_with(pts: Critical, neurons: list[Neuron], normals: np.ndarray,
     out, *_ = np.linalg.lstsq(features, y, rcond=None)
     residual = np.abs(features @ out - y).max() / (np.abs(y).max() + 1e-300)
     return TwoLayers(w1, b1, w2, b2, out[:-1].T.copy(), out[-1].copy(), float(residual),
-                     misfit, stand_ins, sum(r[2] for r in rows))
+                     misfit, stand_ins, sum(r[2] for r in rows), [r[2] for r in rows])
 
 
 def _stand_ins(w2: np.ndarray, b2: np.ndarray, rest: np.ndarray,
