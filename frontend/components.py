@@ -76,13 +76,18 @@ def choices(analysis: str, field: str) -> tuple[list, int]:
     ``params_schema`` it serves) and the index of its default, for a selectbox."""
     schema = analyses()[analysis]["params_schema"]
     prop = schema["properties"][field]
-    found = [prop, *prop.get("anyOf", [])]
+    found = [prop, *prop.get("anyOf", []), *([prop["items"]] if "items" in prop else [])]
     for item in list(found):
         if "$ref" in item:
             found.append(schema["$defs"][item["$ref"].rsplit("/", 1)[-1]])
     options = next(item["enum"] for item in found if "enum" in item)
     default = prop.get("default")
     return options, options.index(default) if default in options else 0
+
+
+def default(analysis: str, field: str) -> object:
+    """The default the API gives ``params.field`` of ``analysis`` (from its params_schema)."""
+    return analyses()[analysis]["params_schema"]["properties"][field].get("default")
 
 
 # -- sidebar ----------------------------------------------------------------------------------

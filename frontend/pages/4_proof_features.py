@@ -82,7 +82,13 @@ if result:
 
 st.divider()
 st.subheader("Largest certified eps per method")
-found = ui.run_job("proof_eps", {}, key="proof_eps")
+eps_methods, _ = ui.choices("proof_eps", "methods")
+bisected = st.multiselect("Methods", eps_methods, default=ui.default("proof_eps", "methods"),
+                          key="proof_eps_methods",
+                          help="alpha-crown and bab are stronger and slower; each method's "
+                               "bisection stops after its time limit, keeping the largest eps "
+                               "proven so far")
+found = ui.run_job("proof_eps", {"methods": bisected or ["crown"]}, key="proof_eps")
 if found:
     ui.show_figure(figures.largest_eps(found), "proof_largest_eps")
 
