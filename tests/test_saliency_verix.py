@@ -69,6 +69,15 @@ def _box(res, x: np.ndarray, fixed: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return lo, hi
 
 
+def _check_mnist_explanation(net, x: torch.Tensor, res) -> None:
+    """The kept features are the explanation; a kept feature is unproven exactly when it has
+    no witness; PGD on the complement never flips it; every witness is real."""
+    assert set(res.kept) == set(np.flatnonzero(res.explanation.reshape(-1)))
+    assert all((v == UNPROVEN) == (i not in res.counterexamples) for i, v in res.kept.items())
+    assert not _pgd_on_complement(net, x, res)
+    _check_counterexamples(net, x.numpy(), res)
+
+
 def _check_counterexamples(model, x: np.ndarray, res) -> None:
     """Each witness differs from ``x`` only off the explanation plus its own feature, within
     eps and the range, and the torch module classifies it otherwise."""
@@ -284,11 +293,8 @@ def test_budget_leaves_untried_features_unproven_and_still_sound() -> None:
     x = torch.from_numpy(row[1:] / 255.0).reshape(784, 1)
     res = verified_explanation(net, x, 0.04, timeout_s=1.5, check_timeout_s=0.5)
     assert res.target == int(row[0])
-    assert set(res.kept) == set(np.flatnonzero(res.explanation.reshape(-1)))
-    assert all((v == UNPROVEN) == (i not in res.counterexamples) for i, v in res.kept.items())
     assert res.checks["unchecked"] <= res.size
-    assert not _pgd_on_complement(net, x, res)
-    _check_counterexamples(net, x.numpy(), res)
+    _check_mnist_explanation(net, x, res)
 
 
 def test_batched_attack_returns_points_of_another_class_inside_each_box() -> None:
@@ -327,9 +333,6 @@ def test_mnist_kept_features_are_witnessed_by_sweeps() -> None:
     x = torch.from_numpy(row[1:] / 255.0).reshape(784, 1)
     res = verified_explanation(net, x, 0.05, timeout_s=90, check_timeout_s=4)
     assert res.target == int(row[0])
-    assert set(res.kept) == set(np.flatnonzero(res.explanation.reshape(-1)))
     assert sorted(res.freed + list(res.kept)) == list(range(784))
-    assert all((v == UNPROVEN) == (i not in res.counterexamples) for i, v in res.kept.items())
     assert len(res.counterexamples) > 0
-    assert not _pgd_on_complement(net, x, res)
-    _check_counterexamples(net, x.numpy(), res)
+    _check_mnist_explanation(net, x, res)

@@ -6,6 +6,7 @@ test_service_analyses) cannot break."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from tests.conftest import SAMPLE_MODELS
 from tests.service import Server, module_server
@@ -14,8 +15,12 @@ from tests.test_service_analyses import FC, X0, OnnxOracle, _margins, attack_poi
 server = module_server("proof_methods")
 
 
-def _run(server: Server, analysis: str, params: dict) -> dict:
-    model = {m["name"]: m["id"] for m in server.client.get("/api/models").json()}[FC]
+@pytest.fixture(scope="module")
+def model(server: Server) -> str:
+    return {m["name"]: m["id"] for m in server.client.get("/api/models").json()}[FC]
+
+
+def _run(server: Server, model: str, analysis: str, params: dict) -> dict:
     r = server.client.post("/api/jobs", json={"analysis": analysis, "model_id": model,
                                               "input_id": X0, "params": params})
     assert r.status_code == 201, r.text
@@ -24,30 +29,29 @@ def _run(server: Server, analysis: str, params: dict) -> dict:
     return server.client.get(f"/api/jobs/{job['id']}/result").json()
 
 
-def _x(server: Server) -> np.ndarray:
-    model = {m["name"]: m["id"] for m in server.client.get("/api/models").json()}[FC]
+def _x(server: Server, model: str) -> np.ndarray:
     r = server.client.get(f"/api/models/{model}/inputs/{X0}")
     return np.asarray(r.json()["values"], np.float64).reshape(-1)
 
 
-def test_bisection_with_complete_methods_survives_attacks(server: Server) -> None:
-    result = _run(server, "proof_eps", {"eps_max": 0.3, "tol": 0.01,
-                                        "methods": ["crown", "alpha-crown", "bab"],
-                                        "time_limit_s": 20})
+def test_bisection_with_complete_methods_survives_attacks(server: Server, model: str) -> None:
+    result = _run(server, model, "proof_eps", {"eps_max": 0.3, "tol": 0.01,
+                                               "methods": ["crown", "alpha-crown", "bab"],
+                                               "time_limit_s": 20})
     found = result["largest_eps"]
     assert set(found) == {"crown", "alpha-crown", "bab"}
     assert found["bab"] >= found["crown"] > 0  # bab starts from CROWN's proof at each eps
-    oracle, x = OnnxOracle(SAMPLE_MODELS / f"{FC}.onnx"), _x(server)
+    oracle, x = OnnxOracle(SAMPLE_MODELS / f"{FC}.onnx"), _x(server, model)
     for method, eps in found.items():
         points = attack_points(oracle, x, result["predicted"], eps, seed=2)
         assert _margins(oracle.logits(points), result["predicted"]).min() > 0, method
 
 
-def test_bab_proof_features_are_alpha_crowns_or_none(server: Server) -> None:
-    oracle, x = OnnxOracle(SAMPLE_MODELS / f"{FC}.onnx"), _x(server)
+def test_bab_proof_features_are_alpha_crowns_or_none(server: Server, model: str) -> None:
+    oracle, x = OnnxOracle(SAMPLE_MODELS / f"{FC}.onnx"), _x(server, model)
     for eps in (0.03, 0.2):
-        result = _run(server, "proof_features", {"eps": eps, "method": "bab",
-                                                 "time_limit_s": 20})
+        result = _run(server, model, "proof_features", {"eps": eps, "method": "bab",
+                                                        "time_limit_s": 20})
         assert result["method"] == "bab" and result["note"]
         if result["certified"]:
             points = attack_points(oracle, x, result["predicted"], eps, seed=3)

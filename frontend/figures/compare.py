@@ -97,10 +97,15 @@ def proof_maps(labels: list[str], proofs: list[dict | None],
     return fig
 
 
+def proven_by_splitting(proof: dict) -> bool:
+    """A branch-and-bound proof that alpha-CROWN alone could not give (no features)."""
+    return proof["method"] == "bab" and proof["certified"] and not proof["sufficient"]
+
+
 def _proof_summary(proof: dict) -> str:
     if not proof["certified"]:
         return f"not certified at eps {proof['eps']:g}"
-    if proof["method"] == "bab" and not proof["sufficient"]:
+    if proven_by_splitting(proof):
         return "proven by branch and bound: no single-proof features"
     return f"{proof['num_kept']} of {proof['num_features']} features kept"
 

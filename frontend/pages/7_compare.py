@@ -163,11 +163,6 @@ def _coverage_note(result: dict | None) -> tuple[str, str] | None:
             f"{result['fidelity']:.0%} faithful")
 
 
-def by_splitting(proof: dict) -> bool:
-    """A branch-and-bound proof that alpha-CROWN alone could not give (no features)."""
-    return proof["method"] == "bab" and proof["certified"] and not proof["sufficient"]
-
-
 def _one_input_cards(cells: comparison.Cells) -> list[dict]:
     """Per model, the metric cards shown above the figures: ``{title: (value, note)}``."""
     cards = []
@@ -184,9 +179,9 @@ def _one_input_cards(cells: comparison.Cells) -> list[dict]:
         if proof:
             card[f"Proof features kept ({params.method}, eps {params.eps:g})"] = (
                 "not certified" if not proof["certified"]
-                else "proven by splitting" if by_splitting(proof)
+                else "proven by splitting" if figures.proven_by_splitting(proof)
                 else f"{proof['num_kept']} / {proof['num_features']}",
-                "no single-proof features" if by_splitting(proof) else None)
+                "no single-proof features" if figures.proven_by_splitting(proof) else None)
         if found:
             card[f"Largest certified eps ({params.method})"] = (
                 f"{found['largest_eps'][params.method]:.3f}", None)

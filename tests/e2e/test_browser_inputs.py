@@ -37,13 +37,26 @@ def _selected(ui, atlas, model_id: str) -> np.ndarray:
     return np.asarray(info["values"], dtype=np.float64).reshape(info["shape"])
 
 
-def _upload(ui, name: str, data: bytes) -> None:
+def _new_input_after(ui, action) -> None:
+    """Run ``action`` and wait until the page has selected another input."""
     before = ui.query_params().get("input")
-    ui.page.get_by_role("tab", name="Upload").click()
-    upload_in_sidebar(ui.page, ".npy", name, data)
+    action()
     ui.page.wait_for_function(
         f"() => new URLSearchParams(location.search).get('input') !== '{before}'")
     ui.wait_idle()
+
+
+def _upload(ui, name: str, data: bytes) -> None:
+    ui.page.get_by_role("tab", name="Upload").click()
+    _new_input_after(ui, lambda: upload_in_sidebar(ui.page, ".npy", name, data))
+
+
+def _fix_flagged(ui, warning: str, button: str, shot: str) -> None:
+    """The sidebar flags the uploaded input; its fix button uploads the corrected one."""
+    sidebar = ui.page.get_by_test_id("stSidebar")
+    sidebar.get_by_text(warning).wait_for()
+    ui.screenshot(shot)
+    _new_input_after(ui, sidebar.get_by_role("button", name=button).click)
 
 
 def test_0_255_csv_is_flagged_and_scaled(ui, atlas) -> None:
@@ -51,15 +64,10 @@ def test_0_255_csv_is_flagged_and_scaled(ui, atlas) -> None:
     x = _gallery(atlas, model_id)
     csv = ",".join(f"{v:g}" for v in np.round(255 * x.ravel())).encode()
     _upload(ui, "digit_255.csv", csv)
-    sidebar = ui.page.get_by_test_id("stSidebar")
-    sidebar.get_by_text("looks like a 0..255 file").wait_for()
-    ui.screenshot("input_0_255_warning")
-    uploaded = ui.query_params()["input"]
-    sidebar.get_by_role("button", name="Scale 0..255 to [0, 1]").click()
-    ui.page.wait_for_function(
-        f"() => new URLSearchParams(location.search).get('input') !== '{uploaded}'")
-    ui.wait_idle()
+    _fix_flagged(ui, "looks like a 0..255 file", "Scale 0..255 to [0, 1]",
+                 "input_0_255_warning")
     assert np.allclose(_selected(ui, atlas, model_id), np.round(255 * x) / 255, atol=1e-6)
+    sidebar = ui.page.get_by_test_id("stSidebar")
     assert sidebar.get_by_text("looks like a 0..255 file").count() == 0
 
 
@@ -69,14 +77,8 @@ def test_black_on_white_image_is_flagged_and_inverted(ui, atlas) -> None:
     buffer = io.BytesIO()
     Image.fromarray(np.round(255 * (1 - x[0])).astype(np.uint8)).save(buffer, format="PNG")
     _upload(ui, "black_on_white.png", buffer.getvalue())
-    sidebar = ui.page.get_by_test_id("stSidebar")
-    sidebar.get_by_text("dark strokes on a light background").wait_for()
-    ui.screenshot("input_black_on_white_warning")
-    uploaded = ui.query_params()["input"]
-    sidebar.get_by_role("button", name="Invert the image").click()
-    ui.page.wait_for_function(
-        f"() => new URLSearchParams(location.search).get('input') !== '{uploaded}'")
-    ui.wait_idle()
+    _fix_flagged(ui, "dark strokes on a light background", "Invert the image",
+                 "input_black_on_white_warning")
     assert np.abs(_selected(ui, atlas, model_id) - x).max() <= 0.5 / 255 + 1e-6
 
 

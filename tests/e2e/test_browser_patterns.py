@@ -19,18 +19,24 @@ from tests.e2e.conftest import SAMPLE_MODELS
 pytestmark = pytest.mark.browser
 
 
+def _run_patterns(ui, atlas) -> tuple:
+    """Press Run, wait for the rules' heading; ``(heading, job, result)`` from the API."""
+    ui.click_run("patterns")
+    heading = ui.page.get_by_text(re.compile(r"^\d+ rules at L\d+, \d+ proven$"))
+    heading.wait_for(timeout=240_000)
+    ui.wait_idle()
+    with atlas.api() as api:
+        job = api.get(f"/jobs/{ui.query_params()['job']}").json()
+        result = api.get(f"/jobs/{job['id']}/result").json()
+    return heading, job, result
+
+
 def test_patterns_in_browser(ui, atlas) -> None:
     model_path, model_id = ui.open_sample("patterns", "digits_fc_ibp", input="gallery:digits:0")
     page = ui.page
-    ui.click_run("patterns")
-    heading = page.get_by_text(re.compile(r"^\d+ rules at L\d+, \d+ proven$"))
-    heading.wait_for(timeout=240_000)
-    ui.wait_idle()
-
-    job_id = ui.query_params()["job"]
+    heading, job, result = _run_patterns(ui, atlas)
+    assert job["analysis"] == "patterns"
     with atlas.api() as api:
-        assert api.get(f"/jobs/{job_id}").json()["analysis"] == "patterns"
-        result = api.get(f"/jobs/{job_id}/result").json()
         served = api.get(f"/models/{model_id}/inputs/gallery:digits:0").json()
     proven = sum(r["status"] == "proven" for r in result["rules"])
     assert heading.inner_text() == f"{len(result['rules'])} rules at L{result['layer']}, {proven} proven"
@@ -79,12 +85,7 @@ def test_patterns_mined_from_an_uploaded_dataset(ui, atlas) -> None:
     uploader.locator("input[type='file']").set_input_files(
         {"name": "mine.npz", "mimeType": "application/octet-stream", "buffer": buf.getvalue()})
     page.get_by_text("120 inputs of shape (1, 8, 8)").wait_for(timeout=60_000)
-    ui.click_run("patterns")
-    page.get_by_text(re.compile(r"^\d+ rules at L\d+, \d+ proven$")).wait_for(timeout=240_000)
-    ui.wait_idle()
-    with atlas.api() as api:
-        job = api.get(f"/jobs/{ui.query_params()['job']}").json()
-        result = api.get(f"/jobs/{job['id']}/result").json()
+    _, job, result = _run_patterns(ui, atlas)
     assert job["params"]["dataset_id"] == result["source"]
     assert result["num_inputs"] == 120 and result["source"].startswith("dataset:")
     ui.screenshot("patterns_dataset")
@@ -107,12 +108,7 @@ def test_refuted_rule_shows_what_can_be_proven(ui, atlas) -> None:
     for _ in range(3):  # 5 -> 2 rules
         rules_slider.get_by_role("slider").press("ArrowLeft")
         ui.wait_idle()
-    ui.click_run("patterns")
-    page.get_by_text(re.compile(r"^\d+ rules at L\d+, \d+ proven$")).wait_for(timeout=240_000)
-    ui.wait_idle()
-    with atlas.api() as api:
-        job = api.get(f"/jobs/{ui.query_params()['job']}").json()
-        result = api.get(f"/jobs/{job['id']}/result").json()
+    _, job, result = _run_patterns(ui, atlas)
     assert job["params"]["domain"] == "box" and job["params"]["timeout"] == 2.0
     assert job["params"]["verify"] == 2
 

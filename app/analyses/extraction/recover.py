@@ -740,7 +740,12 @@ def _unexplained_pieces(planes: list[Hyperplane], neurons: list, net, tol: float
     claimed = set()
     for n in neurons:
         claimed.update(int(i) for i in n.members)
-    pieces = [p for i, p in enumerate(_pieces(planes)) if i not in claimed]
+    return _not_explained([p for i, p in enumerate(_pieces(planes)) if i not in claimed],
+                          net, tol)
+
+
+def _not_explained(pieces: list[Hyperplane], net, tol: float) -> list[Hyperplane]:
+    """The ``pieces`` whose first point lies farther than ``tol`` from every unit of ``net``."""
     if not pieces:
         return []
     dist = distances(net.dense(), np.stack([p.points[0] for p in pieces]))
@@ -773,11 +778,7 @@ def _relocated(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Ru
                             x0 + 1.07 * half * p.normal)
         if near:
             found.append(min(near, key=lambda q: float(np.linalg.norm(q.points[0] - x0))))
-    if not found:
-        return []
-    dist = distances(net.dense(), np.stack([p.points[0] for p in found]))
-    nearest = np.min([dl.min(axis=1) for dl in dist], axis=0)
-    return [p for p, n in zip(found, nearest, strict=True) if not n <= explain_tol]
+    return _not_explained(found, net, explain_tol)
 
 
 def _misfit_pieces(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Run, net,
@@ -793,12 +794,8 @@ def _misfit_pieces(level: _Level, normals: np.ndarray, offsets: np.ndarray, run:
     pieces: list[Hyperplane] = []
     for b in x[bad][run.rng.permutation(int(bad.sum()))[:lines]]:
         near = good[np.argsort(np.linalg.norm(good - b, axis=1))[:1]]
-        found = _deep_pieces(level, normals, offsets, tol, b, near[0])
-        if not found:
-            continue
-        dist = distances(net.dense(), np.stack([p.points[0] for p in found]))
-        nearest = np.min([dl.min(axis=1) for dl in dist], axis=0)
-        pieces += [p for p, n in zip(found, nearest, strict=True) if not n <= explain_tol]
+        pieces += _not_explained(_deep_pieces(level, normals, offsets, tol, b, near[0]), net,
+                                 explain_tol)
     return pieces
 
 
