@@ -40,7 +40,7 @@ from app.properties.vnnlib import Case
 
 BATCH = 256  # sub-domains taken per step (each gives two children)
 MAX_DOMAINS = 200_000  # open sub-domains before giving up (unknown)
-STEPS = 15  # alpha/beta steps per batch
+STEPS = 5  # alpha/beta steps per batch (warm-started from the parent: few suffice)
 ROOT_STEPS = 60
 MAX_SPLITS = 3  # neurons split at once per sub-domain
 SLACK = 1e-9  # relative to the largest magnitude a bound's terms reach
@@ -155,7 +155,8 @@ class _Bounder:
         projected Adam steps on ``alpha``/``beta`` (updated in place), with ``x*`` and the
         lambdas of the best row of the last step."""
         params = [t.requires_grad_(True) for t in (*alpha, *beta)]
-        opt = torch.optim.Adam([{"params": alpha, "lr": 0.1}, {"params": beta, "lr": 0.05}])
+        opt = torch.optim.Adam([{"params": alpha, "lr": 0.1}, {"params": beta, "lr": 0.05}],
+                               foreach=True)
         best = None
         with torch.enable_grad():
             for step in range(steps + 1):
@@ -232,10 +233,11 @@ def refute(net: Network, cases: list[Case], ch: Chain, deadline: float,
         rounds += 1
         open_ = bound <= 0
         leaves += int((~open_).sum())
-        layer, neuron = _branch(ch, splits, lambdas, MAX_SPLITS)
         keep = open_.nonzero()[:, 0]
-        batch = (bound[keep], case[keep], [s[keep] for s in splits], [a[keep] for a in alpha],
-                 [b[keep] for b in beta], layer[keep], neuron[keep])
+        case, splits = case[keep], [s[keep] for s in splits]
+        alpha, beta = [a[keep] for a in alpha], [b[keep] for b in beta]
+        layer, neuron = _branch(ch, splits, [lam[keep] for lam in lambdas], MAX_SPLITS)
+        batch = (bound[keep], case, splits, alpha, beta, layer, neuron)
         pool = batch if pool is None else _cat(pool, batch)
         n_open = pool[0].shape[0]
         if n_open == 0:

@@ -8,10 +8,11 @@ fails: on inputs of at most ``MAX_SPLIT_INPUTS`` dimensions, branch and bound ov
 splits (CROWN on batches of sub-boxes, the split
 dimension chosen by width times gradient, "smear"), checking every sub-box's centre by a
 forward pass, until every sub-box is refuted, a counterexample is found, or the time limit.
-On larger inputs ``"bab"`` runs CROWN, alpha-CROWN, then a MILP per open case (HiGHS, exact
-ReLU encoding, ``app.properties.milp``; chains of affine layers and ReLUs only), its points
-checked as counterexamples by a forward pass; on chains of affine layers and ReLUs first
-branch and bound over ReLU splits (beta-CROWN style, ``app.properties.relu_bab``).
+On larger inputs ``"bab"`` runs CROWN, then on chains of affine layers and ReLUs branch and
+bound over ReLU splits (beta-CROWN style, alpha-CROWN at its root, ``app.properties.relu_bab``)
+and, where that search splits every unstable ReLU of a sub-domain without closing it, a MILP
+per open case (HiGHS, exact ReLU encoding, ``app.properties.milp``), its points checked as
+counterexamples by a forward pass. Other networks get CROWN, then alpha-CROWN.
 """
 
 from __future__ import annotations
@@ -78,7 +79,10 @@ def verify(net: Network, prop: VnnProperty, method: str = "bab", time_limit: flo
                         counterexample=found[0], output=found[1], case=k)
     passes = [method]
     if method == "bab":  # input splitting starts from CROWN; alpha-CROWN where it cannot split
-        passes = ["crown"] + (["alpha-crown"] if prop.n_inputs > MAX_SPLIT_INPUTS else [])
+        # (ReLU-split branch and bound runs alpha-CROWN at its root: no separate pass)
+        by_relu_splits = prop.n_inputs > MAX_SPLIT_INPUTS and relu_bab.supports(net)
+        passes = ["crown"] + (["alpha-crown"] if prop.n_inputs > MAX_SPLIT_INPUTS
+                              and not by_relu_splits else [])
     for name in passes:
         for group in _same_box(prop.cases, status):
             left = deadline - time.monotonic()
