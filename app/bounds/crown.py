@@ -11,6 +11,7 @@ bounds (so CROWN is never looser than IBP on any node).
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from app.bounds import forward
 from app.bounds.base import BoundAnalysis, box_lower, has_values, maxpool_choice
 from app.layers import (
     Add,
@@ -48,13 +50,40 @@ class CrownAnalysis(BoundAnalysis):
     bounds leave unstable: a stable ReLU is relaxed exactly whatever its bounds, so the
     relaxation is the same as with full CROWN bounds, at a fraction of the cost. The
     neurons of a convolution's output are back-substituted as windows (``_unit_rows_local``,
-    auto_LiRPA's patches mode): the same numbers, without full-size coefficient maps.
+    auto_LiRPA's patches mode): the same numbers, without full-size coefficient maps. In a
+    batch of boxes unstable on different neurons each (box, neuron) pair is back-substituted
+    on its own. ``splitting=True`` serves input splitting's many small boxes: forward linear
+    bounds pick those neurons first (``app.bounds.forward``: few stay unstable on a small
+    box), and ``lower`` is the back-substitution alone (not also intersected with the
+    interval bounds of the node's CROWN bounds, which would back-substitute all its neurons).
     """
 
-    def __init__(self, net: Network, lo: Tensor, hi: Tensor) -> None:
+    def __init__(self, net: Network, lo: Tensor, hi: Tensor, splitting: bool = False) -> None:
         super().__init__(net, lo, hi)
         self._relax: dict[int, Bounds] = {INPUT: (lo, hi)}  # bounds for relaxations
         self._full: dict[int, Bounds] = {INPUT: (lo, hi)}
+        self.splitting = splitting
+        if splitting and forward.supports(net) and has_values(lo):
+            self._forward_pass()
+
+    def _forward_pass(self) -> None:
+        """Every ReLU's input bounds, in order: forward linear bounds (on the previous
+        ReLUs' final bounds) intersected with IBP choose and bound the neurons, then CROWN
+        back-substitutes the ones still unstable (``app.bounds.forward``)."""
+        net, b = self.net, self.lo.shape[0]
+        fwd = forward.ForwardBounds(self.lo, self.hi)
+        shape = net.input_shape
+        for i, layer in enumerate(net.layers):
+            if isinstance(layer, ReLU):
+                j = net.inputs[i][0]
+                self._relax[j] = self._relaxation_bounds(j)
+                fwd.relu(*(t.reshape(b, -1) for t in self._relax[j]))
+            else:
+                low, up = fwd.affine(layer, shape)
+                ibp_lo, ibp_hi = self.ibp[i]
+                self.ibp[i] = (torch.maximum(low.reshape(ibp_lo.shape), ibp_lo),
+                               torch.minimum(up.reshape(ibp_hi.shape), ibp_hi))
+            shape = net.shapes[i]
 
     def bounds(self, node: int) -> Bounds:
         if node not in self._full:
@@ -73,6 +102,8 @@ class CrownAnalysis(BoundAnalysis):
         out = self._backward(node, spec)
         if bias is not None:
             out = out + bias
+        if self.splitting:  # the node's own bounds would back-substitute all its neurons
+            return out
         return torch.maximum(out, box_lower(*self.bounds(node), spec, bias))
 
     # -- internals --------------------------------------------------------------------------
@@ -116,8 +147,14 @@ class CrownAnalysis(BoundAnalysis):
             rows = torch.arange(flat_lo.shape[1], device=dev)
         lo, hi = flat_lo.clone(), flat_hi.clone()
         both = self._unit_rows_local(node, rows) if rows.numel() else None
+        pairs = (((flat_lo < 0) & (flat_hi > 0)).nonzero()
+                 if only_unstable and has_values(flat_lo) and rows.numel() else None)
         if both is not None:
             lo[:, rows], hi[:, rows] = both[:, : rows.numel()], -both[:, rows.numel():]
+        elif pairs is not None and 2 * pairs.shape[0] < b * rows.numel():
+            # boxes of a batch unstable on different units: each (box, unit) on its own
+            found = self._back_substitute_pairs(node, pairs)
+            lo[pairs[:, 0], pairs[:, 1]], hi[pairs[:, 0], pairs[:, 1]] = found[:, 0], -found[:, 1]
         elif rows.numel():
             n = flat_lo.shape[1]
             eye = torch.zeros(rows.numel(), n, dtype=ibp_lo.dtype, device=dev)
@@ -126,6 +163,19 @@ class CrownAnalysis(BoundAnalysis):
             both = self._backward(node, spec.expand(b, *spec.shape[1:]))
             lo[:, rows], hi[:, rows] = both[:, : rows.numel()], -both[:, rows.numel():]
         return lo.reshape(ibp_lo.shape), hi.reshape(ibp_hi.shape)
+
+    def _back_substitute_pairs(self, node: int, pairs: Tensor) -> Tensor:
+        """``[P, 2]`` lower bounds of ``z`` and ``-z`` for each (box, unit) of ``pairs``
+        ``[P, 2]``: one back-substitution per pair, over its own box's relaxations (where
+        the boxes of a batch are unstable on different units, the union of their unstable
+        units would mostly be work on stable ones)."""
+        box, unit = pairs[:, 0], pairs[:, 1]
+        n = math.prod(self.shape(node))
+        spec = self.lo.new_zeros(pairs.shape[0], 2, n)
+        spec[torch.arange(pairs.shape[0], device=spec.device), 0, unit] = 1
+        spec[torch.arange(pairs.shape[0], device=spec.device), 1, unit] = -1
+        relax = {j: (b_lo[box], b_hi[box]) for j, (b_lo, b_hi) in self._relax.items()}
+        return self._backward(node, spec.reshape(-1, 2, *self.shape(node)), relax)
 
     def _unit_rows_local(self, node: int, rows: Tensor) -> Tensor | None:
         """``_backward`` of the rows ``[e_k; -e_k]`` (``k`` in ``rows``) of a convolution's
@@ -224,7 +274,7 @@ class CrownAnalysis(BoundAnalysis):
         a = coeffs.get(INPUT)
         if a is None:
             return const
-        return const + box_lower(self.lo, self.hi, a)
+        return const + box_lower(*relax[INPUT], a)
 
 
 def needs_input_bounds(layer) -> bool:

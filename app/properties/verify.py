@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from app.bounds import METHODS, spec_lower_bounds
+from app.bounds import METHODS, float64, spec_lower_bounds
 from app.errors import InvalidInputError
 from app.network import Network
 from app.progress import ProgressFn, report
@@ -234,15 +234,16 @@ def _refuted(net: Network, cases: list[Case], method: str, options: dict) -> lis
     return [k for k, part in enumerate(low.split(sizes)) if part.numel() and bool((part > 0).any())]
 
 
-def _case_lower(net: Network, lo: Tensor, hi: Tensor, case: Case, method: str) -> Tensor:
-    """``[B]``: per box, the best float-safe lower bound of ``c_k y - d_k`` over its rows."""
+def _case_lower(net: Network, lo: Tensor, hi: Tensor, case: Case) -> Tensor:
+    """``[B]``: per box, the best float-safe CROWN lower bound of ``c_k y - d_k`` over its
+    rows (CROWN set up for input splitting's many small boxes)."""
     if case.rows.shape[0] == 0:
         return torch.full((lo.shape[0],), -torch.inf, dtype=torch.float64)
     b = lo.shape[0]
     spec = torch.as_tensor(case.rows, dtype=torch.float64).expand(b, -1, -1)
     offset = -torch.as_tensor(case.rhs, dtype=torch.float64).expand(b, -1)
     with torch.no_grad():
-        return spec_lower_bounds(net, lo, hi, spec, offset, method).amax(1)
+        return spec_lower_bounds(net, lo, hi, spec, offset, "crown", splitting=True).amax(1)
 
 
 def _violation(net: Network, case: Case, x: Tensor) -> Tensor:
@@ -297,6 +298,7 @@ def _input_bab(net: Network, case: Case, deadline: float, progress: ProgressFn |
 
     ``progress`` hears of every batch (so a cancelled job stops within one batch)."""
     lo, hi = _box(net, case)
+    net64 = float64(net)  # float64 from the start: a float32 screen is bounded again where it proves
     width0 = (hi - lo).clamp(min=1e-12)
     rows = torch.as_tensor(case.rows, dtype=torch.float64)
     bounded = 0
@@ -308,7 +310,7 @@ def _input_bab(net: Network, case: Case, deadline: float, progress: ProgressFn |
         report(progress, 0.5, f"{bounded} sub-boxes bounded, {lo.shape[0]} open")
         blo, bhi, lo, hi = lo[:BATCH], hi[:BATCH], lo[BATCH:], hi[BATCH:]
         bounded += blo.shape[0]
-        keep = _case_lower(net, blo, bhi, case, "crown") <= 0
+        keep = _case_lower(net64, blo, bhi, case) <= 0
         blo, bhi = blo[keep], bhi[keep]
         if not blo.shape[0]:
             continue
