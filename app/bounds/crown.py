@@ -245,6 +245,16 @@ class CrownAnalysis(BoundAnalysis):
         ins = self.net.inputs[node]
         return len(ins) == 1 and len(self.shape(node)) == 3 and len(self.shape(ins[0])) == 3
 
+    def linear_lower(self, node: int, spec: Tensor, bias: Tensor | None = None
+                     ) -> tuple[Tensor, Tensor]:
+        """``(A, c)``: ``spec . y_node + bias >= A . x + c`` for every ``x`` in the box, the
+        linear function whose minimum over the box is CROWN's bound (``A`` ``[B, m,
+        *input_shape]``; e.g. to split the input where ``|A|`` times the width is largest)."""
+        self._prepare(node + 1)
+        a, const = self._linear(node, spec)
+        a = spec.new_zeros(*spec.shape[:2], *self.lo.shape[1:]) if a is None else a
+        return a, const if bias is None else const + bias
+
     def _backward(self, node: int, spec: Tensor, relax: dict[int, Bounds] | None = None,
                   slopes: dict[int, Tensor] | None = None) -> Tensor:
         """Lower bound ``[B, m]`` of ``spec . y_node`` by back-substitution to the input.
@@ -252,6 +262,13 @@ class CrownAnalysis(BoundAnalysis):
         ``relax`` replaces the relaxations' input bounds and ``slopes`` (per ReLU node,
         ``[B, m, *shape]`` in ``[0, 1]``) CROWN's lower lines of unstable ReLUs (alpha-CROWN).
         """
+        relax = self._relax if relax is None else relax
+        a, const = self._linear(node, spec, relax, slopes)
+        return const if a is None else const + box_lower(*relax[INPUT], a)
+
+    def _linear(self, node: int, spec: Tensor, relax: dict[int, Bounds] | None = None,
+                slopes: dict[int, Tensor] | None = None) -> tuple[Tensor | None, Tensor]:
+        """``_backward``'s coefficients on the input (None: none reach it) and constant."""
         net = self.net
         relax = self._relax if relax is None else relax
         slopes = slopes or {}
@@ -271,10 +288,7 @@ class CrownAnalysis(BoundAnalysis):
             const = const + c
             for j, a_j in zip(ins, a_ins, strict=True):
                 coeffs[j] = coeffs[j] + a_j if j in coeffs else a_j
-        a = coeffs.get(INPUT)
-        if a is None:
-            return const
-        return const + box_lower(*relax[INPUT], a)
+        return coeffs.get(INPUT), const
 
 
 def needs_input_bounds(layer) -> bool:

@@ -24,7 +24,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from app.bounds import METHODS, float64, spec_lower_bounds
+from app.bounds import (
+    METHODS,
+    analyze,
+    box_lower,
+    float64,
+    float_safe,
+    fold_last_layer,
+    spec_lower_bounds,
+)
 from app.errors import InvalidInputError
 from app.network import Network
 from app.progress import ProgressFn, report
@@ -234,16 +242,21 @@ def _refuted(net: Network, cases: list[Case], method: str, options: dict) -> lis
     return [k for k, part in enumerate(low.split(sizes)) if part.numel() and bool((part > 0).any())]
 
 
-def _case_lower(net: Network, lo: Tensor, hi: Tensor, case: Case) -> Tensor:
-    """``[B]``: per box, the best float-safe CROWN lower bound of ``c_k y - d_k`` over its
-    rows (CROWN set up for input splitting's many small boxes)."""
-    if case.rows.shape[0] == 0:
-        return torch.full((lo.shape[0],), -torch.inf, dtype=torch.float64)
+def _case_linear(net: Network, lo: Tensor, hi: Tensor, case: Case) -> tuple[Tensor, Tensor]:
+    """Per box ``[B]`` the best float-safe CROWN lower bound of ``c_k y - d_k`` over the
+    case's rows (CROWN set up for input splitting's many small boxes), and that row's
+    coefficients on the input ``[B, *input_shape]``."""
     b = lo.shape[0]
+    if case.rows.shape[0] == 0:
+        return torch.full((b,), -torch.inf, dtype=torch.float64), torch.zeros_like(lo)
     spec = torch.as_tensor(case.rows, dtype=torch.float64).expand(b, -1, -1)
     offset = -torch.as_tensor(case.rhs, dtype=torch.float64).expand(b, -1)
     with torch.no_grad():
-        return spec_lower_bounds(net, lo, hi, spec, offset, "crown", splitting=True).amax(1)
+        node, folded, bias = fold_last_layer(net, spec.to(net.dtype))
+        crown = analyze(net, lo, hi, "crown", splitting=True)
+        a, const = crown.linear_lower(node, folded, bias + offset.to(net.dtype))
+        safe = float_safe(net, lo, hi, spec, offset, "crown", const + box_lower(lo, hi, a))
+    return safe.amax(1), a[torch.arange(b), safe.argmax(1)]
 
 
 def _violation(net: Network, case: Case, x: Tensor) -> Tensor:
@@ -301,6 +314,7 @@ def _input_bab(net: Network, case: Case, deadline: float, progress: ProgressFn |
     net64 = float64(net)  # float64 from the start: a float32 screen is bounded again where it proves
     width0 = (hi - lo).clamp(min=1e-12)
     rows = torch.as_tensor(case.rows, dtype=torch.float64)
+    depth = torch.zeros(1, dtype=torch.long)  # splits from the case's box
     bounded = 0
     while lo.shape[0]:
         if time.monotonic() > deadline:
@@ -308,10 +322,12 @@ def _input_bab(net: Network, case: Case, deadline: float, progress: ProgressFn |
         if lo.shape[0] > MAX_BOXES:
             return f"more than {MAX_BOXES} open sub-boxes", None, bounded
         report(progress, 0.5, f"{bounded} sub-boxes bounded, {lo.shape[0]} open")
-        blo, bhi, lo, hi = lo[:BATCH], hi[:BATCH], lo[BATCH:], hi[BATCH:]
+        blo, bhi, bdepth = lo[:BATCH], hi[:BATCH], depth[:BATCH]
+        lo, hi, depth = lo[BATCH:], hi[BATCH:], depth[BATCH:]
         bounded += blo.shape[0]
-        keep = _case_lower(net64, blo, bhi, case) <= 0
-        blo, bhi = blo[keep], bhi[keep]
+        low, coef = _case_linear(net64, blo, bhi, case)
+        keep = low <= 0
+        blo, bhi, bdepth, coef = blo[keep], bhi[keep], bdepth[keep], coef[keep]
         if not blo.shape[0]:
             continue
         mid = ((blo + bhi) / 2).requires_grad_(True)
@@ -320,11 +336,13 @@ def _input_bab(net: Network, case: Case, deadline: float, progress: ProgressFn |
         for i in (viol.amax(1) <= 0).nonzero().flatten().tolist():
             if check_counterexample(net, case, mid[i].detach()):
                 return "counterexample", _found(net, case, mid[i].detach()), bounded
-        # smear: width times |d (easiest row) / dx|, widths relative to the case's box
-        target = (y * rows[viol.argmax(1)]).sum()
-        (grad,) = torch.autograd.grad(target, mid)
-        smear = ((bhi - blo) * (grad.abs() + 1e-12 * (bhi - blo) / width0)).flatten(1)
-        dim = smear.argmax(1)
+        # split the dimension where width times slope is largest, the slope taken in turn
+        # down each path (either alone stalls on some properties): CROWN's coefficients on
+        # the input at even depths, the gradient of the easiest row at the centre at odd ones
+        (grad,) = torch.autograd.grad((y * rows[viol.argmax(1)]).sum(), mid)
+        even = (bdepth % 2 == 0).reshape(-1, *[1] * (grad.dim() - 1))
+        slope = torch.where(even, coef, grad).abs()
+        dim = ((bhi - blo) * (slope + 1e-12 * (bhi - blo) / width0)).flatten(1).argmax(1)
         centre = mid.detach().flatten(1).gather(1, dim[:, None])
         left_hi, right_lo = bhi.flatten(1).clone(), blo.flatten(1).clone()
         left_hi.scatter_(1, dim[:, None], centre)
@@ -332,4 +350,5 @@ def _input_bab(net: Network, case: Case, deadline: float, progress: ProgressFn |
         shape = blo.shape
         lo = torch.cat([blo, right_lo.reshape(shape), lo])
         hi = torch.cat([left_hi.reshape(shape), bhi, hi])
+        depth = torch.cat([bdepth + 1, bdepth + 1, depth])
     return "refuted", None, bounded
