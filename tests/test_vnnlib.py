@@ -130,6 +130,9 @@ def _onnx_output(path, x: np.ndarray) -> np.ndarray:
     ("ACASXU_run2a_1_3_batch_2000.onnx", "prop_2.vnnlib", "violated"),
     ("ACASXU_run2a_1_3_batch_2000.onnx", "prop_1.vnnlib", "holds"),
     ("ACASXU_run2a_1_2_batch_2000.onnx", "prop_4.vnnlib", "holds"),
+    # beyond input splitting with one branching rule alone (unknown at 60 s): 4 cases each
+    ("ACASXU_run2a_3_3_batch_2000.onnx", "prop_9.vnnlib", "holds"),
+    ("ACASXU_run2a_1_1_batch_2000.onnx", "prop_5.vnnlib", "holds"),
 ])
 def test_branch_and_bound_on_acasxu(onnx_name: str, prop_name: str, truth: str) -> None:
     folder = shared_path("vnncomp2021", "acasxu")
