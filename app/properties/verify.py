@@ -5,9 +5,10 @@ counterexample) is first attacked (random points and projected gradient steps on
 ``max_k (c_k y - d_k)``), then bounded: a case is refuted when some row's float-safe lower
 bound of ``c_k y - d_k`` is positive on its whole box. Method ``"bab"`` goes on where that
 fails: on inputs of at most ``MAX_SPLIT_INPUTS`` dimensions, branch and bound over input
-splits (CROWN on batches of sub-boxes, the split
-dimension chosen by width times gradient, "smear"), checking every sub-box's centre by a
-forward pass, until every sub-box is refuted, a counterexample is found, or the time limit.
+splits (CROWN set up for many small boxes on batches of sub-boxes; the split dimension is
+the one of largest width times slope, the slope being CROWN's coefficient on the input at
+even depths and the gradient at the centre at odd ones), checking every sub-box's centre by
+a forward pass, until every sub-box is refuted, a counterexample is found, or the time limit.
 On larger inputs ``"bab"`` runs CROWN, then on chains of affine layers and ReLUs branch and
 bound over ReLU splits (beta-CROWN style, alpha-CROWN at its root, ``app.properties.relu_bab``)
 and, where that search splits every unstable ReLU of a sub-domain without closing it, a MILP
