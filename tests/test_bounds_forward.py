@@ -67,8 +67,8 @@ def test_crown_over_forward_bounds_encloses_the_exact_range(seed: int, residual:
 @pytest.mark.parametrize("splitting", [False, True])
 def test_a_batch_of_boxes_is_bounded_as_each_box_alone(splitting: bool,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Boxes bounded together back-substitute each box's own unstable units (few, on small
-    boxes) instead of the union over the batch: the bounds must not change."""
+    """Boxes bounded together (for input splitting: each box's own unstable units, few on
+    small boxes, instead of the union over the batch) get the bounds each gets alone."""
     pairs = []
     by_pairs = CrownAnalysis._back_substitute_pairs
     monkeypatch.setattr(CrownAnalysis, "_back_substitute_pairs",
@@ -82,7 +82,7 @@ def test_a_batch_of_boxes_is_bounded_as_each_box_alone(splitting: bool,
         alone = torch.cat([analyze(net, lo[k:k + 1], hi[k:k + 1], "crown",
                                    splitting=splitting).lower(node, spec[k:k + 1])
                            for k in range(40)])
-    assert pairs, "the batch never took the per-(box, unit) path"
+    assert bool(pairs) == splitting, "the per-(box, unit) path is input splitting's"
     assert torch.allclose(together, alone, rtol=1e-9, atol=1e-9 * float(alone.abs().max()))
     # and both are sound: no sampled output goes below them
     with torch.no_grad():

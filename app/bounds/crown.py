@@ -50,12 +50,14 @@ class CrownAnalysis(BoundAnalysis):
     bounds leave unstable: a stable ReLU is relaxed exactly whatever its bounds, so the
     relaxation is the same as with full CROWN bounds, at a fraction of the cost. The
     neurons of a convolution's output are back-substituted as windows (``_unit_rows_local``,
-    auto_LiRPA's patches mode): the same numbers, without full-size coefficient maps. In a
-    batch of boxes unstable on different neurons each (box, neuron) pair is back-substituted
-    on its own. ``splitting=True`` serves input splitting's many small boxes: forward linear
-    bounds pick those neurons first (``app.bounds.forward``: few stay unstable on a small
-    box), and ``lower`` is the back-substitution alone (not also intersected with the
-    interval bounds of the node's CROWN bounds, which would back-substitute all its neurons).
+    auto_LiRPA's patches mode): the same numbers, without full-size coefficient maps.
+
+    ``splitting=True`` serves input splitting's many small boxes: forward linear bounds pick
+    the neurons to back-substitute (``app.bounds.forward``: few stay unstable on a small
+    box), each (box, neuron) pair is back-substituted on its own where the boxes are unstable
+    on different neurons (not the union over the batch), and ``lower`` is the
+    back-substitution alone (not also intersected with the interval bounds of the node's
+    CROWN bounds, which would back-substitute all its neurons).
     """
 
     def __init__(self, net: Network, lo: Tensor, hi: Tensor, splitting: bool = False) -> None:
@@ -148,7 +150,8 @@ class CrownAnalysis(BoundAnalysis):
         lo, hi = flat_lo.clone(), flat_hi.clone()
         both = self._unit_rows_local(node, rows) if rows.numel() else None
         pairs = (((flat_lo < 0) & (flat_hi > 0)).nonzero()
-                 if only_unstable and has_values(flat_lo) and rows.numel() else None)
+                 if self.splitting and only_unstable and has_values(flat_lo) and rows.numel()
+                 else None)
         if both is not None:
             lo[:, rows], hi[:, rows] = both[:, : rows.numel()], -both[:, rows.numel():]
         elif pairs is not None and 2 * pairs.shape[0] < b * rows.numel():
