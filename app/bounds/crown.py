@@ -150,8 +150,8 @@ class CrownAnalysis(BoundAnalysis):
         lo, hi = flat_lo.clone(), flat_hi.clone()
         both = self._unit_rows_local(node, rows) if rows.numel() else None
         pairs = (((flat_lo < 0) & (flat_hi > 0)).nonzero()
-                 if self.splitting and only_unstable and has_values(flat_lo) and rows.numel()
-                 else None)
+                 if both is None and self.splitting and only_unstable and rows.numel()
+                 and has_values(flat_lo) else None)
         if both is not None:
             lo[:, rows], hi[:, rows] = both[:, : rows.numel()], -both[:, rows.numel():]
         elif pairs is not None and 2 * pairs.shape[0] < b * rows.numel():

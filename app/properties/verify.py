@@ -86,12 +86,12 @@ def verify(net: Network, prop: VnnProperty, method: str = "bab", time_limit: flo
             status[k] = "counterexample"
             return done("counterexample", f"case {k + 1} is met by a point (forward pass)",
                         counterexample=found[0], output=found[1], case=k)
+    high_dim = prop.n_inputs > MAX_SPLIT_INPUTS
+    by_relu_splits = high_dim and relu_bab.supports(net)
     passes = [method]
     if method == "bab":  # input splitting starts from CROWN; alpha-CROWN where it cannot split
         # (ReLU-split branch and bound runs alpha-CROWN at its root: no separate pass)
-        by_relu_splits = prop.n_inputs > MAX_SPLIT_INPUTS and relu_bab.supports(net)
-        passes = ["crown"] + (["alpha-crown"] if prop.n_inputs > MAX_SPLIT_INPUTS
-                              and not by_relu_splits else [])
+        passes = ["crown"] + (["alpha-crown"] if high_dim and not by_relu_splits else [])
     for name in passes:
         for group in _same_box(prop.cases, status):
             left = deadline - time.monotonic()
@@ -106,8 +106,8 @@ def verify(net: Network, prop: VnnProperty, method: str = "bab", time_limit: flo
         return done("proven", f"all {len(status)} cases refuted by {' then '.join(passes)}")
     if method != "bab":
         return done("unknown", f"{refuted} of {len(status)} cases refuted by {method}")
-    if prop.n_inputs > MAX_SPLIT_INPUTS:
-        if relu_bab.supports(net):
+    if high_dim:
+        if by_relu_splits:
             return _by_relu_splits(net, prop, status, deadline, done, progress)
         return _by_milp(net, prop, status, deadline, done)
     boxes = 0
