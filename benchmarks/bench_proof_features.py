@@ -13,7 +13,8 @@ vnn_violated_proven=<v>/<m> acasxu_safe_proven=<a>/<b>``: ``app.properties.verif
 at most ``--vnn-limit`` seconds per instance) on the instances that the competition's
 tools agree on (``results_csv``: some tool proved it and none found a counterexample, or the
 reverse); ``--acas-max`` (known-safe ACAS Xu) and ``--vnn-max`` (each benchmark and outcome)
-take evenly spread subsets to stay short.
+take evenly spread subsets to stay short. These run on ``--vnn-threads`` threads (default:
+every core, as a verifier given a time limit would be run; the rest of the run uses one).
 
 ``crown_speed_vs_auto_lirpa=<r>`` (issue 18, item 3): auto_LiRPA 0.3's time divided by ours
 for CROWN bounds (lower and upper bounds of all 10 logits, one box per image, one thread,
@@ -39,7 +40,7 @@ without ``../shared/data``.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.bench_proof_features [--samples 50]
         [--shared 20] [--methods interval,deepz,crown] [--all-shared]
-        [--vnn-limit 60] [--acas-max 139] [--vnn-max N] [--no-vnn]
+        [--vnn-limit 60] [--vnn-threads N] [--acas-max 139] [--vnn-max N] [--no-vnn]
         [--vnn-benchmarks mnistfc,acasxu] [--no-lirpa] [--lirpa-images 20]
         [--lirpa-eps 0.5,2,8] [--lirpa-rounds 2]
 """
@@ -226,6 +227,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(QUICK_METHODS))
     parser.add_argument("--all-shared", action="store_true")
     parser.add_argument("--vnn-limit", type=float, default=60.0)
+    parser.add_argument("--vnn-threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--acas-max", type=int, default=139)
     parser.add_argument("--vnn-max", type=int, default=10_000,
                         help="at most this many instances per benchmark and outcome")
@@ -271,8 +273,10 @@ def main() -> None:
                   f"{statistics.median(t_proof):8.3f} {prune} {ratio}", flush=True)
     median_prune = statistics.median(prunes) if prunes else float("nan")
     kept_fraction = statistics.mean(kept_fracs) if kept_fracs else float("nan")
+    torch.set_num_threads(args.vnn_threads)
     vnn = {} if args.no_vnn or not SHARED.exists() else vnn_counts(
         args.vnn_limit, args.acas_max, args.vnn_max, tuple(args.vnn_benchmarks.split(",")))
+    torch.set_num_threads(1)
     vnn["crown_speed_vs_auto_lirpa"] = "skipped" if args.no_lirpa else crown_speed(
         args.lirpa_images, [float(e) for e in args.lirpa_eps.split(",")], args.lirpa_rounds)
     extra = "".join(f" {k}={v}" for k, v in vnn.items())

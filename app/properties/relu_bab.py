@@ -9,11 +9,12 @@ float64 over the network's chain of dense affine maps, with
   so a split neuron is relaxed exactly (identity or zero);
 * the split constraints themselves added with Lagrange multipliers ``beta >= 0``
   (``f(x) - beta * s * z(x) <= f(x)`` wherever the split ``s z >= 0`` holds);
-* optimised lower slopes ``alpha`` and ``beta`` (projected Adam on the bound; every step's
-  bound is sound, the best is kept), warm-started from the parent.
+* optimised lower slopes ``alpha`` and ``beta`` (projected Adam on the bound, in float32;
+  each sub-domain keeps its best step's slopes), warm-started from the parent.
 
 Any ``alpha`` in ``[0, 1]`` and ``beta >= 0`` give a sound bound, so the search settings
-only affect strength. Many sub-domains are bounded in one batched pass; the branching
+(and its float32 arithmetic) only affect strength: the bound that counts is recomputed in
+float64 from the slopes found. Many sub-domains are bounded in one batched pass; the branching
 neuron is the one whose upper-chord intercept costs the bound most (BaBSR's intercept
 score). The input minimising each sub-domain's linear bound is checked by a forward pass,
 and PGD runs from the worst ones. A bound is lowered by a relative float slack before it
@@ -43,7 +44,9 @@ MAX_DOMAINS = 200_000  # open sub-domains before giving up (unknown)
 STEPS = 5  # alpha/beta steps per batch (warm-started from the parent: few suffice)
 ROOT_STEPS = 60
 MAX_SPLITS = 3  # neurons split at once per sub-domain
-SLACK = 1e-9  # relative to the largest magnitude a bound's terms reach
+SLACK = 1e-9  # relative to the largest magnitude a bound's terms reach (float64)
+SEARCH_DTYPE = torch.float32  # of the slope search; the bound that counts is float64
+SEARCH_MARGIN = 1e-5  # relative: a float32 bound counts as closed only past it
 
 
 @dataclass
@@ -106,63 +109,105 @@ def chain(net: Network, lo: Tensor, hi: Tensor, spec: Tensor, offset: Tensor,
     return Chain(weights, biases, lower, upper)
 
 
+@dataclass
+class _Terms:
+    """The chain and the cases' rows in one precision (``top`` folds the rows into the
+    last affine map: ``[C, m, n_{K-1}]``)."""
+
+    weights: list[Tensor]
+    biases: list[Tensor]
+    lower: list[Tensor]
+    upper: list[Tensor]
+    top: Tensor
+    top_const: Tensor
+    lo: Tensor
+    hi: Tensor
+
+    @classmethod
+    def of(cls, ch: Chain, lo: Tensor, hi: Tensor, rows: Tensor, rhs: Tensor,
+           dtype: torch.dtype) -> _Terms:
+        def cast(ts: list[Tensor]) -> list[Tensor]:
+            return [t.to(dtype) for t in ts]
+        return cls(cast(ch.weights), cast(ch.biases), cast(ch.lower), cast(ch.upper),
+                   (rows @ ch.weights[-1]).to(dtype), (rows @ ch.biases[-1] - rhs).to(dtype),
+                   lo.reshape(-1).to(dtype), hi.reshape(-1).to(dtype))
+
+
+def _relaxation(t: _Terms, splits: list[Tensor]) -> list[tuple[Tensor, ...]]:
+    """Per ReLU, what the sub-domains' splits fix of its relaxation (the same for every
+    slope step): ``(split sign, upper slope, upper intercept, unstable, active)``, each
+    ``[D, 1, n_k]``."""
+    out = []
+    for k, split in enumerate(splits):
+        s = split.to(t.lower[k].dtype)
+        lo = torch.where(s > 0, t.lower[k].clamp(min=0), t.lower[k])
+        up = torch.where(s < 0, t.upper[k].clamp(max=0), t.upper[k])
+        unstable = (lo < 0) & (up > 0)
+        active = (lo >= 0).to(s.dtype)
+        width = torch.where(unstable, up - lo, torch.ones_like(up))
+        up_slope = torch.where(unstable, up / width, active)
+        up_const = torch.where(unstable, -up / width * lo, torch.zeros_like(lo))
+        out.append(tuple(x.unsqueeze(1) for x in (s, up_slope, up_const, unstable, active)))
+    return out
+
+
+def _bound(t: _Terms, relax: list[tuple[Tensor, ...]], case: Tensor, alpha: list[Tensor],
+           beta: list[Tensor]) -> tuple[Tensor, Tensor, list[Tensor], Tensor]:
+    """``(bound [D, m], input coefficients [D, m, n_in], lambda per ReLU [D, m, n_k],
+    scale [D, m])``: the lower bound per sub-domain and row, its linear function's
+    coefficients on the input and on each ReLU's output, and the terms' largest magnitude."""
+    lam = t.top[case]
+    const = t.top_const[case]
+    scale = const.abs()
+    lambdas: list[Tensor] = []
+    for k in range(len(t.lower) - 1, -1, -1):
+        lambdas.append(lam.detach())
+        s, up_slope, up_const, unstable, active = relax[k]
+        lo_slope = torch.where(unstable, alpha[k], active)
+        pos, neg = lam.clamp(min=0), lam.clamp(max=0)
+        coef = pos * lo_slope + neg * up_slope - beta[k] * s
+        term = neg * up_const
+        const = const + term.sum(-1) + coef @ t.biases[k]
+        scale = torch.maximum(scale, (term.abs().sum(-1) + (coef.abs() @ t.biases[k].abs())))
+        lam = coef @ t.weights[k]
+    lambdas.reverse()
+    mid, rad = (t.hi + t.lo) / 2, (t.hi - t.lo) / 2
+    bound = const + lam @ mid - lam.abs() @ rad
+    scale = torch.maximum(scale, lam.abs() @ torch.maximum(t.lo.abs(), t.hi.abs()))
+    return bound, lam.detach(), lambdas, scale.detach()
+
+
 class _Bounder:
     """Batched beta-CROWN bounds of ``rows . y - rhs`` for sub-domains of cases sharing
-    one box (``rows`` ``[C, m, n_out]``, each sub-domain of case ``case[d]``)."""
+    one box (``rows`` ``[C, m, n_out]``, each sub-domain of case ``case[d]``).
+
+    The slopes are searched in float32 (twice the sub-domains per second of a float64
+    search); the bound that counts is the float64 one of the slopes found."""
 
     def __init__(self, ch: Chain, lo: Tensor, hi: Tensor, rows: Tensor, rhs: Tensor) -> None:
-        self.ch, self.lo, self.hi = ch, lo.reshape(-1), hi.reshape(-1)
-        self.top = rows @ ch.weights[-1]  # [C, m, n_{K-1}]
-        self.top_const = rows @ ch.biases[-1] - rhs  # [C, m]
-
-    def bound(self, case: Tensor, splits: list[Tensor], alpha: list[Tensor],
-              beta: list[Tensor]) -> tuple[Tensor, Tensor, list[Tensor], Tensor]:
-        """``(bound [D, m], x* [D, m, n_in], lambda per ReLU [D, m, n_k], scale [D, m])``:
-        the lower bound per sub-domain and row, the input where its linear bound is least,
-        the coefficients on each ReLU's output, and the terms' largest magnitude."""
-        ch = self.ch
-        lam = self.top[case]
-        const = self.top_const[case]
-        scale = const.abs()
-        lambdas: list[Tensor] = []
-        for k in range(len(ch.lower) - 1, -1, -1):
-            lambdas.append(lam.detach())
-            s = splits[k].to(torch.float64)
-            lo = torch.where(s > 0, ch.lower[k].clamp(min=0), ch.lower[k])
-            up = torch.where(s < 0, ch.upper[k].clamp(max=0), ch.upper[k])
-            unstable = (lo < 0) & (up > 0)
-            active = (lo >= 0).to(torch.float64)
-            width = torch.where(unstable, up - lo, torch.ones_like(up))
-            up_slope = torch.where(unstable, up / width, active).unsqueeze(1)
-            up_const = torch.where(unstable, -up / width * lo, torch.zeros_like(lo)).unsqueeze(1)
-            lo_slope = torch.where(unstable.unsqueeze(1), alpha[k], active.unsqueeze(1))
-            pos, neg = lam.clamp(min=0), lam.clamp(max=0)
-            coef = pos * lo_slope + neg * up_slope - beta[k] * s.unsqueeze(1)
-            term = neg * up_const
-            const = const + term.sum(-1) + coef @ ch.biases[k]
-            scale = torch.maximum(scale, (term.abs().sum(-1) + (coef.abs() @ ch.biases[k].abs())))
-            lam = coef @ ch.weights[k]
-        lambdas.reverse()
-        mid, rad = (self.hi + self.lo) / 2, (self.hi - self.lo) / 2
-        bound = const + lam @ mid - lam.abs() @ rad
-        point = torch.where(lam > 0, self.lo, self.hi)
-        scale = torch.maximum(scale, lam.abs() @ torch.maximum(self.lo.abs(), self.hi.abs()))
-        return bound, point.detach(), lambdas, scale.detach()
+        self.fast = _Terms.of(ch, lo, hi, rows, rhs, SEARCH_DTYPE)
+        self.exact = _Terms.of(ch, lo, hi, rows, rhs, torch.float64)
 
     def optimise(self, case: Tensor, splits: list[Tensor], alpha: list[Tensor],
                  beta: list[Tensor], steps: int) -> tuple[Tensor, Tensor, list[Tensor]]:
-        """Best sound bound ``[D]`` (max over rows, lowered by the slack) over ``steps``
-        projected Adam steps on ``alpha``/``beta`` (updated in place), with ``x*`` and the
-        lambdas of the best row of the last step."""
+        """Sound float64 bound ``[D]`` (max over rows, lowered by the slack) of each
+        sub-domain's best slopes in up to ``steps`` projected Adam steps on ``alpha``/``beta``
+        (``SEARCH_DTYPE``, updated in place; stopped once every float32 bound clears a
+        margin), with ``x*`` and the lambdas of the last step's best row."""
         params = [t.requires_grad_(True) for t in (*alpha, *beta)]
         opt = torch.optim.Adam([{"params": alpha, "lr": 0.1}, {"params": beta, "lr": 0.05}],
-                               foreach=True)
-        best = None
+                               fused=True)
+        best, kept = None, [p.detach().clone() for p in params]
+        relax = _relaxation(self.fast, splits)
         with torch.enable_grad():
             for step in range(steps + 1):
-                bound, point, lambdas, scale = self.bound(case, splits, alpha, beta)
-                safe = (bound.detach() - SLACK * (1 + scale)).amax(1)
-                best = safe if best is None else torch.maximum(best, safe)
+                bound, coef, lambdas, scale = _bound(self.fast, relax, case, alpha, beta)
+                guess = (bound.detach() - SEARCH_MARGIN * (1 + scale)).amax(1)
+                better = torch.ones_like(guess, dtype=torch.bool) if best is None else guess > best
+                best = guess if best is None else torch.maximum(best, guess)
+                with torch.no_grad():
+                    for p, k in zip(params, kept, strict=True):
+                        k.copy_(torch.where(better[:, None, None], p, k))
                 if step == steps or bool((best > 0).all()):
                     break
                 opt.zero_grad()
@@ -175,9 +220,18 @@ class _Bounder:
                         b.clamp_(min=0)
         for p in params:
             p.requires_grad_(False)
+        with torch.no_grad():  # the bound that counts: float64, each sub-domain's best slopes
+            n = len(alpha)
+            exact, _, _, scale = _bound(self.exact, _relaxation(self.exact, splits), case,
+                                        [a.double() for a in kept[:n]],
+                                        [b.double() for b in kept[n:]])
+        # the last step's point and lambdas: branching on those of a best step (often the
+        # parent's own slopes) took ten times the sub-domains on mnistfc 256x4
         row = bound.detach().argmax(1)
         pick = torch.arange(row.shape[0])
-        return best, point[pick, row], [lam[pick, row] for lam in lambdas]
+        point = torch.where(coef[pick, row] > 0, self.exact.lo, self.exact.hi)
+        return ((exact - SLACK * (1 + scale)).amax(1), point,
+                [lam[pick, row].double() for lam in lambdas])
 
 
 def _branch(ch: Chain, splits: list[Tensor], lambdas: list[Tensor], k: int
@@ -218,12 +272,12 @@ def refute(net: Network, cases: list[Case], ch: Chain, deadline: float,
     sizes = [t.shape[0] for t in ch.lower]
     case = torch.arange(c)
     splits = [torch.zeros(c, n, dtype=torch.int8) for n in sizes]
-    alpha = [(u > -low).to(torch.float64).expand(c, m, -1).clone()
+    alpha = [(u > -low).to(SEARCH_DTYPE).expand(c, m, -1).clone()
              for low, u in zip(ch.lower, ch.upper, strict=True)]
-    beta = [torch.zeros(c, m, n, dtype=torch.float64) for n in sizes]
+    beta = [torch.zeros(c, m, n, dtype=SEARCH_DTYPE) for n in sizes]
     bound, point, lambdas = bounder.optimise(case, splits, alpha, beta, ROOT_STEPS)
     domains, leaves, rounds = c, 0, 0
-    pool = None  # open sub-domains: (bound, case, splits, alpha, beta, layer, neuron)
+    pool = _Pool()  # open sub-domains
     while True:
         found = _counterexample(net64, rows, rhs, lo, hi, case, point, bound, check,
                                 pgd=rounds % 4 == 0, net_dtype=net.dtype)
@@ -237,15 +291,14 @@ def refute(net: Network, cases: list[Case], ch: Chain, deadline: float,
         case, splits = case[keep], [s[keep] for s in splits]
         alpha, beta = [a[keep] for a in alpha], [b[keep] for b in beta]
         layer, neuron = _branch(ch, splits, [lam[keep] for lam in lambdas], MAX_SPLITS)
-        batch = (bound[keep], case, splits, alpha, beta, layer, neuron)
-        pool = batch if pool is None else _cat(pool, batch)
-        n_open = pool[0].shape[0]
+        if bool((layer[:, 0] < 0).any()):
+            return BabResult("unknown", "a sub-domain with every unstable ReLU split is not "
+                                        "bounded above zero", domains, leaves)
+        pool.add((bound[keep], case, splits, alpha, beta, layer, neuron))
+        n_open = pool.size
         if n_open == 0:
             return BabResult("refuted", f"all {leaves} leaves bounded above zero",
                              domains, leaves)
-        if bool((pool[5][:, 0] < 0).any()):
-            return BabResult("unknown", "a sub-domain with every unstable ReLU split is not "
-                                        "bounded above zero", domains, leaves)
         if time.monotonic() > deadline:
             return BabResult("unknown", f"time limit reached with {n_open} open sub-domains",
                              domains, leaves)
@@ -253,12 +306,9 @@ def refute(net: Network, cases: list[Case], ch: Chain, deadline: float,
             return BabResult("unknown", f"more than {MAX_DOMAINS} open sub-domains",
                              domains, leaves)
         report(progress, 0.5, f"ReLU branch and bound: {domains} sub-domains, {n_open} open")
-        order = pool[0].argsort()  # the worst bounds first
-        take, rest = order[:BATCH], order[BATCH:]
-        parent = tuple(_index(t, take) for t in pool)
-        pool = tuple(_index(t, rest) for t in pool)
+        parent = pool.take(BATCH)  # the worst bounds first
         # several neurons at once while few sub-domains are open (fewer, fuller batches)
-        k = max(1, min(MAX_SPLITS, int(math.log2(BATCH / take.numel()))))
+        k = max(1, min(MAX_SPLITS, int(math.log2(BATCH / parent[0].numel()))))
         k = min(k, int((parent[5] >= 0).sum(1).min()))
         case, splits, alpha, beta = _children(parent, k)
         domains += splits[0].shape[0]
@@ -332,13 +382,45 @@ def _pgd(net64: Network, rows: Tensor, rhs: Tensor, lo: Tensor, hi: Tensor, x: T
     return x.detach()
 
 
-def _index(t, idx: Tensor):
-    return [s[idx] for s in t] if isinstance(t, list) else t[idx]
+class _Pool:
+    """Open sub-domains ``(bound, case, splits, alpha, beta, layer, neuron)`` in slots that
+    grow by doubling: taking the worst few leaves the others where they are (a pool of tens
+    of thousands is not copied every batch)."""
 
+    def __init__(self) -> None:
+        self.slots: list[Tensor] = []
+        self.used = torch.zeros(0, dtype=torch.bool)
+        self.layers = 0
+        self.size = 0
 
-def _cat(a: tuple, b: tuple) -> tuple:
-    return tuple([torch.cat([x, y]) for x, y in zip(p, q, strict=True)]
-                 if isinstance(p, list) else torch.cat([p, q]) for p, q in zip(a, b, strict=True))
+    def add(self, batch: tuple) -> None:
+        bound, case, splits, alpha, beta, layer, neuron = batch
+        fields = [bound, case, *splits, *alpha, *beta, layer, neuron]
+        n = bound.shape[0]
+        if not self.slots:
+            self.layers = len(splits)
+            self.slots = [f.new_zeros(0, *f.shape[1:]) for f in fields]
+        free = (~self.used).nonzero()[:, 0]
+        if free.numel() < n:
+            grow = max(n - free.numel(), self.used.numel())
+            self.slots = [torch.cat([s, s.new_zeros(grow, *s.shape[1:])]) for s in self.slots]
+            self.used = torch.cat([self.used, torch.zeros(grow, dtype=torch.bool)])
+            free = (~self.used).nonzero()[:, 0]
+        idx = free[:n]
+        for slot, f in zip(self.slots, fields, strict=True):
+            slot[idx] = f
+        self.used[idx] = True
+        self.size += n
+
+    def take(self, n: int) -> tuple:
+        """The ``n`` sub-domains of lowest bound, removed from the pool."""
+        key = torch.where(self.used, self.slots[0], torch.inf)
+        idx = key.topk(min(n, self.size), largest=False).indices
+        self.used[idx] = False
+        self.size -= idx.numel()
+        f = [slot[idx] for slot in self.slots]
+        k = self.layers
+        return f[0], f[1], f[2:2 + k], f[2 + k:2 + 2 * k], f[2 + 2 * k:2 + 3 * k], f[-2], f[-1]
 
 
 def supports(net: Network) -> bool:
