@@ -161,3 +161,44 @@ def test_a_safe_mnistfc_instance_beyond_alpha_crown_is_proven() -> None:
     case = prop.cases[0]
     for x in gen.uniform(case.lo, case.hi, size=(50, prop.n_inputs)):
         assert not _meets(prop, x, _onnx_output(onnx, x).astype(np.float64))
+
+
+@pytest.mark.parametrize("seed,scale", [(2, 1e-3), (3, 1.0), (4, 1e4)])
+def test_a_case_met_by_a_known_point_is_never_refuted_at_any_logit_scale(
+        seed: int, scale: float) -> None:
+    """The slopes are searched in float32: a case that a known point meets by a margin far
+    below float32's resolution of the logits (``1e-8`` of them) must still never be refuted.
+    The point is PGD's best on the case, then the case's right-hand side is moved so that
+    the point meets it, checked in float64 with the torch model. (Taking the float32 bound
+    as it is refutes the seed-3 case.)"""
+    model, _ = _mlp(seed)
+    with torch.no_grad():
+        model[-1].weight.mul_(scale)
+        model[-1].bias.mul_(scale)
+    net = load_network(model, input_shape=(20,))
+    x = np.random.default_rng(seed).uniform(0, 1, 20)
+    with torch.no_grad():
+        label = int(model(torch.tensor(x, dtype=torch.float32)[None]).argmax())
+    case = _robustness(x, 0.05, label).cases[0]
+    lo, hi = (torch.as_tensor(t) for t in (case.lo, case.hi))
+    model64 = model.double()
+    z = (lo + (hi - lo) * torch.rand(64, 20, generator=torch.Generator().manual_seed(seed)))
+    for i in range(100):  # PGD towards the case's least value
+        z.requires_grad_(True)
+        (grad,) = torch.autograd.grad((model64(z) @ torch.as_tensor(case.rows).T).sum(), z)
+        z = torch.minimum(torch.maximum(z.detach() - 0.02 * (1 - i / 100) * grad.sign(), lo), hi)
+    with torch.no_grad():
+        y = model64(z)
+        values = (y @ torch.as_tensor(case.rows).T).amax(1) - torch.as_tensor(case.rhs)
+        best = int(values.argmin())
+        margin = 1e-8 * float(y.abs().max())
+    met = Case(case.lo, case.hi, case.rows, case.rhs + float(values[best]) + margin)
+    with torch.no_grad():
+        assert (model64(z[best:best + 1])[0] @ torch.as_tensor(met.rows).T
+                <= torch.as_tensor(met.rhs)).all()
+    lo_t, hi_t = _box(net, met)
+    ch = relu_bab.chain(net, lo_t, hi_t, torch.as_tensor(met.rows)[None].double(),
+                        -torch.as_tensor(met.rhs)[None].double(), 2)
+    # no point is accepted as a counterexample, so the search goes on to its finest leaves
+    res = relu_bab.refute(net, [met], ch, time.monotonic() + 4, None, lambda *_: False)
+    assert res.status == "unknown", res.reason
