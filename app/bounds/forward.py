@@ -27,28 +27,36 @@ def supports(net: Network) -> bool:
 
 class ForwardBounds:
     """``A_l x + c_l <= z <= A_u x + c_u`` for the current node ``z`` on each box
-    ``[lo, hi]`` (``[B, *input_shape]``), moved one layer at a time."""
+    ``[lo, hi]`` (``[B, *input_shape]``), moved one layer at a time.
+
+    The coefficients are kept input-major, ``[B, n_input, n]``, so that each affine layer is
+    one matrix product for all boxes (``[B * n_input, 2n'] @ [2n', 2n]``)."""
 
     def __init__(self, lo: Tensor, hi: Tensor) -> None:
         b = lo.shape[0]
         self.lo, self.hi = lo.reshape(b, -1), hi.reshape(b, -1)
         n = self.lo.shape[1]
-        self.a_l = self.a_u = torch.eye(n, dtype=lo.dtype, device=lo.device).expand(b, n, n)
+        eye = torch.eye(n, dtype=lo.dtype, device=lo.device).expand(b, n, n)
+        self.a = torch.cat([eye, eye], 2)  # [B, n_input, 2n]: lower, then upper
         self.c_l = self.c_u = lo.new_zeros(b, n)
 
     def affine(self, layer: AffineLayer, in_shape: tuple[int, ...]) -> Bounds:
         """Through ``layer``: positive weights keep each side, negative ones swap them.
         Returns the new node's bounds ``[B, n]`` over the boxes."""
         w, bias = (t.to(self.lo) for t in layer.matrix(in_shape))
-        pos, neg = w.clamp(min=0), w.clamp(max=0)
+        pos, neg = w.clamp(min=0).T, w.clamp(max=0).T
         bias = bias.reshape(-1)
-        self.a_l, self.a_u = pos @ self.a_l + neg @ self.a_u, pos @ self.a_u + neg @ self.a_l
-        self.c_l, self.c_u = (self.c_l @ pos.T + self.c_u @ neg.T + bias,
-                              self.c_u @ pos.T + self.c_l @ neg.T + bias)
-        lo, hi = self.lo.unsqueeze(-1), self.hi.unsqueeze(-1)
-        low = self.c_l + (self.a_l.clamp(min=0) @ lo + self.a_l.clamp(max=0) @ hi).squeeze(-1)
-        up = self.c_u + (self.a_u.clamp(min=0) @ hi + self.a_u.clamp(max=0) @ lo).squeeze(-1)
-        return low, up
+        both = torch.cat([torch.cat([pos, neg], 1), torch.cat([neg, pos], 1)])  # [2n', 2n]
+        b, n_in = self.a.shape[:2]
+        self.a = (self.a.reshape(b * n_in, -1) @ both).reshape(b, n_in, -1)
+        self.c_l, self.c_u = (self.c_l @ pos + self.c_u @ neg + bias,
+                              self.c_u @ pos + self.c_l @ neg + bias)
+        mid, rad = (self.hi + self.lo) / 2, (self.hi - self.lo) / 2
+        centre = (mid.unsqueeze(1) @ self.a).squeeze(1)
+        spread = (rad.unsqueeze(1) @ self.a.abs()).squeeze(1)
+        n = w.shape[0]
+        return (self.c_l + centre[:, :n] - spread[:, :n],
+                self.c_u + centre[:, n:] + spread[:, n:])
 
     def relu(self, z_lo: Tensor, z_hi: Tensor) -> None:
         """Through a ReLU whose input lies in ``[z_lo, z_hi]`` (``[B, n]``): the lower
@@ -59,5 +67,5 @@ class ForwardBounds:
         chord = torch.where(unstable, z_hi / torch.where(unstable, z_hi - z_lo, 1), active)
         slope = torch.where(unstable, (z_hi > -z_lo).to(z_lo.dtype), active)
         self.c_u = chord * (self.c_u - torch.where(unstable, z_lo, 0))
-        self.a_u = self.a_u * chord.unsqueeze(-1)
-        self.a_l, self.c_l = self.a_l * slope.unsqueeze(-1), self.c_l * slope
+        self.a = self.a * torch.cat([slope, chord], 1).unsqueeze(1)
+        self.c_l = self.c_l * slope
