@@ -135,26 +135,32 @@ def test_two_hidden_layers_expansive_recovered() -> None:
     assert max(g.max_rel_err for g in report.layers) < 1e-6
 
 
-def test_two_hidden_layers_expansive_reports_what_it_misses() -> None:
+def test_two_hidden_layers_expansive_is_complete_only_when_all_is_recovered() -> None:
     """10-20-20-1 on [-1, 1]^10: two second-layer neurons barely cross the box.
 
-    Measured: 20/20 first-layer rows with their signs to ~4e-8; 17 second-layer neurons to
-    ~1e-8 (median) plus one always-on stand-in; the result says it is partial and why.
+    Measured: 20/20 first-layer rows with their signs to ~4e-8; with numpy 2.4 / scipy 1.17
+    all 20 second-layer neurons to ~6e-8 (complete), earlier 17 to ~1e-8 (median) plus one
+    always-on stand-in (partial). Which one a run gets depends on the rounding of the
+    boundary search; the promise checked is the same: "complete" only when every neuron is
+    recovered and the outputs agree, else the result says it is partial and why.
     """
     sizes = (10, 20, 20, 1)
     module = mlp(sizes, seed=0)
     true_net = load_network(module, input_shape=(10,))
     result = extract(QueryOracle(true_net), 10, budget=150_000)
-    assert not result.complete
-    assert any("stand-in" in note for note in result.notes)
-    assert any("not fully explained" in note for note in result.notes)
     first, second, _ = grade(true_net, result).layers
     assert first.found_neurons == first.true_neurons == 20
     assert first.max_rel_err < 1e-6  # signs included
     assert second.found_neurons >= 17
     assert second.median_rel_err < 1e-6
     diff, _ = _logit_diff(module, result.network, -1, 1)
-    assert diff < 0.05
+    if result.complete:
+        assert second.found_neurons == second.true_neurons
+        assert second.max_rel_err < 1e-6 and diff < 1e-5
+    else:
+        assert any("stand-in" in note for note in result.notes)
+        assert any("not fully explained" in note for note in result.notes)
+        assert diff < 0.05
 
 
 def test_two_inputs_two_hidden_layers_signs_by_output_fit() -> None:

@@ -27,11 +27,13 @@ def test_an_upload_gets_a_card_in_the_sidebar(ui, atlas, tmp_path) -> None:
                                           "eight, nine")
     form.get_by_label("Input high").fill("1")
     form.get_by_role("button", name="Save card").click()
+    # the gallery is offered once the saved card comes back (under load, the rerun that
+    # saves it may still be running when the page first goes idle)
+    sidebar.get_by_text("Gallery").first.wait_for()
     ui.wait_idle()
     with atlas.api() as api:
         card = api.get(f"/models/{model['id']}").json()["card"]
     assert card["dataset"] == "digits" and card["classes"][7] == "seven"
     assert card["input_range"] == [0, 1]
-    sidebar.get_by_text("Gallery").first.wait_for()
     ui.page.get_by_role("img").first.wait_for()  # the digits gallery is now offered
     ui.screenshot("card_editor")
