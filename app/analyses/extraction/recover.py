@@ -589,7 +589,8 @@ def _expansive(level: _Level, normals: np.ndarray, offsets: np.ndarray, run: _Ru
         run.complete = False
     if free:
         run.notes.append(f"layer {depth + 1}: {free} of {len(pts.x)} critical points "
-                         "belong to no recovered neuron")
+                         "joined no recovered neuron's group (the final check asks whether "
+                         "each lies on some unit's boundary)")
     if net.searched_signs:
         run.notes.append(f"layer {depth}: {net.searched_signs} sign(s) not fixed by the "
                          "second-layer equations were chosen by the best output fit")
