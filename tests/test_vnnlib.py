@@ -226,3 +226,28 @@ def test_verify_property_job_answers_from_the_vnnlib_text() -> None:
     assert seen == {"prop_1.vnnlib": "proven", "prop_2.vnnlib": "counterexample"}
     with pytest.raises(InvalidInputError):
         run_property(ctx, PropertyParams(vnnlib="(assert (<= X_0 1)", method="crown"))
+
+
+@pytest.mark.parametrize("shift,truth", [(0.5, "holds"), (-0.1, "violated")])
+def test_input_splitting_refutes_by_a_mean_of_rows_only_where_that_is_true(
+        shift: float, truth: str) -> None:
+    """``y = (x0, -x0)`` on ``[-1, 1]^2`` (through ReLUs), one case: ``y0 + shift <= 0`` and
+    ``y1 + shift <= 0``. With ``shift = 0.5`` neither row is positive on the
+    whole box, but their mean (0.5) is: refuted without a split. With ``-0.1`` the point
+    ``x0 = 0`` meets both rows, so the mean must not refute it (oracle: that point, by hand)."""
+    w1 = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.Linear(2, 2))
+    with torch.no_grad():
+        model[0].weight.copy_(w1)
+        model[0].bias.fill_(2.0)  # both units on everywhere on the box: y is linear
+        model[2].weight.copy_(torch.eye(2))
+        model[2].bias.fill_(-2.0)
+    net = load_network(model.eval(), input_shape=(2,))
+    case = Case(np.full(2, -1.0), np.ones(2), np.eye(2), np.full(2, -shift))
+    verdict = verify(net, VnnProperty(2, 2, [case]), "bab", time_limit=10)
+    if truth == "holds":
+        assert verdict.status == "proven", verdict.message
+        assert verdict.boxes == 1  # the mean of the two rows refutes the whole box
+    else:
+        assert verdict.status == "counterexample", verdict.message
+        assert check_counterexample(net, case, torch.zeros(2))

@@ -9,6 +9,8 @@ splits (CROWN set up for many small boxes on batches of sub-boxes; the split dim
 the one of largest width times slope, the slope being CROWN's coefficient on the input at
 even depths and the gradient at the centre at odd ones), checking every sub-box's centre by
 a forward pass, until every sub-box is refuted, a counterexample is found, or the time limit.
+A sub-box is refuted by a row, or by the mean of two or all of a case's rows (positive where
+different rows are positive on different parts of it).
 On larger inputs ``"bab"`` runs CROWN, then on chains of affine layers and ReLUs branch and
 bound over ReLU splits (beta-CROWN style, alpha-CROWN at its root, ``app.properties.relu_bab``)
 and, where that search splits every unstable ReLU of a sub-domain without closing it, a MILP
@@ -250,14 +252,29 @@ def _case_linear(net: Network, lo: Tensor, hi: Tensor, case: Case) -> tuple[Tens
     b = lo.shape[0]
     if case.rows.shape[0] == 0:
         return torch.full((b,), -torch.inf, dtype=torch.float64), torch.zeros_like(lo)
-    spec = torch.as_tensor(case.rows, dtype=torch.float64).expand(b, -1, -1)
-    offset = -torch.as_tensor(case.rhs, dtype=torch.float64).expand(b, -1)
+    rows, rhs = _with_mixtures(case)
+    spec = torch.as_tensor(rows, dtype=torch.float64).expand(b, -1, -1)
+    offset = -torch.as_tensor(rhs, dtype=torch.float64).expand(b, -1)
     with torch.no_grad():
         node, folded, bias = fold_last_layer(net, spec.to(net.dtype))
         crown = analyze(net, lo, hi, "crown", splitting=True)
         a, const = crown.linear_lower(node, folded, bias + offset.to(net.dtype))
         safe = float_safe(net, lo, hi, spec, offset, "crown", const + box_lower(lo, hi, a))
     return safe.amax(1), a[torch.arange(b), safe.argmax(1)]
+
+
+def _with_mixtures(case: Case) -> tuple[np.ndarray, np.ndarray]:
+    """The case's rows and, for several rows, the mean of every pair and of all: where
+    ``c_j y - d_j`` is positive for different ``j`` on different parts of a box, a mean
+    of rows may be positive on all of it, and a positive mean refutes the box as well."""
+    rows, rhs = case.rows, case.rhs
+    m = rows.shape[0]
+    if m < 2:
+        return rows, rhs
+    pairs = [(i, j) for i in range(m) for j in range(i + 1, m)]
+    mix = [np.eye(m)[list(p)].mean(0) for p in pairs] + ([np.full(m, 1 / m)] if m > 2 else [])
+    weights = np.concatenate([np.eye(m), np.stack(mix)])
+    return weights @ rows, weights @ rhs
 
 
 def _violation(net: Network, case: Case, x: Tensor) -> Tensor:
