@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from app.bounds import analyze, float64, fold_last_layer
+from app.bounds.crown import relu_lines
 from app.errors import InvalidInputError
 from app.layers import AffineLayer, ReLU
 from app.network import INPUT, Network
@@ -144,9 +145,7 @@ def _relaxation(t: _Terms, splits: list[Tensor]) -> list[tuple[Tensor, ...]]:
         up = torch.where(s < 0, t.upper[k].clamp(max=0), t.upper[k])
         unstable = (lo < 0) & (up > 0)
         active = (lo >= 0).to(s.dtype)
-        width = torch.where(unstable, up - lo, torch.ones_like(up))
-        up_slope = torch.where(unstable, up / width, active)
-        up_const = torch.where(unstable, -up / width * lo, torch.zeros_like(lo))
+        _, up_slope, up_const = relu_lines(lo, up)
         out.append(tuple(x.unsqueeze(1) for x in (s, up_slope, up_const, unstable, active)))
     return out
 

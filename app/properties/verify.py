@@ -247,8 +247,8 @@ def _refuted(net: Network, cases: list[Case], method: str, options: dict) -> lis
 
 def _case_linear(net: Network, lo: Tensor, hi: Tensor, case: Case) -> tuple[Tensor, Tensor]:
     """Per box ``[B]`` the best float-safe CROWN lower bound of ``c_k y - d_k`` over the
-    case's rows (CROWN set up for input splitting's many small boxes), and that row's
-    coefficients on the input ``[B, *input_shape]``."""
+    case's rows and their means (``_with_mixtures``; CROWN set up for input splitting's many
+    small boxes), and that row's coefficients on the input ``[B, *input_shape]``."""
     b = lo.shape[0]
     if case.rows.shape[0] == 0:
         return torch.full((b,), -torch.inf, dtype=torch.float64), torch.zeros_like(lo)
