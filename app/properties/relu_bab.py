@@ -190,14 +190,15 @@ class _Bounder:
 
     def optimise(self, case: Tensor, splits: list[Tensor], alpha: list[Tensor],
                  beta: list[Tensor], steps: int) -> tuple[Tensor, Tensor, list[Tensor]]:
-        """Sound float64 bound ``[D]`` (max over rows, lowered by the slack) of each
-        sub-domain's best slopes in up to ``steps`` projected Adam steps on ``alpha``/``beta``
-        (``SEARCH_DTYPE``, updated in place; stopped once every float32 bound clears a
-        margin), with ``x*`` and the lambdas of the last step's best row."""
+        """Each sub-domain's bound ``[D]`` (max over rows) from its best slopes in up to
+        ``steps`` projected Adam steps on ``alpha``/``beta`` (``SEARCH_DTYPE``, updated in
+        place; stopped once every float32 bound clears a margin), with ``x*`` and the lambdas
+        of the last step's best row. A positive bound is the sound float64 one, lowered by
+        the slack; a sub-domain the search left open keeps its float32 bound (<= 0)."""
         params = [t.requires_grad_(True) for t in (*alpha, *beta)]
         opt = torch.optim.Adam([{"params": alpha, "lr": 0.1}, {"params": beta, "lr": 0.05}],
                                fused=True)
-        best, kept = None, [p.detach().clone() for p in params]
+        n, best, kept = len(alpha), None, [p.detach().clone() for p in params]
         relax = _relaxation(self.fast, splits)
         with torch.enable_grad():
             for step in range(steps + 1):
@@ -220,18 +221,23 @@ class _Bounder:
                         b.clamp_(min=0)
         for p in params:
             p.requires_grad_(False)
-        with torch.no_grad():  # the bound that counts: float64, each sub-domain's best slopes
-            n = len(alpha)
-            exact, _, _, scale = _bound(self.exact, _relaxation(self.exact, splits), case,
-                                        [a.double() for a in kept[:n]],
-                                        [b.double() for b in kept[n:]])
+        # the bound that counts: float64 from each sub-domain's best slopes, for those the
+        # search closed (the others stay open; their float32 bound only orders the pool)
+        result = best.double()
+        closed = (best > 0).nonzero()[:, 0]
+        if closed.numel():
+            with torch.no_grad():
+                sub = [s[closed] for s in splits]
+                exact, _, _, scale = _bound(self.exact, _relaxation(self.exact, sub),
+                                            case[closed], [a[closed].double() for a in kept[:n]],
+                                            [b[closed].double() for b in kept[n:]])
+            result[closed] = (exact - SLACK * (1 + scale)).amax(1)
         # the last step's point and lambdas: branching on those of a best step (often the
         # parent's own slopes) took ten times the sub-domains on mnistfc 256x4
         row = bound.detach().argmax(1)
         pick = torch.arange(row.shape[0])
         point = torch.where(coef[pick, row] > 0, self.exact.lo, self.exact.hi)
-        return ((exact - SLACK * (1 + scale)).amax(1), point,
-                [lam[pick, row].double() for lam in lambdas])
+        return result, point, [lam[pick, row].double() for lam in lambdas]
 
 
 def _branch(ch: Chain, splits: list[Tensor], lambdas: list[Tensor], k: int
