@@ -245,14 +245,15 @@ def _refuted(net: Network, cases: list[Case], method: str, options: dict) -> lis
     return [k for k, part in enumerate(low.split(sizes)) if part.numel() and bool((part > 0).any())]
 
 
-def _case_linear(net: Network, lo: Tensor, hi: Tensor, case: Case) -> tuple[Tensor, Tensor]:
-    """Per box ``[B]`` the best float-safe CROWN lower bound of ``c_k y - d_k`` over the
-    case's rows and their means (``_with_mixtures``; CROWN set up for input splitting's many
-    small boxes), and that row's coefficients on the input ``[B, *input_shape]``."""
+def _case_linear(net: Network, lo: Tensor, hi: Tensor, rows: np.ndarray, rhs: np.ndarray
+                 ) -> tuple[Tensor, Tensor]:
+    """Per box ``[B]`` the best float-safe CROWN lower bound of ``c_k y - d_k`` over
+    ``rows`` (a case's rows and their means, ``_with_mixtures``; CROWN set up for input
+    splitting's many small boxes), and that row's coefficients on the input
+    ``[B, *input_shape]``."""
     b = lo.shape[0]
-    if case.rows.shape[0] == 0:
+    if rows.shape[0] == 0:
         return torch.full((b,), -torch.inf, dtype=torch.float64), torch.zeros_like(lo)
-    rows, rhs = _with_mixtures(case)
     spec = torch.as_tensor(rows, dtype=torch.float64).expand(b, -1, -1)
     offset = -torch.as_tensor(rhs, dtype=torch.float64).expand(b, -1)
     with torch.no_grad():
@@ -332,6 +333,7 @@ def _input_bab(net: Network, case: Case, deadline: float, progress: ProgressFn |
     net64 = float64(net)  # float64 from the start: a float32 screen is bounded again where it proves
     width0 = (hi - lo).clamp(min=1e-12)
     rows = torch.as_tensor(case.rows, dtype=torch.float64)
+    mixed = _with_mixtures(case)  # the rows that may refute a sub-box, built once
     depth = torch.zeros(1, dtype=torch.long)  # splits from the case's box
     bounded = 0
     while lo.shape[0]:
@@ -343,7 +345,7 @@ def _input_bab(net: Network, case: Case, deadline: float, progress: ProgressFn |
         blo, bhi, bdepth = lo[:BATCH], hi[:BATCH], depth[:BATCH]
         lo, hi, depth = lo[BATCH:], hi[BATCH:], depth[BATCH:]
         bounded += blo.shape[0]
-        low, coef = _case_linear(net64, blo, bhi, case)
+        low, coef = _case_linear(net64, blo, bhi, *mixed)
         keep = low <= 0
         blo, bhi, bdepth, coef = blo[keep], bhi[keep], bdepth[keep], coef[keep]
         if not blo.shape[0]:
